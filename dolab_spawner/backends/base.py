@@ -1,0 +1,131 @@
+"""What every backend shares: how DoLabSpawner builds one, and how a server is pinned to its GPUs.
+
+A backend is a JupyterHub ``Spawner`` subclass (so it can reuse LocalProcessSpawner, DockerSpawner, ...) that
+DoLabSpawner creates per server and delegates the process, container or pod to. The hub only ever sees
+DoLabSpawner; :func:`make_backend` passes the backend everything the hub gave DoLabSpawner, which is what
+wrapspawner forgot (``orm_spawner``, the token, the OAuth client, the server).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from jupyterhub.spawner import Spawner
+from traitlets import Dict, HasTraits, List, Unicode
+from traitlets.config import Config
+
+from ..slots import GpuSlot
+
+__all__ = ["HUB_PROVIDED_ATTRS", "BackendMixin", "apply_overrides", "child_config", "gpu_environment", "make_backend"]
+
+#: Attributes the hub sets on a spawner (at construction or before start) that a backend needs as well.
+HUB_PROVIDED_ATTRS = (
+    "user",
+    "orm_spawner",
+    "hub",
+    "authenticator",
+    "_deprecated_db_session",
+    "proxy_spec",
+    "oauth_client_id",
+    "cookie_options",
+    "cookie_host_prefix_enabled",
+    "trusted_alt_names",
+    "public_url",
+    "public_hub_url",
+    "user_options",
+    "api_token",
+    "admin_access",
+    "internal_ssl",
+    "internal_trust_bundles",
+    "internal_certs_location",
+    "cert_paths",
+    "handler",
+)
+
+B = TypeVar("B", bound=Spawner)
+
+
+def gpu_environment(slots: Sequence[GpuSlot]) -> dict[str, str]:
+    """The variables that pin a server to exactly its GPUs (and to none for a CPU profile).
+
+    UUIDs rather than indices: CUDA's default device order is not NVML's, a UUID names one GPU either way.
+    """
+    if not slots:
+        # An empty CUDA_VISIBLE_DEVICES hides every GPU from CUDA; "void" tells the NVIDIA container runtime
+        # to inject nothing.
+        return {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void", "DOLAB_GPUS": ""}
+    ids = ",".join(s.uuid if s.uuid.startswith(("GPU-", "MIG-")) else str(s.index) for s in slots)
+    return {
+        "CUDA_VISIBLE_DEVICES": ids,
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "NVIDIA_VISIBLE_DEVICES": ids,
+        "DOLAB_GPUS": ",".join(s.name for s in slots),
+    }
+
+
+if TYPE_CHECKING:
+    _MixinBase = Spawner
+else:
+    # Not Spawner itself: JupyterHub refuses Spawner subclasses without start/stop/poll.
+    _MixinBase = HasTraits
+
+
+class BackendMixin(_MixinBase):  # type: ignore[valid-type,misc]
+    """Traits DoLabSpawner sets on every backend before ``start()``; mix in before a Spawner class."""
+
+    gpu_slots: List[dict] = List(help="The GPUs this server holds, as GpuSlot dicts (set by DoLabSpawner).")
+    workspace_dir = Unicode(help="The user's workspace on this host (set by DoLabSpawner).")
+    extra_env = Dict(help="Variables DoLabSpawner adds last, over `environment` (GPU pinning).")
+
+    @property
+    def slots(self) -> list[GpuSlot]:
+        """The held GPUs as :class:`GpuSlot` objects."""
+        return [GpuSlot.from_dict(s) for s in self.gpu_slots]
+
+    def get_env(self) -> dict[str, str]:
+        """The hub's variables and the admin's ``environment``, then DO-LAB's, which nothing may override."""
+        env = super().get_env()
+        env.update(gpu_environment(self.slots))
+        env.update(self.extra_env)
+        return env
+
+
+def child_config(config: Config, child_cls: type[HasTraits], parent_section: str = "DoLabSpawner") -> Config:
+    """The config a backend is built with.
+
+    ``c.DoLabSpawner.<trait>`` lines an admin wrote apply to the backend too (they are the spawner they
+    configured), below the backend class's own section so ``c.DockerSpawner.image`` still wins there.
+    """
+    config = copy.deepcopy(config)
+    child_traits = set(child_cls.class_trait_names(config=True))
+    inherited = Config({k: v for k, v in config.get(parent_section, Config()).items() if k in child_traits})
+    own = config.get(child_cls.__name__, Config())
+    inherited.merge(own)
+    config[child_cls.__name__] = inherited
+    return config
+
+
+def apply_overrides(obj: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set a profile's ``spawner_override`` on ``obj`` where it has the trait; returns the old values.
+
+    Dict traits are merged (kubespawner's rule), everything else is replaced.
+    """
+    previous: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if not obj.has_trait(name):
+            continue
+        current = getattr(obj, name)
+        previous[name] = current
+        if isinstance(obj.traits()[name], Dict) and isinstance(value, Mapping) and isinstance(current, Mapping):
+            value = {**current, **value}
+        setattr(obj, name, copy.deepcopy(value))
+    return previous
+
+
+def make_backend(parent: Spawner, backend_cls: type[B], **traits: Any) -> B:
+    """Create ``backend_cls`` for the same server as ``parent``, with the hub's attributes and ``traits``."""
+    kwargs = {name: getattr(parent, name) for name in HUB_PROVIDED_ATTRS if hasattr(parent, name)}
+    kwargs.update(traits)
+    return backend_cls(config=child_config(parent.config, backend_cls), **kwargs)

@@ -1,0 +1,105 @@
+"""Small helpers behind the shipped ``jupyterhub_config.py``: secrets on disk, env parsing, the proxy.
+
+Each is a pure function of its inputs (paths, an environment mapping), so the config stays a readable list of
+settings and the helpers get the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigEnvError",
+    "ensure_secret",
+    "env_float",
+    "env_json",
+    "env_list",
+    "find_proxy",
+    "generate_password",
+]
+
+
+class ConfigEnvError(ValueError):
+    """An environment variable has a value the config cannot use; the message names it."""
+
+
+def generate_password(length: int = 16) -> str:
+    """A password that is easy to type: letters and digits only."""
+    alphabet = "abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def ensure_secret(path: str | os.PathLike[str], length: int = 16) -> tuple[str, bool]:
+    """Read the secret at ``path``, or create it (mode 0600) on the first run.
+
+    Returns ``(secret, created)`` so the caller can print a new secret once, and only once.
+    """
+    path = Path(path)
+    if path.exists():
+        return path.read_text().strip(), False
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = generate_password(length)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value, True
+
+
+def env_json(env: Mapping[str, str], name: str, default: Any = None) -> Any:
+    """A JSON value from ``env[name]`` (or the file named by ``env[name + '_FILE']``)."""
+    text = env.get(name)
+    file_name = env.get(f"{name}_FILE")
+    if not text and file_name:
+        try:
+            text = Path(file_name).read_text()
+        except OSError as e:
+            raise ConfigEnvError(f"{name}_FILE={file_name}: cannot read it ({e.strerror})") from None
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigEnvError(f"{name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def env_list(env: Mapping[str, str], name: str, default: list[str] | None = None) -> list[str]:
+    """A comma-separated list from ``env[name]``, blanks dropped."""
+    text = env.get(name)
+    if text is None:
+        return list(default or [])
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    """A number from ``env[name]``."""
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigEnvError(f"{name} must be a number, not {text!r}") from None
+
+
+def find_proxy(env: Mapping[str, str], config_dir: str | os.PathLike[str]) -> list[str]:
+    """The configurable-http-proxy command: ``$DOLAB_PROXY_COMMAND``, the one ``make run`` installed
+    (npm's under ``.dolab/node``, else PyPI's beside this Python), else whatever is on PATH.
+    """
+    if env.get("DOLAB_PROXY_COMMAND"):
+        return [env["DOLAB_PROXY_COMMAND"]]
+    candidates = [
+        Path(config_dir) / ".dolab" / "node" / "node_modules" / ".bin" / "configurable-http-proxy",
+        Path(sys.executable).parent / "configurable-http-proxy",
+    ]
+    for candidate in candidates:
+        if candidate.exists():
+            return [str(candidate)]
+    found = shutil.which("configurable-http-proxy")
+    return [found or "configurable-http-proxy"]

@@ -1,0 +1,449 @@
+"""Profiles: what a user may start, and the validation of what they asked for.
+
+``profile_list`` follows kubespawner's schema, so admins can reuse what they know::
+
+    c.DoLabSpawner.profile_list = [
+        {"display_name": "CPU only", "slug": "cpu", "default": True},
+        {
+            "display_name": "One A100",
+            "slug": "a100",
+            "gpus": 1,
+            "gpu_type": "A100",
+            "spawner_override": {"mem_limit": "32G"},
+            "profile_options": {
+                "env": {
+                    "display_name": "Python environment",
+                    "choices": {
+                        "system": {"display_name": "System Python", "default": True},
+                        "torch": {"display_name": "PyTorch", "spawner_override": {"python_env": "/opt/torch"}},
+                    },
+                }
+            },
+        },
+    ]
+
+Everything here is pure: config in, data out, errors as sentences. The spawner turns
+:class:`ProfileConfigError` into a start-up error and :class:`OptionsError` into an HTTP 400.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .slots import GpuSlot
+
+__all__ = [
+    "RESERVED_KEYS",
+    "Choice",
+    "OptionsError",
+    "Profile",
+    "ProfileConfigError",
+    "ProfileOption",
+    "Selection",
+    "default_profiles",
+    "format_stop_at",
+    "parse_profile_list",
+    "parse_stop_at",
+    "resolve_options",
+    "slugify",
+]
+
+#: user_options keys that are not profile options.
+RESERVED_KEYS = ("profile", "gpus", "run_hours", "stop_at")
+
+_PROFILE_KEYS = {
+    "slug",
+    "display_name",
+    "description",
+    "default",
+    "backend",
+    "gpus",
+    "gpu_type",
+    "spawner_override",
+    "profile_options",
+}
+_OPTION_KEYS = {"display_name", "choices"}
+_CHOICE_KEYS = {"display_name", "description", "default", "spawner_override"}
+_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+class ProfileConfigError(ValueError):
+    """The admin's ``profile_list`` is wrong; the message says where and how."""
+
+
+class OptionsError(ValueError):
+    """A user's options are not allowed; the message says what is."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One value of a profile option."""
+
+    slug: str
+    display_name: str
+    description: str = ""
+    default: bool = False
+    spawner_override: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProfileOption:
+    """A list of choices inside a profile (an image, a Python environment...)."""
+
+    name: str
+    display_name: str
+    choices: tuple[Choice, ...]
+
+    @property
+    def default_choice(self) -> Choice:
+        """The choice marked default, else the first."""
+        return next((c for c in self.choices if c.default), self.choices[0])
+
+    def choice(self, slug: str) -> Choice | None:
+        """The choice called ``slug``, or None."""
+        return next((c for c in self.choices if c.slug == slug), None)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a user can start: a backend, a number of GPUs of a type, and trait overrides."""
+
+    slug: str
+    display_name: str
+    description: str = ""
+    default: bool = False
+    backend: str = "local"
+    gpus: int = 0
+    gpu_type: str = ""
+    spawner_override: Mapping[str, Any] = field(default_factory=dict)
+    options: tuple[ProfileOption, ...] = ()
+
+    def option(self, name: str) -> ProfileOption | None:
+        """The option called ``name``, or None."""
+        return next((o for o in self.options if o.name == name), None)
+
+    @property
+    def allowed_keys(self) -> list[str]:
+        """The user_options keys this profile accepts."""
+        keys = ["profile", *(o.name for o in self.options)]
+        if self.gpus:
+            keys.append("gpus")
+        return [*keys, "run_hours", "stop_at"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A validated request: the profile, its option choices, the GPU count and the stop time."""
+
+    profile: Profile
+    choices: Mapping[str, Choice]
+    gpus: int
+    stop_at: datetime | None
+    run_hours: float | None = None
+
+    @property
+    def spawner_override(self) -> dict[str, Any]:
+        """The profile's overrides, then each chosen option's (later ones win)."""
+        merged: dict[str, Any] = dict(self.profile.spawner_override)
+        for option in self.profile.options:
+            merged.update(self.choices[option.name].spawner_override)
+        return merged
+
+    def user_options(self) -> dict[str, Any]:
+        """The normalised user_options to store: the admin page shows ``profile``."""
+        options: dict[str, Any] = {"profile": self.profile.slug}
+        options.update({name: choice.slug for name, choice in self.choices.items()})
+        if self.profile.gpus:
+            options["gpus"] = self.gpus
+        if self.run_hours is not None:
+            options["run_hours"] = self.run_hours
+        if self.stop_at is not None:
+            options["stop_at"] = format_stop_at(self.stop_at)
+        return options
+
+
+def slugify(text: str) -> str:
+    """A lower-case slug of ``[a-z0-9-]``, as kubespawner derives a missing profile slug."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.casefold()).strip("-")
+    return slug or "profile"
+
+
+def _text(value: Any, where: str, key: str, required: bool = False) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ProfileConfigError(f"{where}: {key} must be a {'non-empty ' if required else ''}string, not {value!r}")
+    return value
+
+
+def _bool(value: Any, where: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProfileConfigError(f"{where}: {key} must be true or false, not {value!r}")
+    return value
+
+
+def _overrides(value: Any, where: str, allowed: Collection[str] | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ProfileConfigError(f"{where}: spawner_override must be a dict of trait names to values")
+    if allowed is not None:
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ProfileConfigError(
+                f"{where}: spawner_override sets {', '.join(unknown)}, which the spawner does not have"
+            )
+    return dict(value)
+
+
+def _unknown_keys(entry: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ProfileConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _parse_option(name: Any, raw: Any, where: str, allowed_overrides: Collection[str] | None) -> ProfileOption:
+    if not isinstance(name, str) or not _OPTION_NAME.match(name) or name in RESERVED_KEYS:
+        raise ProfileConfigError(
+            f"{where}: option name {name!r} must be lower-case letters, digits and _ (starting with a letter),"
+            f" and not one of {', '.join(RESERVED_KEYS)}"
+        )
+    where = f"{where}, option {name!r}"
+    if not isinstance(raw, Mapping):
+        raise ProfileConfigError(f"{where}: must be a dict with display_name and choices")
+    _unknown_keys(raw, _OPTION_KEYS, where)
+    raw_choices = raw.get("choices")
+    if not isinstance(raw_choices, Mapping) or not raw_choices:
+        raise ProfileConfigError(f"{where}: choices must be a non-empty dict of slug -> choice")
+    choices = []
+    for slug, entry in raw_choices.items():
+        cwhere = f"{where}, choice {slug!r}"
+        if not isinstance(slug, str) or not slug:
+            raise ProfileConfigError(f"{cwhere}: a choice's key must be a non-empty string")
+        if not isinstance(entry, Mapping):
+            raise ProfileConfigError(f"{cwhere}: must be a dict with display_name")
+        _unknown_keys(entry, _CHOICE_KEYS, cwhere)
+        choices.append(
+            Choice(
+                slug=slug,
+                display_name=_text(entry.get("display_name", slug), cwhere, "display_name", required=True),
+                description=_text(entry.get("description"), cwhere, "description"),
+                default=_bool(entry.get("default", False), cwhere, "default"),
+                spawner_override=_overrides(entry.get("spawner_override"), cwhere, allowed_overrides),
+            )
+        )
+    if sum(c.default for c in choices) > 1:
+        raise ProfileConfigError(f"{where}: only one choice may say default: True")
+    display = _text(raw.get("display_name", name), where, "display_name", required=True)
+    return ProfileOption(name=name, display_name=display, choices=tuple(choices))
+
+
+def parse_profile_list(
+    raw: Any,
+    backends: Collection[str] = ("local",),
+    allowed_overrides: Mapping[str, Collection[str]] | None = None,
+) -> list[Profile]:
+    """Check an admin's ``profile_list`` and turn it into :class:`Profile` objects.
+
+    ``backends`` are the backend names this install knows; ``allowed_overrides`` maps each backend to the trait
+    names a ``spawner_override`` may set (None: do not check). Raises :class:`ProfileConfigError`.
+    """
+    if not isinstance(raw, (list, tuple)):
+        raise ProfileConfigError(f"profile_list must be a list of dicts, not {type(raw).__name__}")
+    profiles: list[Profile] = []
+    for i, entry in enumerate(raw):
+        where = f"profile_list[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ProfileConfigError(f"{where}: each profile must be a dict, not {type(entry).__name__}")
+        _unknown_keys(entry, _PROFILE_KEYS, where)
+        display = _text(entry.get("display_name"), where, "display_name", required=True)
+        slug = _text(entry.get("slug", slugify(display)), where, "slug", required=True)
+        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", slug):
+            raise ProfileConfigError(f"{where}: slug {slug!r} must be lower-case letters, digits, - and _")
+        where = f"profile {slug!r}"
+        backend = entry.get("backend", "local")
+        if backend not in backends:
+            raise ProfileConfigError(
+                f"{where}: backend {backend!r} is not available; this install has: {', '.join(backends)}"
+            )
+        gpus = entry.get("gpus", 0)
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or not 0 <= gpus <= 64:
+            raise ProfileConfigError(f"{where}: gpus must be a whole number from 0 to 64, not {gpus!r}")
+        gpu_type = _text(entry.get("gpu_type"), where, "gpu_type")
+        if gpu_type and not gpus:
+            raise ProfileConfigError(f"{where}: gpu_type is set but gpus is 0; set gpus to 1 or more")
+        allowed = None if allowed_overrides is None else allowed_overrides.get(backend, ())
+        raw_options = entry.get("profile_options") or {}
+        if not isinstance(raw_options, Mapping):
+            raise ProfileConfigError(f"{where}: profile_options must be a dict of option name -> option")
+        profiles.append(
+            Profile(
+                slug=slug,
+                display_name=display,
+                description=_text(entry.get("description"), where, "description"),
+                default=_bool(entry.get("default", False), where, "default"),
+                backend=backend,
+                gpus=gpus,
+                gpu_type=gpu_type,
+                spawner_override=_overrides(entry.get("spawner_override"), where, allowed),
+                options=tuple(_parse_option(n, o, where, allowed) for n, o in raw_options.items()),
+            )
+        )
+    slugs = [p.slug for p in profiles]
+    duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
+    if duplicates:
+        raise ProfileConfigError(f"profile_list: slug(s) {', '.join(duplicates)} used more than once")
+    if sum(p.default for p in profiles) > 1:
+        raise ProfileConfigError("profile_list: only one profile may say default: True")
+    return profiles
+
+
+def default_profiles(inventory: Iterable[GpuSlot]) -> list[Profile]:
+    """With no ``profile_list``: "CPU only" plus one one-GPU profile per GPU model found."""
+    profiles = [Profile(slug="cpu", display_name="CPU only", description="JupyterLab without a GPU.", default=True)]
+    by_name: dict[str, list[GpuSlot]] = {}
+    for slot in inventory:
+        by_name.setdefault(slot.name, []).append(slot)
+    for name, slots in by_name.items():
+        memory = max(s.memory_gb for s in slots)
+        memory_text = f" with {memory:g} GB of memory" if memory else ""
+        profiles.append(
+            Profile(
+                slug=f"gpu-{slugify(name)}",
+                display_name=f"One {name}",
+                description=f"JupyterLab with one {name}{memory_text}.",
+                gpus=1,
+                gpu_type=name,
+            )
+        )
+    return profiles
+
+
+def parse_stop_at(value: Any) -> datetime:
+    """Parse an ISO 8601 time; a time without offset is taken as UTC. Raises :class:`OptionsError`."""
+    if not isinstance(value, str):
+        raise OptionsError(f"stop_at must be an ISO 8601 time string such as 2030-01-31T18:00:00Z, not {value!r}")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise OptionsError(
+            f"stop_at {value!r} is not an ISO 8601 time; write it like 2030-01-31T18:00:00Z (UTC)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def format_stop_at(when: datetime) -> str:
+    """The stored form of a stop time: ISO 8601, UTC, whole seconds, with a Z."""
+    return when.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _pick_profile(profiles: list[Profile], value: Any) -> Profile:
+    slugs = ", ".join(p.slug for p in profiles)
+    if value is None or value == "":
+        return next((p for p in profiles if p.default), profiles[0])
+    if not isinstance(value, str):
+        raise OptionsError(f"profile must be a string, one of: {slugs}")
+    for profile in profiles:
+        if profile.slug == value:
+            return profile
+    raise OptionsError(f"Unknown profile {value!r}. Choose one of: {slugs}.")
+
+
+def _pick_gpus(profile: Profile, value: Any) -> int:
+    if value is None:
+        return profile.gpus
+    if not isinstance(value, int) or isinstance(value, bool):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        else:
+            raise OptionsError(f"gpus must be a whole number from 1 to {profile.gpus}, not {value!r}")
+    if not profile.gpus:
+        raise OptionsError(f"Profile {profile.slug!r} has no GPUs; leave gpus out or pick a GPU profile.")
+    if not 1 <= value <= profile.gpus:
+        raise OptionsError(
+            f"Profile {profile.slug!r} gives at most {profile.gpus} GPU(s); ask for 1 to {profile.gpus}, not {value}."
+        )
+    return value
+
+
+def _pick_stop_at(
+    options: Mapping[str, Any], now: datetime, max_run_hours: float
+) -> tuple[datetime | None, float | None]:
+    limit = f"at most {max_run_hours:g} hours from now" if max_run_hours > 0 else "in the future"
+    run_hours = options.get("run_hours")
+    if run_hours is not None and run_hours != "":
+        if isinstance(run_hours, str):
+            try:
+                run_hours = float(run_hours)
+            except ValueError:
+                raise OptionsError(f"run_hours must be a number of hours, not {run_hours!r}") from None
+        if isinstance(run_hours, bool) or not isinstance(run_hours, (int, float)) or not math.isfinite(run_hours):
+            raise OptionsError(f"run_hours must be a number of hours, not {run_hours!r}")
+        if run_hours <= 0:
+            raise OptionsError("run_hours must be more than 0")
+        if max_run_hours > 0 and run_hours > max_run_hours:
+            raise OptionsError(f"You can run a server for at most {max_run_hours:g} hours, not {run_hours:g}.")
+        return now + timedelta(hours=run_hours), float(run_hours)
+    raw = options.get("stop_at")
+    if raw is None or raw == "":
+        return None, None
+    stop_at = parse_stop_at(raw)
+    if stop_at <= now + timedelta(minutes=1):
+        raise OptionsError(f"The stop time {format_stop_at(stop_at)} is in the past; choose a time {limit} (UTC).")
+    if max_run_hours > 0 and stop_at > now + timedelta(hours=max_run_hours):
+        raise OptionsError(f"The stop time {format_stop_at(stop_at)} is too far ahead; choose a time {limit} (UTC).")
+    return stop_at, None
+
+
+def resolve_options(
+    profiles: list[Profile],
+    user_options: Any,
+    now: datetime | None = None,
+    max_run_hours: float = 0,
+) -> Selection:
+    """Validate untrusted ``user_options`` (from the form or the REST API) against ``profiles``.
+
+    ``{}`` selects the default profile with its default choices. ``run_hours``, when given, wins over
+    ``stop_at``: stored options are reused at the next start, and a relative time stays valid where an
+    absolute one would have passed. ``max_run_hours`` of 0 means no maximum. Raises :class:`OptionsError`.
+    """
+    if not profiles:
+        raise OptionsError("No profiles are configured; ask an administrator to set profile_list.")
+    if user_options is None:
+        user_options = {}
+    if not isinstance(user_options, Mapping):
+        raise OptionsError('user_options must be a JSON object such as {"profile": "cpu"}')
+    now = now or datetime.now(timezone.utc)
+    profile = _pick_profile(profiles, user_options.get("profile"))
+    unknown = sorted(set(user_options) - set(profile.allowed_keys), key=str)
+    if unknown:
+        raise OptionsError(
+            f"Unknown option(s) {', '.join(map(repr, unknown))} for profile {profile.slug!r}; "
+            f"allowed: {', '.join(profile.allowed_keys)}."
+        )
+    choices: dict[str, Choice] = {}
+    for option in profile.options:
+        value = user_options.get(option.name)
+        if value is None or value == "":
+            choices[option.name] = option.default_choice
+            continue
+        choice = option.choice(value) if isinstance(value, str) else None
+        if choice is None:
+            allowed = ", ".join(c.slug for c in option.choices)
+            raise OptionsError(f"{value!r} is not a choice for {option.name!r}; choose one of: {allowed}.")
+        choices[option.name] = choice
+    gpus = _pick_gpus(profile, user_options.get("gpus"))
+    stop_at, run_hours = _pick_stop_at(user_options, now, max_run_hours)
+    return Selection(profile=profile, choices=choices, gpus=gpus, stop_at=stop_at, run_hours=run_hours)

@@ -1,0 +1,245 @@
+"""GPU inventory and the slot allocator.
+
+A *slot* is one GPU of one host that at most one server holds at a time. The hub database is the source of
+truth: every server's spawner state records the slots it holds, and :meth:`SlotAllocator.claim` rebuilds the
+table from that state after a hub restart. Allocation is synchronous, so within the hub's single event loop no
+other coroutine can run between the check for a free GPU and the take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "LOCAL_HOST",
+    "GpuSlot",
+    "NoFreeSlot",
+    "SlotAllocator",
+    "inventory_from_config",
+    "load_inventory",
+    "read_nvml_inventory",
+]
+
+log = logging.getLogger(__name__)
+
+#: The host name of GPUs on the machine that runs the hub.
+LOCAL_HOST = "local"
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    """One GPU that can be handed to one server."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_gb: float
+    host: str = LOCAL_HOST
+
+    @property
+    def key(self) -> str:
+        """A stable identity: the host and the GPU's UUID (indices can change across reboots)."""
+        return f"{self.host}/{self.uuid}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in spawner state."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GpuSlot:
+        """Build a slot from a config entry or a stored state entry, with a clear error on bad input."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a GPU entry must be a dict with index, uuid, name and memory_gb, not {data!r}")
+        missing = [k for k in ("index", "uuid", "name") if k not in data]
+        if missing:
+            raise ValueError(f"GPU entry {dict(data)!r} is missing {', '.join(missing)}")
+        index = data["index"]
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"GPU entry {dict(data)!r}: index must be a non-negative integer")
+        for field in ("uuid", "name"):
+            if not isinstance(data[field], str) or not data[field]:
+                raise ValueError(f"GPU entry {dict(data)!r}: {field} must be a non-empty string")
+        memory_gb = data.get("memory_gb", 0)
+        if not isinstance(memory_gb, (int, float)) or isinstance(memory_gb, bool) or memory_gb < 0:
+            raise ValueError(f"GPU entry {dict(data)!r}: memory_gb must be a non-negative number")
+        host = data.get("host", LOCAL_HOST)
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"GPU entry {dict(data)!r}: host must be a non-empty string")
+        return cls(index=index, uuid=data["uuid"], name=data["name"], memory_gb=float(memory_gb), host=host)
+
+    def matches(self, gpu_type: str) -> bool:
+        """Whether this GPU fits a profile's ``gpu_type``: whole words of the GPU name, any case.
+
+        An empty ``gpu_type`` matches every GPU; ``"A100"`` matches ``"NVIDIA A100-SXM4-80GB"`` but
+        ``"A10"`` does not (it would otherwise hand out an A100 for an A10 profile).
+        """
+        if not gpu_type:
+            return True
+        pattern = rf"(?<![0-9a-z]){re.escape(gpu_type.casefold())}(?![0-9a-z])"
+        return re.search(pattern, self.name.casefold()) is not None
+
+
+class NoFreeSlot(Exception):
+    """Raised when a request for GPUs cannot be met; carries the numbers for a user-facing sentence."""
+
+    def __init__(self, wanted: int, gpu_type: str, free: int, total: int):
+        self.wanted = wanted
+        self.gpu_type = gpu_type
+        self.free = free
+        self.total = total
+        kind = f"{gpu_type} " if gpu_type else ""
+        super().__init__(f"wanted {wanted} {kind}GPU(s), {free} of {total} free")
+
+
+class SlotAllocator:
+    """Who holds which GPU.
+
+    ``holders`` maps a slot key to its owner (``"user/server"``). It does not depend on the inventory, so a
+    restarted hub can re-claim slots from spawner state before the inventory has been read.
+    """
+
+    def __init__(self, inventory: Iterable[GpuSlot] = ()):
+        self._inventory: list[GpuSlot] = list(inventory)
+        self._holders: dict[str, str] = {}
+
+    @property
+    def inventory(self) -> list[GpuSlot]:
+        """Every GPU that may be handed out, in index order."""
+        return list(self._inventory)
+
+    def set_inventory(self, inventory: Iterable[GpuSlot]) -> None:
+        """Replace the inventory; existing holders are kept (a held GPU that vanished stays reserved)."""
+        self._inventory = sorted(inventory, key=lambda s: (s.host, s.index))
+
+    def holders(self) -> dict[str, str]:
+        """A copy of the table: slot key -> owner."""
+        return dict(self._holders)
+
+    def held_by(self, owner: str) -> list[str]:
+        """The slot keys one owner holds."""
+        return [key for key, who in self._holders.items() if who == owner]
+
+    def availability(self, gpu_type: str = "") -> tuple[int, int]:
+        """``(free, total)`` GPUs of the inventory that match ``gpu_type``."""
+        matching = [s for s in self._inventory if s.matches(gpu_type)]
+        free = sum(1 for s in matching if s.key not in self._holders)
+        return free, len(matching)
+
+    def allocate(self, owner: str, count: int, gpu_type: str = "") -> list[GpuSlot]:
+        """Take ``count`` free GPUs matching ``gpu_type`` for ``owner``, all or none.
+
+        Synchronous on purpose: no ``await`` can come between the check and the take. An owner that already
+        holds slots gets them back first (a retried start must not take a second set).
+        """
+        if count <= 0:
+            return []
+        matching = [s for s in self._inventory if s.matches(gpu_type)]
+        mine = [s for s in matching if self._holders.get(s.key) == owner]
+        free = [s for s in matching if s.key not in self._holders]
+        chosen = (mine + free)[:count]
+        if len(chosen) < count:
+            raise NoFreeSlot(count, gpu_type, len(free), len(matching))
+        for slot in chosen:
+            self._holders[slot.key] = owner
+        return chosen
+
+    def release(self, owner: str) -> list[str]:
+        """Free every slot ``owner`` holds; returns their keys. Releasing nothing is fine."""
+        keys = self.held_by(owner)
+        for key in keys:
+            del self._holders[key]
+        return keys
+
+    def claim(self, owner: str, keys: Iterable[str]) -> list[str]:
+        """Re-take slots recorded in ``owner``'s state (hub restart). Returns keys another owner holds."""
+        conflicts = []
+        for key in keys:
+            current = self._holders.get(key)
+            if current is None or current == owner:
+                self._holders[key] = owner
+            else:
+                conflicts.append(key)
+        return conflicts
+
+
+def inventory_from_config(entries: Sequence[Mapping[str, Any]], gpu_ids: Sequence[int | str] = ()) -> list[GpuSlot]:
+    """Turn ``gpu_inventory`` config into slots, keeping only ``gpu_ids`` (indices or UUIDs) when given."""
+    slots = [GpuSlot.from_dict(entry) for entry in entries]
+    keys = [s.key for s in slots]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"gpu_inventory lists the same GPU twice: {', '.join(duplicates)}")
+    return restrict(slots, gpu_ids)
+
+
+def restrict(slots: Sequence[GpuSlot], gpu_ids: Sequence[int | str]) -> list[GpuSlot]:
+    """Keep the slots named in ``gpu_ids`` (an index or a UUID each); all of them when it is empty."""
+    if not gpu_ids:
+        return list(slots)
+    wanted = {str(g) for g in gpu_ids}
+    return [s for s in slots if str(s.index) in wanted or s.uuid in wanted]
+
+
+def read_nvml_inventory() -> list[GpuSlot]:
+    """Read the local GPUs through NVML. Blocking: call it off the event loop. Empty without a driver."""
+    try:
+        import pynvml
+    except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        log.info("NVML is not available (%s): no local GPUs", e)
+        return []
+    try:
+        slots = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            slots.append(
+                GpuSlot(
+                    index=index,
+                    uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    name=name.decode() if isinstance(name, bytes) else name,
+                    memory_gb=round(memory.total / 2**30, 1),
+                )
+            )
+        return slots
+    finally:
+        pynvml.nvmlShutdown()
+
+
+# NVML is called from one small pool: a hung driver call must not take the hub's default executor with it.
+_nvml_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dolab-nvml")
+_nvml_lock = threading.Lock()
+
+
+def _read_nvml_locked() -> list[GpuSlot]:
+    with _nvml_lock:
+        return read_nvml_inventory()
+
+
+async def load_inventory(
+    configured: Sequence[Mapping[str, Any]] | None,
+    gpu_ids: Sequence[int | str] = (),
+    timeout_seconds: float = 20,
+) -> list[GpuSlot]:
+    """The GPUs to hand out: ``configured`` when set (hosts without NVML, tests), else NVML, off the loop."""
+    if configured is not None:
+        return inventory_from_config(configured, gpu_ids)
+    loop = asyncio.get_running_loop()
+    try:
+        found = await asyncio.wait_for(loop.run_in_executor(_nvml_pool, _read_nvml_locked), timeout_seconds)
+    except asyncio.TimeoutError:
+        log.error("NVML did not answer in %s s: treating this host as having no GPUs", timeout_seconds)
+        return []
+    return restrict(found, gpu_ids)

@@ -1,0 +1,536 @@
+"""DoLabSpawner: the one spawner the hub sees.
+
+It reads the chosen profile, validates the untrusted ``user_options``, reserves GPU slots, hands the server to
+a backend (a local process now; Docker and RunPod later), streams progress, and keeps in the spawner state
+everything needed to find the server again after a hub restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import string
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jinja2
+from escapism import escape
+from jupyterhub.spawner import Spawner, SpawnException
+from jupyterhub.utils import maybe_future
+from traitlets import Any as AnyTrait
+from traitlets import Callable, Dict, Float, List, TraitError, Unicode, Union, default, observe, validate
+
+from .backends import BACKENDS, BackendMixin, backend_class, make_backend
+from .backends.base import apply_overrides
+from .paths import default_data_dir
+from .profiles import (
+    OptionsError,
+    Profile,
+    ProfileConfigError,
+    Selection,
+    default_profiles,
+    format_stop_at,
+    parse_profile_list,
+    parse_stop_at,
+    resolve_options,
+)
+from .slots import GpuSlot, NoFreeSlot, SlotAllocator, inventory_from_config, load_inventory
+
+__all__ = ["DoLabSpawner"]
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+_SAFE_CHARS = set(string.ascii_lowercase + string.digits)
+
+
+def workspace_name(username: str) -> str:
+    """A directory (or volume) name for a user: only ``[a-z0-9-]``, so no name can climb out of the root."""
+    return escape(username, safe=_SAFE_CHARS, escape_char="-")
+
+
+class _SlotPool:
+    """The hub-wide GPU table every DoLabSpawner shares (one hub per process)."""
+
+    def __init__(self) -> None:
+        self.allocator = SlotAllocator()
+        self.loaded = False
+        self.lock: asyncio.Lock | None = None
+
+
+class DoLabSpawner(Spawner):
+    """Profiles, GPU slots and backends behind one spawner.
+
+    Extension points, in the order ``start()`` uses them: :meth:`get_profiles`, :meth:`check_quota`,
+    slot allocation, :meth:`make_backend`, the backend's ``start()``.
+    """
+
+    profile_list = Union(
+        [List(), Callable()],
+        default_value=[],
+        config=True,
+        help="""Profiles users choose from, in kubespawner's schema plus DO-LAB's keys.
+
+        Each entry: ``display_name`` (required), ``slug`` (default: from the display name), ``description``,
+        ``default`` (bool), ``backend`` (``local``), ``gpus`` (count, default 0), ``gpu_type`` (matched on
+        whole words of the GPU name, e.g. ``"A100"``), ``spawner_override`` (trait -> value, set on the
+        spawner and the backend; dicts merge) and ``profile_options`` (name -> ``{display_name, choices:
+        {slug: {display_name, description, default, spawner_override}}}``).
+
+        A callable ``f(spawner)`` (may be async) returning such a list is evaluated at each form render and
+        start. Empty (default): "CPU only" plus one one-GPU profile per GPU model found.
+        """,
+    )
+
+    gpu_inventory = Union(
+        [List(Dict()), AnyTrait()],
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="""The GPUs to hand out, replacing NVML's view: a list of dicts with ``index``, ``uuid``,
+        ``name``, ``memory_gb`` (and ``host`` later). None (default): read the local GPUs through NVML once
+        at the first need. Useful on hosts without NVML and in tests.
+        """,
+    )
+
+    gpu_ids: List[int | str] = List(
+        config=True,
+        help="Restrict the GPUs handed out to these indices or UUIDs, e.g. [0, 1]. Empty: all of them.",
+    )
+
+    max_run_hours = Float(
+        168,
+        config=True,
+        help="""The latest stop time a user may choose, in hours from the start (``run_hours`` or
+        ``stop_at``). 0: no maximum.
+        """,
+    )
+
+    workspace_root = Unicode(
+        config=True,
+        help="""Directory holding one workspace per user (``<root>/<escaped username>``); the server starts
+        in it. Default: ``<data dir>/workspaces``.
+        """,
+    )
+
+    nvml_timeout_seconds = Float(20, config=True, help="How long to wait for NVML when reading the GPUs.")
+
+    quota_check = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Optional ``f(spawner, selection)`` (may be async) called before any slot or pod is taken;
+        raise ``SpawnException`` to refuse. The monitor service's quotas plug in here.
+        """,
+    )
+
+    # What the state records (and so what survives a hub restart).
+    profile_slug = Unicode("")
+    backend_name = Unicode("")
+    slot_dicts: List[dict] = List()
+    stop_at = Unicode("")
+
+    _pool: ClassVar[_SlotPool] = _SlotPool()
+    _backend: BackendMixin | None = None
+
+    # ----- configuration -------------------------------------------------------------------------------
+
+    @default("workspace_root")
+    def _default_workspace_root(self) -> str:
+        return os.path.join(default_data_dir(), "workspaces")
+
+    @validate("profile_list")
+    def _validate_profile_list(self, proposal: dict) -> Any:
+        value = proposal["value"]
+        if not callable(value):
+            try:
+                self._parse_profiles(value)
+            except ProfileConfigError as e:
+                raise TraitError(f"DoLabSpawner.profile_list: {e}") from None
+        return value
+
+    @validate("gpu_inventory")
+    def _validate_gpu_inventory(self, proposal: dict) -> Any:
+        value = proposal["value"]
+        if value is not None:
+            try:
+                inventory_from_config(value)
+            except (ValueError, TypeError) as e:
+                raise TraitError(f"DoLabSpawner.gpu_inventory: {e}") from None
+        return value
+
+    @classmethod
+    def override_keys(cls) -> dict[str, set[str]]:
+        """Per backend, the trait names a profile's ``spawner_override`` may set."""
+        own = set(cls.class_trait_names(config=True))
+        return {name: own | set(b.class_trait_names(config=True)) for name, b in BACKENDS.items()}
+
+    @classmethod
+    def _parse_profiles(cls, raw: Any) -> list[Profile]:
+        return parse_profile_list(raw, backends=list(BACKENDS), allowed_overrides=cls.override_keys())
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise a readable error for bad DoLabSpawner config, so the hub refuses to start on it.
+
+        The spawner is built lazily per user, so without this a typo in ``profile_list`` would show up only
+        at a user's first start. The shipped ``jupyterhub_config.py`` calls it.
+        """
+        cls(config=config)
+
+    # ----- profiles and the GPU inventory --------------------------------------------------------------
+
+    @property
+    def allocator(self) -> SlotAllocator:
+        """The hub-wide slot table."""
+        return self._pool.allocator
+
+    @property
+    def owner(self) -> str:
+        """Who holds this server's slots in the allocator."""
+        return f"{self.user.name}/{self.name}"
+
+    async def ensure_inventory(self) -> list[GpuSlot]:
+        """Read the GPUs once per hub process (NVML off the event loop), shared by every spawner."""
+        pool = self._pool
+        if not pool.loaded:
+            if pool.lock is None:
+                pool.lock = asyncio.Lock()
+            async with pool.lock:
+                if not pool.loaded:
+                    inventory = await load_inventory(self.gpu_inventory, self.gpu_ids, self.nvml_timeout_seconds)
+                    pool.allocator.set_inventory(inventory)
+                    pool.loaded = True
+                    self.log.info("GPU inventory: %s", ", ".join(f"{s.index}: {s.name}" for s in inventory) or "none")
+        return pool.allocator.inventory
+
+    async def get_profiles(self) -> list[Profile]:
+        """The profiles this user may choose from now."""
+        if callable(self.profile_list):
+            raw = await maybe_future(self.profile_list(self))
+            try:
+                return self._parse_profiles(raw)
+            except ProfileConfigError as e:
+                self.log.error("profile_list callable returned a bad list: %s", e)
+                raise SpawnException(
+                    "The profile list is misconfigured. Please tell an administrator.",
+                    reason="config",
+                    status_code=503,
+                ) from None
+        if self.profile_list:
+            return self._parse_profiles(self.profile_list)
+        return default_profiles(await self.ensure_inventory())
+
+    # ----- the options form ----------------------------------------------------------------------------
+
+    @default("options_form")
+    def _default_options_form(self) -> Any:
+        return self.render_options_form
+
+    async def render_options_form(self, spawner: Spawner | None = None) -> str:
+        """The form: one card per profile with live GPU availability, its options, and a stop time."""
+        profiles = await self.get_profiles()
+        await self.ensure_inventory()
+        previous = self.user_options or {}
+        selected = previous.get("profile") if previous.get("profile") in {p.slug for p in profiles} else None
+        if selected is None:
+            selected = next((p.slug for p in profiles if p.default), profiles[0].slug)
+        cards = []
+        for profile in profiles:
+            free = total = 0
+            if profile.gpus:
+                free, total = self.allocator.availability(profile.gpu_type)
+            cards.append({"profile": profile, "free": free, "total": total, "selected": profile.slug == selected})
+        now = datetime.now(timezone.utc)
+        return _TEMPLATES.get_template("options_form.html").render(
+            cards=cards,
+            max_run_hours=self.max_run_hours,
+            previous=previous,
+            now_utc=now.strftime("%Y-%m-%dT%H:%M"),
+            latest_utc=(now + timedelta(hours=self.max_run_hours)).strftime("%Y-%m-%dT%H:%M")
+            if self.max_run_hours > 0
+            else "",
+        )
+
+    async def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
+        """Turn the posted form into user_options, and check them so errors show on the form itself."""
+
+        def first(key: str) -> str:
+            return (formdata.get(key) or [""])[0].strip()
+
+        profile = first("profile")
+        options: dict[str, Any] = {"profile": profile}
+        prefix = f"profile-option-{profile}--"
+        for key in formdata:
+            if key.startswith(prefix):
+                options[key[len(prefix) :]] = first(key)
+        if first(f"gpus-{profile}"):
+            options["gpus"] = first(f"gpus-{profile}")
+        mode = first("stop_mode")
+        if mode == "hours":
+            options["run_hours"] = first("run_hours")
+        elif mode == "at" and first("stop_at"):
+            options["stop_at"] = _form_time_to_utc(first("stop_at"), first("tz_offset_minutes"))
+        try:
+            selection = resolve_options(await self.get_profiles(), options, max_run_hours=self.max_run_hours)
+        except OptionsError as e:
+            raise ValueError(str(e)) from None
+        return selection.user_options()
+
+    # ----- progress ------------------------------------------------------------------------------------
+
+    _events: list[dict[str, Any]]
+    _events_changed: asyncio.Event | None = None
+    _start_finished = True
+
+    def _progress_reset(self) -> None:
+        self._events = []
+        self._events_changed = asyncio.Event()
+        self._start_finished = False
+
+    def emit(self, progress: int, message: str) -> None:
+        """Record a progress event for the spawn page (``progress`` in 0-100)."""
+        self.log.debug("%s: %s", self._log_name, message)
+        self._events.append({"progress": progress, "message": message})
+        if self._events_changed is not None:
+            self._events_changed.set()
+
+    def _progress_done(self) -> None:
+        self._start_finished = True
+        if self._events_changed is not None:
+            self._events_changed.set()
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        """Each phase of the start as it happens; may be called before ``start()`` has begun."""
+        sent = 0
+        while True:
+            events = getattr(self, "_events", [])
+            while sent < len(events):
+                yield events[sent]
+                sent += 1
+            if self._start_finished and self._events_changed is not None:
+                return
+            if self._events_changed is None:
+                await asyncio.sleep(0.1)
+                continue
+            self._events_changed.clear()
+            try:
+                await asyncio.wait_for(self._events_changed.wait(), timeout=1)
+            except asyncio.TimeoutError:
+                pass
+
+    # ----- start / poll / stop -------------------------------------------------------------------------
+
+    _previous_user_options: dict[str, Any] | None = None
+    _saved_traits: dict[str, Any]
+
+    @observe("user_options")
+    def _remember_user_options(self, change: dict) -> None:
+        # The hub stores new user_options before start() can check them: keep the last ones to put back.
+        self._previous_user_options = change["old"]
+
+    def _refuse(self, message: str, reason: str, status_code: int) -> SpawnException:
+        self.log.info("Refusing to start %s: %s", self._log_name, message)
+        return SpawnException(message, reason=reason, status_code=status_code)
+
+    def _restore_options(self) -> None:
+        """Bad options change nothing: put the previous stored user_options back."""
+        previous = self._previous_user_options or {}
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = previous
+        self.user_options = previous
+
+    async def check_quota(self, selection: Selection) -> None:
+        """Refuse before any cost when ``quota_check`` says so."""
+        if self.quota_check is not None:
+            await maybe_future(self.quota_check(self, selection))
+
+    def _allocate(self, selection: Selection) -> list[GpuSlot]:
+        """Take the GPUs (synchronously: no await between check and take) or refuse with a sentence."""
+        profile = selection.profile
+        try:
+            slots = self.allocator.allocate(self.owner, selection.gpus, profile.gpu_type)
+        except NoFreeSlot as e:
+            kind = f"{profile.gpu_type} " if profile.gpu_type else ""
+            if e.total == 0:
+                message = (
+                    f"This server has no {kind}GPU for the profile {profile.display_name!r}. "
+                    "Pick another profile or ask an administrator."
+                )
+            elif e.wanted > e.total:
+                message = (
+                    f"This server has only {e.total} {kind}GPU(s); the profile {profile.display_name!r} "
+                    f"asks for {e.wanted}. Ask for fewer GPUs or pick another profile."
+                )
+            else:
+                message = (
+                    f"All {e.total} {kind}GPU(s) are in use ({e.total - e.free} busy, {e.free} free; you asked "
+                    f"for {e.wanted}). Pick a CPU profile or try again when a GPU is free."
+                )
+            raise self._refuse(message, reason="no_gpu", status_code=409) from None
+        self.log.info("Slot(s) allocated to %s: %s", self.owner, ", ".join(f"GPU {s.index} ({s.name})" for s in slots))
+        return slots
+
+    def make_backend(self, selection: Selection, slots: list[GpuSlot]) -> BackendMixin:
+        """Build the backend for a selection, with the profile's overrides applied to it."""
+        backend = make_backend(
+            self,
+            backend_class(selection.profile.backend),
+            gpu_slots=[s.to_dict() for s in slots],
+            workspace_dir=self._workspace_dir(),
+        )
+        apply_overrides(backend, selection.spawner_override)
+        return backend
+
+    def _apply_own_overrides(self, overrides: dict[str, Any]) -> None:
+        # Traits the hub reads from this spawner (start_timeout, http_timeout...) follow the profile too;
+        # remember the old values, so the next start of another profile begins clean.
+        self._restore_own_traits()
+        own = {k: v for k, v in overrides.items() if self.has_trait(k) and k in self.trait_names(config=True)}
+        self._saved_traits = apply_overrides(self, own)
+
+    def _restore_own_traits(self) -> None:
+        for name, value in getattr(self, "_saved_traits", {}).items():
+            setattr(self, name, value)
+        self._saved_traits = {}
+
+    async def start(self) -> Any:
+        """Validate, reserve, launch; every failure is a sentence and leaves nothing held."""
+        self._progress_reset()
+        try:
+            return await self._start()
+        finally:
+            self._progress_done()
+
+    async def _start(self) -> Any:
+        self.emit(5, "Checking your options")
+        profiles = await self.get_profiles()
+        try:
+            selection = resolve_options(profiles, self.user_options, max_run_hours=self.max_run_hours)
+        except OptionsError as e:
+            self._restore_options()
+            raise self._refuse(str(e), reason="invalid_options", status_code=400) from None
+        await self.check_quota(selection)
+        if selection.gpus:
+            await self.ensure_inventory()
+        normalized = selection.user_options()
+        self.user_options = normalized
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = normalized
+
+        slots = self._allocate(selection) if selection.gpus else []
+        self.profile_slug = selection.profile.slug
+        self.backend_name = selection.profile.backend
+        self.slot_dicts = [s.to_dict() for s in slots]
+        self.stop_at = format_stop_at(selection.stop_at) if selection.stop_at else ""
+        for slot in slots:
+            self.emit(15, f"Reserved GPU {slot.index} ({slot.name})")
+        try:
+            self._apply_own_overrides(selection.spawner_override)
+            self._backend = self.make_backend(selection, slots)
+            self.emit(30, f"Starting your server ({selection.profile.display_name})")
+            url = await self._backend.start()
+            self.emit(90, "Waiting for JupyterLab to answer")
+            return url
+        except BaseException:
+            # Cancelled (start_timeout) or failed: give the GPUs back now, whatever the hub does next.
+            self._release("start failed")
+            raise
+
+    async def poll(self) -> int | None:
+        """None while running; an exit status otherwise, and then the slots are free again."""
+        if self._backend is None:
+            self._release("no server")
+            return 0
+        status = await self._backend.poll()
+        if status is not None:
+            self._release(f"server not running (status {status})")
+        return status
+
+    async def stop(self, now: bool = False) -> None:
+        """Stop the backend's server (idempotent) and free its slots."""
+        try:
+            if self._backend is not None:
+                await self._backend.stop(now=now)
+        finally:
+            self._release("stopped")
+
+    def _release(self, why: str) -> None:
+        released = self.allocator.release(self.owner)
+        if released:
+            self.log.info("Slot(s) released by %s (%s): %s", self.owner, why, ", ".join(released))
+
+    # ----- state ---------------------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        """What a restarted hub needs: profile, backend and its state, slots, stop time."""
+        state = super().get_state()
+        if self.backend_name:
+            state.update(
+                profile=self.profile_slug,
+                backend=self.backend_name,
+                slots=list(self.slot_dicts),
+                stop_at=self.stop_at,
+                backend_state=self._backend.get_state() if self._backend is not None else {},
+            )
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Rebuild the backend and re-claim the slots of a server that is still running."""
+        super().load_state(state)
+        backend = state.get("backend")
+        if not backend or backend not in BACKENDS:
+            return
+        self.profile_slug = state.get("profile", "")
+        self.backend_name = backend
+        self.slot_dicts = list(state.get("slots", []))
+        self.stop_at = state.get("stop_at", "")
+        self._backend = make_backend(
+            self, backend_class(backend), gpu_slots=self.slot_dicts, workspace_dir=self._workspace_dir()
+        )
+        self._backend.load_state(state.get("backend_state", {}))
+        # Only a server the hub still lists holds its GPUs; stale state of a stopped one claims nothing.
+        if self.slot_dicts and self.orm_spawner is not None and self.orm_spawner.server is not None:
+            keys = [GpuSlot.from_dict(s).key for s in self.slot_dicts]
+            conflicts = self.allocator.claim(self.owner, keys)
+            if conflicts:
+                self.log.error("%s's state claims GPU(s) another server holds: %s", self.owner, conflicts)
+            else:
+                self.log.info("Slot(s) re-claimed by %s from its state: %s", self.owner, ", ".join(keys))
+
+    def _workspace_dir(self) -> str:
+        return os.path.join(self.workspace_root, workspace_name(self.user.name))
+
+    def clear_state(self) -> None:
+        """Forget the server (the hub calls this before a start and after a stop)."""
+        super().clear_state()
+        if self._backend is not None:
+            self._backend.clear_state()
+        self._backend = None
+        self._release("state cleared")
+        self.profile_slug = self.backend_name = self.stop_at = ""
+        self.slot_dicts = []
+
+    @property
+    def stop_at_datetime(self) -> datetime | None:
+        """The user's hard deadline, if they chose one."""
+        return parse_stop_at(self.stop_at) if self.stop_at else None
+
+
+def _form_time_to_utc(local: str, offset_minutes: str) -> str:
+    """A ``datetime-local`` value plus the browser's ``getTimezoneOffset()`` -> ISO UTC (UTC without JS)."""
+    try:
+        when = datetime.fromisoformat(local)
+    except ValueError:
+        return local  # resolve_options says what is wrong with it
+    if when.tzinfo is None:
+        try:
+            offset = int(offset_minutes) if offset_minutes else 0
+        except ValueError:
+            offset = 0
+        when = when.replace(tzinfo=timezone.utc) + timedelta(minutes=offset)
+    return format_stop_at(when)

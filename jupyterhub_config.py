@@ -1,0 +1,104 @@
+# DO-LAB's shipped JupyterHub config.
+#
+# Unchanged, it runs the embedded default: SQLite, DoLabSpawner on the local backend, and a shared password
+# generated on the first run. Everything else comes from environment variables (README.md, "Configuration")
+# or from overlay files: every `*.py` in $DOLAB_CONFIG_DIR (default: jupyterhub_config.d/ beside this file)
+# is loaded after this one, in name order, with the same `c`.
+#
+# c is provided by JupyterHub's config loader.
+# ruff: noqa: F821
+
+import os
+import sys
+from pathlib import Path
+
+from traitlets import TraitError
+
+from dolab_spawner import DoLabSpawner
+from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
+from dolab_spawner.paths import default_data_dir
+
+env = os.environ
+here = Path(__file__).resolve().parent
+data_dir = Path(default_data_dir())
+data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+bind_url = env.get("DOLAB_BIND_URL", "http://127.0.0.1:8000")
+
+# --- the hub ---------------------------------------------------------------------------------------------
+c.JupyterHub.bind_url = bind_url
+c.JupyterHub.db_url = env.get("DOLAB_DB_URL", f"sqlite:///{data_dir / 'jupyterhub.sqlite'}")
+c.JupyterHub.cookie_secret_file = str(data_dir / "jupyterhub_cookie_secret")
+c.JupyterHub.pid_file = str(data_dir / "jupyterhub.pid")
+# A hub restart must never stop running work: servers outlive the hub, and their state is in the database.
+c.JupyterHub.cleanup_servers = False
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.named_server_limit_per_user = int(env_float(env, "DOLAB_NAMED_SERVER_LIMIT", 2))
+c.JupyterHub.hub_ip = env.get("DOLAB_HUB_IP", "127.0.0.1")
+if env.get("DOLAB_HUB_PORT"):
+    c.JupyterHub.hub_port = int(env["DOLAB_HUB_PORT"])
+c.ConfigurableHTTPProxy.command = find_proxy(env, here)
+c.ConfigurableHTTPProxy.pid_file = str(data_dir / "proxy.pid")
+if env.get("DOLAB_PROXY_API_PORT"):
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{int(env['DOLAB_PROXY_API_PORT'])}"
+
+# --- login: one shared password (switch to your identity provider with DoLabAuthenticator) ---------------
+user_password, new_user_password = ensure_secret(data_dir / "shared-password", length=16)
+admin_password, new_admin_password = ensure_secret(data_dir / "admin-password", length=40)
+admin_users = set(env_list(env, "DOLAB_ADMIN_USERS", ["admin"]))
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.user_password = user_password
+c.SharedPasswordAuthenticator.admin_password = admin_password
+c.Authenticator.admin_users = admin_users
+c.Authenticator.allow_all = True
+if new_user_password or new_admin_password:
+    print(
+        "\n"
+        "  DO-LAB first run: passwords generated (shown this once)\n"
+        f"    open        {bind_url}\n"
+        f"    users       any user name, password {user_password}\n"
+        f"    admins      {', '.join(sorted(admin_users))}, password {admin_password}\n"
+        f"    kept in     {data_dir}/shared-password and admin-password (mode 0600)\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+# --- the spawner ---------------------------------------------------------------------------------------
+c.JupyterHub.spawner_class = "dolab"
+c.Spawner.default_url = "/lab"
+c.DoLabSpawner.workspace_root = env.get("DOLAB_WORKSPACE_ROOT", str(data_dir / "workspaces"))
+c.DoLabSpawner.max_run_hours = env_float(env, "DOLAB_MAX_RUN_HOURS", 168)
+try:
+    profiles = env_json(env, "DOLAB_PROFILES")
+    inventory = env_json(env, "DOLAB_GPU_INVENTORY")
+except ConfigEnvError as e:
+    sys.exit(f"DO-LAB: bad configuration: {e}")
+if profiles is not None:
+    c.DoLabSpawner.profile_list = profiles
+if inventory is not None:
+    c.DoLabSpawner.gpu_inventory = inventory
+c.DoLabSpawner.gpu_ids = env_list(env, "DOLAB_GPU_IDS")
+c.LocalProcessBackend.log_dir = str(data_dir / "logs")
+
+# --- services --------------------------------------------------------------------------------------------
+# `dolab gpus` reads slots from the hub with this token (kept in the data directory, like the passwords).
+cli_token, _ = ensure_secret(data_dir / "cli-token", length=40)
+c.JupyterHub.services = [{"name": "dolab-cli", "api_token": cli_token, "display": False}]
+c.JupyterHub.load_roles = [
+    {
+        "name": "dolab-cli",
+        "description": "Read who holds which GPU (dolab gpus)",
+        "scopes": ["list:users", "read:users:name", "read:servers", "admin:server_state"],
+        "services": ["dolab-cli"],
+    }
+]
+
+# --- overlays, then a check of the result ----------------------------------------------------------------
+overlay_dir = Path(env.get("DOLAB_CONFIG_DIR", here / "jupyterhub_config.d"))
+for overlay in sorted(overlay_dir.glob("*.py")):
+    load_subconfig(str(overlay))
+
+if c.JupyterHub.spawner_class in ("dolab", DoLabSpawner):
+    try:
+        DoLabSpawner.check_config(c)
+    except TraitError as e:
+        sys.exit(f"DO-LAB: bad configuration: {e}")
