@@ -130,10 +130,7 @@ class Profile:
     @property
     def allowed_keys(self) -> list[str]:
         """The user_options keys this profile accepts."""
-        keys = ["profile", *(o.name for o in self.options)]
-        if self.gpus:
-            keys.append("gpus")
-        return [*keys, "run_hours", "stop_at"]
+        return ["profile", *(o.name for o in self.options), "gpus", "run_hours", "stop_at"]
 
 
 @dataclass(frozen=True)
@@ -370,6 +367,8 @@ def _pick_gpus(profile: Profile, value: Any) -> int:
         else:
             raise OptionsError(f"gpus must be a whole number from 1 to {profile.gpus}, not {value!r}")
     if not profile.gpus:
+        if value == 0:
+            return 0
         raise OptionsError(f"Profile {profile.slug!r} has no GPUs; leave gpus out or pick a GPU profile.")
     if not 1 <= value <= profile.gpus:
         raise OptionsError(

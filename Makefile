@@ -1,0 +1,62 @@
+# DO-LAB: `make run` starts the hub on the embedded default; `make test` installs and starts everything the
+# tests need, then runs ruff, mypy and pytest.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NODE_PREFIX := .dolab/node
+NPM_PROXY := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
+
+.PHONY: run test test-parts lint typecheck pytest proxy clean help
+
+help:
+	@echo "make run    start DO-LAB at http://127.0.0.1:8000 (creates .venv, installs DO-LAB and the proxy)"
+	@echo "make test   install and start everything the tests need, then run ruff, mypy and pytest"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "DO-LAB needs Python 3.10 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[lab]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+# configurable-http-proxy: npm's when Node is there (JupyterHub's own choice), else the PyPI port.
+proxy:
+	@if [ -x $(NPM_PROXY) ] || [ -x $(BIN)/configurable-http-proxy ]; then :; \
+	elif command -v npm >/dev/null 2>&1; then \
+		echo "Installing configurable-http-proxy (npm) into $(NODE_PREFIX)"; \
+		npm install --silent --no-audit --no-fund --prefix $(NODE_PREFIX) configurable-http-proxy@5; \
+	else \
+		echo "No npm: installing the PyPI configurable-http-proxy"; \
+		$(BIN)/pip install --quiet configurable-http-proxy; \
+	fi
+
+run: $(VENV)/.installed-run proxy
+	$(BIN)/jupyterhub -f jupyterhub_config.py
+
+# Parts the tests drive for real: Debian's Chromium for the browser tests.
+test-parts:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "Installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed-test proxy test-parts
+	$(BIN)/pytest -ra
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .dolab .pytest_cache .mypy_cache .ruff_cache *.egg-info
