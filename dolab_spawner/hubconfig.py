@@ -43,12 +43,17 @@ def ensure_secret(path: str | os.PathLike[str], length: int = 16) -> tuple[str, 
     """
     path = Path(path)
     if path.exists():
-        return path.read_text().strip(), False
+        value = path.read_text().strip()
+        if value:
+            return value, False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = generate_password(length)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written beside, then renamed: a crash can never leave an empty secret in place.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
+    os.replace(partial, path)
     return value, True
 
 
@@ -101,5 +106,5 @@ def find_proxy(env: Mapping[str, str], config_dir: str | os.PathLike[str]) -> li
     for candidate in candidates:
         if candidate.exists():
             return [str(candidate)]
-    found = shutil.which("configurable-http-proxy")
+    found = shutil.which("configurable-http-proxy", path=env.get("PATH"))
     return [found or "configurable-http-proxy"]

@@ -69,7 +69,9 @@ _PROFILE_KEYS = {
 }
 _OPTION_KEYS = {"display_name", "choices"}
 _CHOICE_KEYS = {"display_name", "description", "default", "spawner_override"}
-_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# No "--": the form names option fields profile-option-<slug>--<option>.
+_SLUG = re.compile(r"[a-z0-9](?:[a-z0-9_]|-(?!-)){0,62}")
 
 
 class ProfileConfigError(ValueError):
@@ -122,6 +124,8 @@ class Profile:
     gpu_type: str = ""
     spawner_override: Mapping[str, Any] = field(default_factory=dict)
     options: tuple[ProfileOption, ...] = ()
+    #: Match ``gpu_type`` as the whole GPU name (generated profiles: "RTX 4090" must not take a "RTX 4090 D").
+    gpu_exact: bool = False
 
     def option(self, name: str) -> ProfileOption | None:
         """The option called ``name``, or None."""
@@ -145,10 +149,14 @@ class Selection:
 
     @property
     def spawner_override(self) -> dict[str, Any]:
-        """The profile's overrides, then each chosen option's (later ones win)."""
+        """The profile's overrides, then each chosen option's: dicts merge, other values are replaced."""
         merged: dict[str, Any] = dict(self.profile.spawner_override)
         for option in self.profile.options:
-            merged.update(self.choices[option.name].spawner_override)
+            for key, value in self.choices[option.name].spawner_override.items():
+                current = merged.get(key)
+                if isinstance(current, Mapping) and isinstance(value, Mapping):
+                    value = {**current, **value}
+                merged[key] = value
         return merged
 
     def user_options(self) -> dict[str, Any]:
@@ -207,7 +215,7 @@ def _unknown_keys(entry: Mapping[str, Any], allowed: set[str], where: str) -> No
 
 
 def _parse_option(name: Any, raw: Any, where: str, allowed_overrides: Collection[str] | None) -> ProfileOption:
-    if not isinstance(name, str) or not _OPTION_NAME.match(name) or name in RESERVED_KEYS:
+    if not isinstance(name, str) or not _OPTION_NAME.fullmatch(name) or name in RESERVED_KEYS:
         raise ProfileConfigError(
             f"{where}: option name {name!r} must be lower-case letters, digits and _ (starting with a letter),"
             f" and not one of {', '.join(RESERVED_KEYS)}"
@@ -262,8 +270,8 @@ def parse_profile_list(
         _unknown_keys(entry, _PROFILE_KEYS, where)
         display = _text(entry.get("display_name"), where, "display_name", required=True)
         slug = _text(entry.get("slug", slugify(display)), where, "slug", required=True)
-        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", slug):
-            raise ProfileConfigError(f"{where}: slug {slug!r} must be lower-case letters, digits, - and _")
+        if not _SLUG.fullmatch(slug):
+            raise ProfileConfigError(f"{where}: slug {slug!r} must be lower-case letters, digits, - and _ (no '--')")
         where = f"profile {slug!r}"
         backend = entry.get("backend", "local")
         if backend not in backends:
@@ -318,6 +326,7 @@ def default_profiles(inventory: Iterable[GpuSlot]) -> list[Profile]:
                 description=f"JupyterLab with one {name}{memory_text}.",
                 gpus=1,
                 gpu_type=name,
+                gpu_exact=True,
             )
         )
     return profiles
@@ -338,7 +347,10 @@ def parse_stop_at(value: Any) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:
+        raise OptionsError(f"stop_at {value!r} is too far ahead") from None
 
 
 def format_stop_at(when: datetime) -> str:
@@ -362,7 +374,7 @@ def _pick_gpus(profile: Profile, value: Any) -> int:
     if value is None:
         return profile.gpus
     if not isinstance(value, int) or isinstance(value, bool):
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():
             value = int(value)
         else:
             raise OptionsError(f"gpus must be a whole number from 1 to {profile.gpus}, not {value!r}")
@@ -394,7 +406,10 @@ def _pick_stop_at(
             raise OptionsError("run_hours must be more than 0")
         if max_run_hours > 0 and run_hours > max_run_hours:
             raise OptionsError(f"You can run a server for at most {max_run_hours:g} hours, not {run_hours:g}.")
-        return now + timedelta(hours=run_hours), float(run_hours)
+        try:
+            return now + timedelta(hours=run_hours), float(run_hours)
+        except OverflowError:
+            raise OptionsError(f"run_hours {run_hours:g} is too far ahead") from None
     raw = options.get("stop_at")
     if raw is None or raw == "":
         return None, None

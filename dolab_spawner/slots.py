@@ -74,14 +74,16 @@ class GpuSlot:
             raise ValueError(f"GPU entry {dict(data)!r}: host must be a non-empty string")
         return cls(index=index, uuid=data["uuid"], name=data["name"], memory_gb=float(memory_gb), host=host)
 
-    def matches(self, gpu_type: str) -> bool:
+    def matches(self, gpu_type: str, exact: bool = False) -> bool:
         """Whether this GPU fits a profile's ``gpu_type``: whole words of the GPU name, any case.
 
         An empty ``gpu_type`` matches every GPU; ``"A100"`` matches ``"NVIDIA A100-SXM4-80GB"`` but
-        ``"A10"`` does not (it would otherwise hand out an A100 for an A10 profile).
+        ``"A10"`` does not (it would otherwise hand out an A100 for an A10 profile). ``exact``: the whole name.
         """
         if not gpu_type:
             return True
+        if exact:
+            return gpu_type.casefold() == self.name.casefold()
         pattern = rf"(?<![0-9a-z]){re.escape(gpu_type.casefold())}(?![0-9a-z])"
         return re.search(pattern, self.name.casefold()) is not None
 
@@ -106,8 +108,9 @@ class SlotAllocator:
     """
 
     def __init__(self, inventory: Iterable[GpuSlot] = ()):
-        self._inventory: list[GpuSlot] = list(inventory)
+        self._inventory: list[GpuSlot] = []
         self._holders: dict[str, str] = {}
+        self.set_inventory(inventory)
 
     @property
     def inventory(self) -> list[GpuSlot]:
@@ -126,26 +129,26 @@ class SlotAllocator:
         """The slot keys one owner holds."""
         return [key for key, who in self._holders.items() if who == owner]
 
-    def availability(self, gpu_type: str = "") -> tuple[int, int]:
+    def availability(self, gpu_type: str = "", exact: bool = False) -> tuple[int, int]:
         """``(free, total)`` GPUs of the inventory that match ``gpu_type``."""
-        matching = [s for s in self._inventory if s.matches(gpu_type)]
+        matching = [s for s in self._inventory if s.matches(gpu_type, exact)]
         free = sum(1 for s in matching if s.key not in self._holders)
         return free, len(matching)
 
-    def allocate(self, owner: str, count: int, gpu_type: str = "") -> list[GpuSlot]:
+    def allocate(self, owner: str, count: int, gpu_type: str = "", exact: bool = False) -> list[GpuSlot]:
         """Take ``count`` free GPUs matching ``gpu_type`` for ``owner``, all or none.
 
         Synchronous on purpose: no ``await`` can come between the check and the take. An owner that already
-        holds slots gets them back first (a retried start must not take a second set).
+        holds slots gets the matching ones back first (a retried start must not take a second set); after a
+        success the owner holds exactly what was returned.
         """
-        if count <= 0:
-            return []
-        matching = [s for s in self._inventory if s.matches(gpu_type)]
+        matching = [s for s in self._inventory if s.matches(gpu_type, exact)]
         mine = [s for s in matching if self._holders.get(s.key) == owner]
         free = [s for s in matching if s.key not in self._holders]
-        chosen = (mine + free)[:count]
+        chosen = (mine + free)[: max(count, 0)]
         if len(chosen) < count:
             raise NoFreeSlot(count, gpu_type, len(free), len(matching))
+        self.release(owner)
         for slot in chosen:
             self._holders[slot.key] = owner
         return chosen

@@ -157,6 +157,11 @@ class DoLabSpawner(Spawner):
     def _validate_gpu_inventory(self, proposal: dict) -> Any:
         value = proposal["value"]
         if value is not None:
+            if not isinstance(value, (list, tuple)):
+                raise TraitError(
+                    "DoLabSpawner.gpu_inventory must be a list of dicts with index, uuid, name and memory_gb, "
+                    f"not {type(value).__name__}"
+                )
             try:
                 inventory_from_config(value)
             except (ValueError, TypeError) as e:
@@ -243,7 +248,7 @@ class DoLabSpawner(Spawner):
         for profile in profiles:
             free = total = 0
             if profile.gpus:
-                free, total = self.allocator.availability(profile.gpu_type)
+                free, total = self.allocator.availability(profile.gpu_type, profile.gpu_exact)
             cards.append({"profile": profile, "free": free, "total": total, "selected": profile.slug == selected})
         now = datetime.now(timezone.utc)
         return _TEMPLATES.get_template("options_form.html").render(
@@ -262,21 +267,23 @@ class DoLabSpawner(Spawner):
         def first(key: str) -> str:
             return (formdata.get(key) or [""])[0].strip()
 
-        profile = first("profile")
-        options: dict[str, Any] = {"profile": profile}
-        prefix = f"profile-option-{profile}--"
-        for key in formdata:
-            if key.startswith(prefix):
-                options[key[len(prefix) :]] = first(key)
-        if first(f"gpus-{profile}"):
-            options["gpus"] = first(f"gpus-{profile}")
+        profiles = await self.get_profiles()
+        slug = first("profile")
+        options: dict[str, Any] = {"profile": slug}
+        chosen = next((p for p in profiles if p.slug == slug), None)
+        for option in chosen.options if chosen else ():
+            value = first(f"profile-option-{slug}--{option.name}")
+            if value:
+                options[option.name] = value
+        if first(f"gpus-{slug}"):
+            options["gpus"] = first(f"gpus-{slug}")
         mode = first("stop_mode")
         if mode == "hours":
             options["run_hours"] = first("run_hours")
         elif mode == "at" and first("stop_at"):
             options["stop_at"] = _form_time_to_utc(first("stop_at"), first("tz_offset_minutes"))
         try:
-            selection = resolve_options(await self.get_profiles(), options, max_run_hours=self.max_run_hours)
+            selection = resolve_options(profiles, options, max_run_hours=self.max_run_hours)
         except OptionsError as e:
             raise ValueError(str(e)) from None
         return selection.user_options()
@@ -353,7 +360,7 @@ class DoLabSpawner(Spawner):
         """Take the GPUs (synchronously: no await between check and take) or refuse with a sentence."""
         profile = selection.profile
         try:
-            slots = self.allocator.allocate(self.owner, selection.gpus, profile.gpu_type)
+            slots = self.allocator.allocate(self.owner, selection.gpus, profile.gpu_type, profile.gpu_exact)
         except NoFreeSlot as e:
             kind = f"{profile.gpu_type} " if profile.gpu_type else ""
             if e.total == 0:

@@ -92,17 +92,26 @@ class BackendMixin(_MixinBase):  # type: ignore[valid-type,misc]
         return env
 
 
-def child_config(config: Config, child_cls: type[HasTraits], parent_section: str = "DoLabSpawner") -> Config:
+def child_config(config: Config, child_cls: type[HasTraits], parent_cls: type[HasTraits]) -> Config:
     """The config a backend is built with.
 
-    ``c.DoLabSpawner.<trait>`` lines an admin wrote apply to the backend too (they are the spawner they
-    configured), below the backend class's own section so ``c.DockerSpawner.image`` still wins there.
+    ``c.DoLabSpawner.<trait>`` lines an admin wrote apply to every backend (it is the spawner they configured),
+    except where a section of the backend's own classes sets the same trait: ``c.LocalProcessSpawner.cmd`` or
+    ``c.DockerSpawner.image`` speak about one backend, so they win.
     """
     config = copy.deepcopy(config)
     child_traits = set(child_cls.class_trait_names(config=True))
-    inherited = Config({k: v for k, v in config.get(parent_section, Config()).items() if k in child_traits})
-    own = config.get(child_cls.__name__, Config())
-    inherited.merge(own)
+    shared = set(parent_cls.mro()) & set(child_cls.mro())
+    specific = [cls.__name__ for cls in child_cls.mro() if cls not in shared and cls.__name__ in config]
+    inherited = Config()
+    # DoLabSpawner's section, then an admin's subclass of it (more derived wins, as traitlets does).
+    for cls in reversed(parent_cls.mro()):
+        if cls in shared or cls.__name__ not in config:
+            continue
+        for key, value in config[cls.__name__].items():
+            if key in child_traits and not any(key in config[name] for name in specific):
+                inherited[key] = value
+    inherited.merge(config.get(child_cls.__name__, Config()))
     config[child_cls.__name__] = inherited
     return config
 
@@ -128,4 +137,4 @@ def make_backend(parent: Spawner, backend_cls: type[B], **traits: Any) -> B:
     """Create ``backend_cls`` for the same server as ``parent``, with the hub's attributes and ``traits``."""
     kwargs = {name: getattr(parent, name) for name in HUB_PROVIDED_ATTRS if hasattr(parent, name)}
     kwargs.update(traits)
-    return backend_cls(config=child_config(parent.config, backend_cls), **kwargs)
+    return backend_cls(config=child_config(parent.config, backend_cls, type(parent)), **kwargs)

@@ -1,0 +1,235 @@
+"""Unit tests for dolab_spawner.backends.base: GPU pinning, the backend's config, profile overrides."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from traitlets import Dict, HasTraits, Integer, List, Unicode
+from traitlets.config import Config
+
+from dolab_spawner import DoLabSpawner
+from dolab_spawner.backends import LocalProcessBackend
+from dolab_spawner.backends.base import apply_overrides, child_config, gpu_environment
+from dolab_spawner.slots import GpuSlot
+
+A100 = GpuSlot(index=0, uuid="GPU-1b2c3d4e-0000-1111-2222-333344445555", name="NVIDIA A100-SXM4-80GB", memory_gb=80)
+A100_2 = GpuSlot(index=1, uuid="GPU-9f8e7d6c-0000-1111-2222-333344445555", name="NVIDIA A100-SXM4-80GB", memory_gb=80)
+MIG = GpuSlot(index=2, uuid="MIG-aaaabbbb-cccc-dddd-eeee-ffff00001111", name="NVIDIA A100 MIG 1g.10gb", memory_gb=10)
+FAKE = GpuSlot(index=3, uuid="fake-3", name="Fake GPU", memory_gb=0)
+
+# ----- gpu_environment --------------------------------------------------------------------------------------
+
+GPU_ENVIRONMENTS = [
+    pytest.param(
+        [],
+        {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void", "DOLAB_GPUS": ""},
+        id="no slots hides every GPU",
+    ),
+    pytest.param(
+        [A100],
+        {
+            "CUDA_VISIBLE_DEVICES": A100.uuid,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "NVIDIA_VISIBLE_DEVICES": A100.uuid,
+            "DOLAB_GPUS": "NVIDIA A100-SXM4-80GB",
+        },
+        id="one GPU by its GPU- uuid",
+    ),
+    pytest.param(
+        [MIG],
+        {
+            "CUDA_VISIBLE_DEVICES": MIG.uuid,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "NVIDIA_VISIBLE_DEVICES": MIG.uuid,
+            "DOLAB_GPUS": "NVIDIA A100 MIG 1g.10gb",
+        },
+        id="a MIG instance by its uuid",
+    ),
+    pytest.param(
+        [FAKE],
+        {
+            "CUDA_VISIBLE_DEVICES": "3",
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "NVIDIA_VISIBLE_DEVICES": "3",
+            "DOLAB_GPUS": "Fake GPU",
+        },
+        id="a non-GPU- uuid falls back to the index",
+    ),
+    pytest.param(
+        [A100, A100_2],
+        {
+            "CUDA_VISIBLE_DEVICES": f"{A100.uuid},{A100_2.uuid}",
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "NVIDIA_VISIBLE_DEVICES": f"{A100.uuid},{A100_2.uuid}",
+            "DOLAB_GPUS": "NVIDIA A100-SXM4-80GB,NVIDIA A100-SXM4-80GB",
+        },
+        id="two GPUs in order",
+    ),
+    pytest.param(
+        [A100_2, FAKE],
+        {
+            "CUDA_VISIBLE_DEVICES": f"{A100_2.uuid},3",
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "NVIDIA_VISIBLE_DEVICES": f"{A100_2.uuid},3",
+            "DOLAB_GPUS": "NVIDIA A100-SXM4-80GB,Fake GPU",
+        },
+        id="mixed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("slots", "expected"), GPU_ENVIRONMENTS)
+def test_gpu_environment(slots: list[GpuSlot], expected: dict[str, str]) -> None:
+    assert gpu_environment(slots) == expected
+
+
+def test_backend_env_pins_its_gpus_over_the_admins_environment() -> None:
+    config = Config()
+    config.LocalProcessBackend.environment = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "KEEP": "me"}
+    backend = LocalProcessBackend(
+        config=config,
+        gpu_slots=[A100.to_dict()],
+        extra_env={"DOLAB_STOP_AT": "x"},
+        # Stand-ins for what the hub sets; get_env reads their URLs and names.
+        hub=SimpleNamespace(public_host="", api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/"),
+        user=SimpleNamespace(name="alice", escaped_name="alice", url="/user/alice/"),
+        workspace_dir="/tmp/dolab-test-workspace",
+    )
+    assert backend.slots == [A100]
+    env = backend.get_env()
+    assert env["CUDA_VISIBLE_DEVICES"] == A100.uuid
+    assert env["KEEP"] == "me"
+    assert env["DOLAB_STOP_AT"] == "x"
+
+
+# ----- child_config -----------------------------------------------------------------------------------------
+
+
+def _config() -> Config:
+    config = Config()
+    config.DoLabSpawner.start_timeout = 99
+    config.DoLabSpawner.http_timeout = 5
+    config.DoLabSpawner.environment = {"FROM": "dolab"}
+    config.DoLabSpawner.profile_list = [{"display_name": "CPU"}]
+    config.DoLabSpawner.max_run_hours = 12
+    config.LocalProcessBackend.http_timeout = 7
+    config.LocalProcessBackend.log_dir = "/var/log/dolab"
+    return config
+
+
+def test_child_config_sections() -> None:
+    config = _config()
+    child = child_config(config, LocalProcessBackend, DoLabSpawner)
+    assert dict(child["LocalProcessBackend"]) == {
+        "start_timeout": 99,
+        "http_timeout": 7,
+        "environment": {"FROM": "dolab"},
+        "log_dir": "/var/log/dolab",
+    }
+    assert "profile_list" not in child["LocalProcessBackend"]
+    assert "max_run_hours" not in child["LocalProcessBackend"]
+    # The parent's own section is untouched, and so is the config passed in.
+    assert child["DoLabSpawner"]["profile_list"] == [{"display_name": "CPU"}]
+    assert dict(config["LocalProcessBackend"]) == {"http_timeout": 7, "log_dir": "/var/log/dolab"}
+
+
+def test_child_config_reaches_the_backend() -> None:
+    backend = LocalProcessBackend(config=child_config(_config(), LocalProcessBackend, DoLabSpawner))
+    assert backend.start_timeout == 99, "c.DoLabSpawner.<trait> reaches the backend"
+    assert backend.http_timeout == 7, "c.LocalProcessBackend.<trait> wins over c.DoLabSpawner.<trait>"
+    assert backend.environment == {"FROM": "dolab"}
+    assert backend.log_dir == "/var/log/dolab"
+    assert not backend.has_trait("profile_list")
+
+
+def test_backend_class_sections_win_over_dolabspawner() -> None:
+    config = _config()
+    config.LocalProcessSpawner.start_timeout = 42  # about one backend: more specific than c.DoLabSpawner
+    config.Spawner.environment = {"FROM": "spawner"}  # shared by both classes: c.DoLabSpawner wins
+    backend = LocalProcessBackend(config=child_config(config, LocalProcessBackend, DoLabSpawner))
+    assert backend.start_timeout == 42
+    assert backend.environment == {"FROM": "dolab"}
+
+
+def test_child_config_follows_an_admins_subclass() -> None:
+    class TeamSpawner(DoLabSpawner):
+        pass
+
+    config = _config()
+    config.TeamSpawner.start_timeout = 11
+    backend = LocalProcessBackend(config=child_config(config, LocalProcessBackend, TeamSpawner))
+    assert backend.start_timeout == 11
+    assert backend.environment == {"FROM": "dolab"}
+
+
+def test_child_config_without_sections() -> None:
+    child = child_config(Config(), LocalProcessBackend, DoLabSpawner)
+    assert dict(child["LocalProcessBackend"]) == {}
+    assert LocalProcessBackend(config=child).start_timeout == LocalProcessBackend().start_timeout
+
+
+def test_child_config_does_not_share_values() -> None:
+    config = _config()
+    child = child_config(config, LocalProcessBackend, DoLabSpawner)
+    child["LocalProcessBackend"]["environment"]["FROM"] = "changed"
+    assert config.DoLabSpawner.environment == {"FROM": "dolab"}
+
+
+# ----- apply_overrides --------------------------------------------------------------------------------------
+
+
+class Target(HasTraits):
+    environment = Dict()
+    args = List()
+    mem_limit = Unicode("1G")
+    cpu_limit = Integer(1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected", "previous"),
+    [
+        (
+            {"environment": {"B": "2", "A": "9"}},
+            {"environment": {"A": "9", "C": "3", "B": "2"}},
+            {"environment": {"A": "1", "C": "3"}},
+        ),
+        ({"args": ["--debug"]}, {"args": ["--debug"]}, {"args": ["--base"]}),
+        (
+            {"mem_limit": "64G", "cpu_limit": 8},
+            {"mem_limit": "64G", "cpu_limit": 8},
+            {"mem_limit": "1G", "cpu_limit": 1},
+        ),
+        ({"no_such_trait": 1, "cpu_limit": 2}, {"cpu_limit": 2}, {"cpu_limit": 1}),
+        ({}, {}, {}),
+    ],
+    ids=["dict traits merge", "lists are replaced", "scalars are replaced", "unknown traits skipped", "nothing"],
+)
+def test_apply_overrides(overrides: dict[str, Any], expected: dict[str, Any], previous: dict[str, Any]) -> None:
+    target = Target(environment={"A": "1", "C": "3"}, args=["--base"])
+    old = apply_overrides(target, overrides)
+    assert old == previous
+    for name, value in expected.items():
+        assert getattr(target, name) == value
+    assert not hasattr(target, "no_such_trait")
+
+
+def test_apply_overrides_copies_and_restores() -> None:
+    target = Target(environment={"A": "1"})
+    override = {"environment": {"B": {"nested": 1}}, "args": ["x"]}
+    old = apply_overrides(target, override)
+    target.environment["B"]["nested"] = 2
+    target.args.append("y")
+    assert override == {"environment": {"B": {"nested": 1}}, "args": ["x"]}, "the profile's data is not changed"
+    for name, value in old.items():
+        setattr(target, name, value)
+    assert (target.environment, target.args) == ({"A": "1"}, [])
+
+
+def test_apply_overrides_on_a_backend() -> None:
+    backend = LocalProcessBackend(environment={"A": "1"})
+    old = apply_overrides(backend, {"environment": {"B": "2"}, "python_env": "/opt/torch", "image": "ignored"})
+    assert backend.environment == {"A": "1", "B": "2"}
+    assert backend.python_env == "/opt/torch"
+    assert old == {"environment": {"A": "1"}, "python_env": ""}

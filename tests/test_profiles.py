@@ -1,0 +1,740 @@
+"""Unit tests for dolab_spawner.profiles: the admin's profile_list and the user's options."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from dolab_spawner.profiles import (
+    Choice,
+    OptionsError,
+    Profile,
+    ProfileConfigError,
+    ProfileOption,
+    Selection,
+    default_profiles,
+    format_stop_at,
+    parse_profile_list,
+    parse_stop_at,
+    resolve_options,
+    slugify,
+)
+from dolab_spawner.slots import GpuSlot, SlotAllocator
+
+UTC = timezone.utc
+NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+MAX_RUN_HOURS = 24
+
+ENV_OPTION = {
+    "display_name": "Python environment",
+    "choices": {
+        "system": {"display_name": "System Python"},
+        "torch": {
+            "display_name": "PyTorch",
+            "description": "CUDA 12 and PyTorch",
+            "default": True,
+            "spawner_override": {"python_env": "/opt/torch", "mem_limit": "64G"},
+        },
+    },
+}
+
+PROFILE_LIST: list[dict[str, Any]] = [
+    {"display_name": "CPU only", "slug": "cpu", "default": True},
+    {
+        "display_name": "Two A100",
+        "slug": "a100x2",
+        "gpus": 2,
+        "gpu_type": "A100",
+        "spawner_override": {"mem_limit": "32G", "cpu_limit": 8},
+        "profile_options": {"env": ENV_OPTION},
+    },
+    {"display_name": "One GPU", "slug": "gpu1", "gpus": 1},
+]
+PROFILES = parse_profile_list(PROFILE_LIST)
+
+
+# ----- parse_profile_list: good configs ---------------------------------------------------------------------
+
+GOOD_CONFIGS = [
+    pytest.param([], [], id="empty list"),
+    pytest.param(
+        [{"display_name": "CPU only"}],
+        [Profile(slug="cpu-only", display_name="CPU only")],
+        id="slug derived from display_name, defaults",
+    ),
+    pytest.param(
+        [{"display_name": "One A100 (80 GB)!"}],
+        [Profile(slug="one-a100-80-gb", display_name="One A100 (80 GB)!")],
+        id="slug derived like kubespawner: lower case, runs of other characters become one -",
+    ),
+    pytest.param(
+        ({"display_name": "CPU", "slug": "cpu", "description": "No GPU.", "default": True, "backend": "local"},),
+        [Profile(slug="cpu", display_name="CPU", description="No GPU.", default=True, backend="local")],
+        id="a tuple, explicit slug, description, default, backend",
+    ),
+    pytest.param(
+        [{"display_name": "A100 pair", "slug": "a100_x2", "gpus": 2, "gpu_type": "A100"}],
+        [Profile(slug="a100_x2", display_name="A100 pair", gpus=2, gpu_type="A100")],
+        id="gpus and gpu_type",
+    ),
+    pytest.param(
+        [{"display_name": "Any GPU", "gpus": 1}],
+        [Profile(slug="any-gpu", display_name="Any GPU", gpus=1)],
+        id="gpus without gpu_type",
+    ),
+    pytest.param(
+        [{"display_name": "Big", "slug": "big", "spawner_override": {"mem_limit": "64G"}}],
+        [Profile(slug="big", display_name="Big", spawner_override={"mem_limit": "64G"})],
+        id="spawner_override",
+    ),
+    pytest.param(
+        [{"display_name": "ML", "slug": "ml", "profile_options": {"env": ENV_OPTION}}],
+        [
+            Profile(
+                slug="ml",
+                display_name="ML",
+                options=(
+                    ProfileOption(
+                        name="env",
+                        display_name="Python environment",
+                        choices=(
+                            Choice(slug="system", display_name="System Python"),
+                            Choice(
+                                slug="torch",
+                                display_name="PyTorch",
+                                description="CUDA 12 and PyTorch",
+                                default=True,
+                                spawner_override={"python_env": "/opt/torch", "mem_limit": "64G"},
+                            ),
+                        ),
+                    ),
+                ),
+            )
+        ],
+        id="profile_options with choices and a default choice",
+    ),
+    pytest.param(
+        [{"display_name": "ML", "slug": "ml", "profile_options": {"image_2": {"choices": {"a": {}, "b": {}}}}}],
+        [
+            Profile(
+                slug="ml",
+                display_name="ML",
+                options=(
+                    ProfileOption(
+                        name="image_2",
+                        display_name="image_2",
+                        choices=(Choice(slug="a", display_name="a"), Choice(slug="b", display_name="b")),
+                    ),
+                ),
+            )
+        ],
+        id="option and choice display names default to their keys",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), GOOD_CONFIGS)
+def test_parse_profile_list_good(raw: Any, expected: list[Profile]) -> None:
+    assert parse_profile_list(raw) == expected
+
+
+def test_parse_profile_list_default_choice() -> None:
+    (profile,) = parse_profile_list([{"display_name": "ML", "profile_options": {"env": ENV_OPTION}}])
+    option = profile.option("env")
+    assert option is not None
+    assert option.default_choice.slug == "torch"
+    assert option.choice("system") == Choice(slug="system", display_name="System Python")
+    assert option.choice("nope") is None
+    assert profile.option("nope") is None
+
+
+def test_default_choice_is_the_first_without_a_default() -> None:
+    (profile,) = parse_profile_list(
+        [{"display_name": "ML", "profile_options": {"env": {"choices": {"b": {}, "a": {}}}}}]
+    )
+    assert profile.options[0].default_choice.slug == "b"
+
+
+def test_allowed_overrides_accepts_known_traits() -> None:
+    raw = [
+        {
+            "display_name": "Big",
+            "spawner_override": {"mem_limit": "64G"},
+            "profile_options": {"env": {"choices": {"t": {"spawner_override": {"python_env": "/opt/t"}}}}},
+        }
+    ]
+    (profile,) = parse_profile_list(raw, allowed_overrides={"local": {"mem_limit", "python_env"}})
+    assert profile.spawner_override == {"mem_limit": "64G"}
+    assert profile.options[0].choices[0].spawner_override == {"python_env": "/opt/t"}
+
+
+def test_other_backend_when_known() -> None:
+    (profile,) = parse_profile_list([{"display_name": "Pod", "backend": "runpod"}], backends=("local", "runpod"))
+    assert profile.backend == "runpod"
+
+
+@pytest.mark.parametrize(
+    ("text", "slug"),
+    [
+        ("CPU only", "cpu-only"),
+        ("  Two  A100s -- big ", "two-a100s-big"),
+        ("ÄÖÜ", "profile"),
+        ("", "profile"),
+        ("GPU_x", "gpu-x"),
+    ],
+    ids=["spaces", "runs and edges", "nothing ascii left", "empty", "underscore"],
+)
+def test_slugify(text: str, slug: str) -> None:
+    assert slugify(text) == slug
+
+
+# ----- parse_profile_list: bad configs ----------------------------------------------------------------------
+
+
+def _with_option(option: Any, name: str = "env") -> list[dict[str, Any]]:
+    return [{"display_name": "ML", "slug": "ml", "profile_options": {name: option}}]
+
+
+BAD_CONFIGS = [
+    pytest.param({"display_name": "x"}, None, "profile_list must be a list of dicts, not dict", id="not a list"),
+    pytest.param("cpu", None, "profile_list must be a list of dicts, not str", id="a string"),
+    pytest.param(["cpu"], None, "profile_list[0]: each profile must be a dict, not str", id="entry not a dict"),
+    pytest.param(
+        [{"display_name": "x", "kubespawner_override": {}}],
+        None,
+        "profile_list[0]: unknown key(s) 'kubespawner_override'; allowed: backend, default",
+        id="unknown key",
+    ),
+    pytest.param(
+        [{"slug": "cpu"}], None, "profile_list[0]: display_name must be a non-empty string", id="missing display_name"
+    ),
+    pytest.param([{"display_name": "  "}], None, "display_name must be a non-empty string", id="blank display_name"),
+    pytest.param(
+        [{"display_name": "x", "slug": "Big GPU"}],
+        None,
+        "slug 'Big GPU' must be lower-case letters, digits, - and _",
+        id="bad slug",
+    ),
+    pytest.param(
+        [{"display_name": "x", "slug": "-x"}], None, "slug '-x' must be lower-case", id="slug starting with -"
+    ),
+    pytest.param([{"display_name": "x", "slug": 3}], None, "slug must be a non-empty string", id="slug not a string"),
+    pytest.param(
+        [{"display_name": "CPU"}, {"display_name": "cpu"}],
+        None,
+        "profile_list: slug(s) cpu used more than once",
+        id="duplicate slug",
+    ),
+    pytest.param(
+        [{"display_name": "a", "default": True}, {"display_name": "b", "default": True}],
+        None,
+        "only one profile may say default: True",
+        id="two defaults",
+    ),
+    pytest.param(
+        [{"display_name": "a", "default": "yes"}], None, "default must be true or false", id="default not a bool"
+    ),
+    pytest.param(
+        [{"display_name": "a", "backend": "runpod"}],
+        None,
+        "profile 'a': backend 'runpod' is not available; this install has: local",
+        id="unknown backend",
+    ),
+    pytest.param([{"display_name": "a", "gpus": -1}], None, "gpus must be a whole number from 0 to 64", id="gpus -1"),
+    pytest.param([{"display_name": "a", "gpus": 65}], None, "gpus must be a whole number from 0 to 64", id="gpus 65"),
+    pytest.param(
+        [{"display_name": "a", "gpus": True}],
+        None,
+        "gpus must be a whole number from 0 to 64, not True",
+        id="gpus bool",
+    ),
+    pytest.param(
+        [{"display_name": "a", "gpus": "2"}], None, "gpus must be a whole number from 0 to 64, not '2'", id="gpus str"
+    ),
+    pytest.param([{"display_name": "a", "gpus": 1.0}], None, "gpus must be a whole number", id="gpus float"),
+    pytest.param(
+        [{"display_name": "a", "gpu_type": "A100"}],
+        None,
+        "profile 'a': gpu_type is set but gpus is 0; set gpus to 1 or more",
+        id="gpu_type without gpus",
+    ),
+    pytest.param(
+        [{"display_name": "a", "spawner_override": ["mem_limit"]}],
+        None,
+        "spawner_override must be a dict of trait names to values",
+        id="spawner_override not a dict",
+    ),
+    pytest.param(
+        [{"display_name": "a", "profile_options": ["env"]}],
+        None,
+        "profile_options must be a dict of option name -> option",
+        id="profile_options not a dict",
+    ),
+    pytest.param(
+        _with_option(ENV_OPTION, name="gpus"),
+        None,
+        "option name 'gpus' must be lower-case letters, digits and _",
+        id="option name reserved",
+    ),
+    pytest.param(
+        _with_option(ENV_OPTION, name="profile"), None, "and not one of profile, gpus", id="option name profile"
+    ),
+    pytest.param(
+        _with_option(ENV_OPTION, name="Python-Env"),
+        None,
+        "option name 'Python-Env' must be lower-case letters",
+        id="option name invalid",
+    ),
+    pytest.param(_with_option("torch"), None, "option 'env': must be a dict", id="option not a dict"),
+    pytest.param(
+        _with_option({"choices": {}}), None, "choices must be a non-empty dict of slug -> choice", id="empty choices"
+    ),
+    pytest.param(_with_option({"display_name": "Env"}), None, "choices must be a non-empty dict", id="missing choices"),
+    pytest.param(
+        _with_option({"choices": {"a": {}}, "default": "a"}),
+        None,
+        "option 'env': unknown key(s) 'default'",
+        id="option key",
+    ),
+    pytest.param(
+        _with_option({"choices": {"a": {"display_name": "A", "image": "x"}}}),
+        None,
+        "choice 'a': unknown key(s) 'image'",
+        id="unknown choice key",
+    ),
+    pytest.param(_with_option({"choices": {"a": "A"}}), None, "choice 'a': must be a dict", id="choice not a dict"),
+    pytest.param(
+        _with_option({"choices": {"a": {"default": True}, "b": {"default": True}}}),
+        None,
+        "option 'env': only one choice may say default: True",
+        id="two default choices",
+    ),
+    pytest.param(
+        [{"display_name": "a", "spawner_override": {"mem_limit": "1G", "memory": "2G"}}],
+        {"local": {"mem_limit"}},
+        "profile 'a': spawner_override sets memory, which the spawner does not have",
+        id="spawner_override unknown trait",
+    ),
+    pytest.param(
+        _with_option({"choices": {"t": {"spawner_override": {"python_envs": "/opt/t"}}}}),
+        {"local": {"python_env"}},
+        "choice 't': spawner_override sets python_envs, which the spawner does not have",
+        id="choice spawner_override unknown trait",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "allowed_overrides", "phrase"), BAD_CONFIGS)
+def test_parse_profile_list_bad(raw: Any, allowed_overrides: Any, phrase: str) -> None:
+    with pytest.raises(ProfileConfigError) as info:
+        parse_profile_list(raw, allowed_overrides=allowed_overrides)
+    assert phrase in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [{"display_name": "x", "slug": "cpu\n"}],
+        _with_option(ENV_OPTION, name="env\n"),
+    ],
+    ids=["slug", "option name"],
+)
+def test_trailing_newline_is_refused(raw: Any) -> None:
+    with pytest.raises(ProfileConfigError):
+        parse_profile_list(raw)
+
+
+# ----- resolve_options: good options ------------------------------------------------------------------------
+
+GOOD_OPTIONS = [
+    pytest.param({}, ("cpu", {}, 0, None, None), id="empty selects the default profile"),
+    pytest.param(None, ("cpu", {}, 0, None, None), id="None selects the default profile"),
+    pytest.param({"profile": ""}, ("cpu", {}, 0, None, None), id="empty profile selects the default"),
+    pytest.param({"profile": "cpu"}, ("cpu", {}, 0, None, None), id="explicit profile"),
+    pytest.param({"profile": "a100x2"}, ("a100x2", {"env": "torch"}, 2, None, None), id="default choice and all gpus"),
+    pytest.param(
+        {"profile": "a100x2", "env": "system"}, ("a100x2", {"env": "system"}, 2, None, None), id="option choice"
+    ),
+    pytest.param(
+        {"profile": "a100x2", "env": ""}, ("a100x2", {"env": "torch"}, 2, None, None), id="empty choice is default"
+    ),
+    pytest.param({"profile": "a100x2", "gpus": 1}, ("a100x2", {"env": "torch"}, 1, None, None), id="gpus in range"),
+    pytest.param(
+        {"profile": "a100x2", "gpus": "1"}, ("a100x2", {"env": "torch"}, 1, None, None), id="gpus from the form"
+    ),
+    pytest.param(
+        {"profile": "a100x2", "gpus": " 2 "}, ("a100x2", {"env": "torch"}, 2, None, None), id="gpus with spaces"
+    ),
+    pytest.param({"profile": "gpu1", "gpus": 1}, ("gpu1", {}, 1, None, None), id="one-GPU profile"),
+    pytest.param({"profile": "cpu", "gpus": 0}, ("cpu", {}, 0, None, None), id="gpus 0 on a CPU profile"),
+    pytest.param(
+        {"run_hours": 3}, ("cpu", {}, 0, NOW + timedelta(hours=3), 3.0), id="run_hours sets stop_at = now + hours"
+    ),
+    pytest.param({"run_hours": "1.5"}, ("cpu", {}, 0, NOW + timedelta(hours=1.5), 1.5), id="run_hours from the form"),
+    pytest.param({"run_hours": 24}, ("cpu", {}, 0, NOW + timedelta(hours=24), 24.0), id="run_hours at the max"),
+    pytest.param({"run_hours": ""}, ("cpu", {}, 0, None, None), id="empty run_hours is none"),
+    pytest.param(
+        {"stop_at": "2030-01-01T18:00:00Z"},
+        ("cpu", {}, 0, datetime(2030, 1, 1, 18, tzinfo=UTC), None),
+        id="stop_at with Z",
+    ),
+    pytest.param(
+        {"stop_at": "2030-01-01T20:00:00+02:00"},
+        ("cpu", {}, 0, datetime(2030, 1, 1, 18, tzinfo=UTC), None),
+        id="stop_at with an offset is converted to UTC",
+    ),
+    pytest.param(
+        {"stop_at": "2030-01-01T18:00:00"},
+        ("cpu", {}, 0, datetime(2030, 1, 1, 18, tzinfo=UTC), None),
+        id="naive stop_at is UTC",
+    ),
+    pytest.param({"stop_at": ""}, ("cpu", {}, 0, None, None), id="empty stop_at is none"),
+    pytest.param(
+        {"run_hours": 2, "stop_at": "2030-01-01T18:00:00Z"},
+        ("cpu", {}, 0, NOW + timedelta(hours=2), 2.0),
+        id="run_hours wins over stop_at",
+    ),
+    pytest.param(
+        {"run_hours": 2, "stop_at": "not a time"},
+        ("cpu", {}, 0, NOW + timedelta(hours=2), 2.0),
+        id="run_hours wins over a bad stop_at",
+    ),
+]
+
+
+def _summary(selection: Selection) -> tuple[Any, ...]:
+    return (
+        selection.profile.slug,
+        {name: choice.slug for name, choice in selection.choices.items()},
+        selection.gpus,
+        selection.stop_at,
+        selection.run_hours,
+    )
+
+
+@pytest.mark.parametrize(("user_options", "expected"), GOOD_OPTIONS)
+def test_resolve_options_good(user_options: Any, expected: tuple[Any, ...]) -> None:
+    selection = resolve_options(PROFILES, user_options, now=NOW, max_run_hours=MAX_RUN_HOURS)
+    assert _summary(selection) == expected
+
+
+def test_resolve_options_no_maximum() -> None:
+    selection = resolve_options(PROFILES, {"run_hours": 1000}, now=NOW, max_run_hours=0)
+    assert selection.stop_at == NOW + timedelta(hours=1000)
+
+
+def test_resolve_options_first_profile_without_default() -> None:
+    profiles = parse_profile_list([{"display_name": "First"}, {"display_name": "Second"}])
+    assert resolve_options(profiles, {}).profile.slug == "first"
+
+
+def test_resolve_options_uses_the_clock_without_now() -> None:
+    before = datetime.now(UTC)
+    selection = resolve_options(PROFILES, {"run_hours": 1})
+    after = datetime.now(UTC)
+    assert selection.stop_at is not None
+    assert before + timedelta(hours=1) <= selection.stop_at <= after + timedelta(hours=1)
+
+
+# ----- resolve_options: bad options -------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    pytest.param(["cpu"], 'user_options must be a JSON object such as {"profile": "cpu"}', id="not a dict"),
+    pytest.param({"profile": "gpu"}, "Unknown profile 'gpu'. Choose one of: cpu, a100x2, gpu1.", id="unknown profile"),
+    pytest.param({"profile": 1}, "profile must be a string, one of: cpu, a100x2, gpu1", id="profile not a string"),
+    pytest.param(
+        {"profile": "cpu", "image": "x"},
+        "Unknown option(s) 'image' for profile 'cpu'; allowed: profile,",
+        id="unknown key",
+    ),
+    pytest.param(
+        {"profile": "a100x2", "env": "tensorflow"},
+        "'tensorflow' is not a choice for 'env'; choose one of: system, torch.",
+        id="unknown choice",
+    ),
+    pytest.param(
+        {"profile": "a100x2", "env": ["torch"]}, "['torch'] is not a choice for 'env'", id="choice not a string"
+    ),
+    pytest.param(
+        {"profile": "a100x2", "gpus": 3},
+        "Profile 'a100x2' gives at most 2 GPU(s); ask for 1 to 2, not 3.",
+        id="gpus over the profile's count",
+    ),
+    pytest.param({"profile": "a100x2", "gpus": 0}, "ask for 1 to 2, not 0", id="gpus 0"),
+    pytest.param({"profile": "a100x2", "gpus": -1}, "ask for 1 to 2, not -1", id="gpus negative"),
+    pytest.param(
+        {"profile": "cpu", "gpus": 1},
+        "Profile 'cpu' has no GPUs; leave gpus out or pick a GPU profile.",
+        id="gpus on a CPU profile",
+    ),
+    pytest.param(
+        {"profile": "a100x2", "gpus": True}, "gpus must be a whole number from 1 to 2, not True", id="gpus bool"
+    ),
+    pytest.param(
+        {"profile": "a100x2", "gpus": 1.0}, "gpus must be a whole number from 1 to 2, not 1.0", id="gpus float"
+    ),
+    pytest.param(
+        {"profile": "a100x2", "gpus": "abc"}, "gpus must be a whole number from 1 to 2, not 'abc'", id="gpus abc"
+    ),
+    pytest.param({"profile": "a100x2", "gpus": "1.5"}, "gpus must be a whole number", id="gpus decimal string"),
+    pytest.param({"profile": "a100x2", "gpus": ""}, "gpus must be a whole number", id="gpus empty string"),
+    pytest.param(
+        {"stop_at": "2030-01-01T11:00:00Z"},
+        "The stop time 2030-01-01T11:00:00Z is in the past; choose a time at most 24 hours from now (UTC).",
+        id="stop_at in the past",
+    ),
+    pytest.param({"stop_at": "2030-01-01T12:00:30Z"}, "is in the past", id="stop_at within a minute"),
+    pytest.param(
+        {"stop_at": "2030-01-02T12:00:01Z"},
+        "The stop time 2030-01-02T12:00:01Z is too far ahead; choose a time at most 24 hours from now (UTC).",
+        id="stop_at past max_run_hours",
+    ),
+    pytest.param(
+        {"stop_at": "tomorrow"},
+        "stop_at 'tomorrow' is not an ISO 8601 time; write it like 2030-01-31T18:00:00Z (UTC)",
+        id="stop_at not ISO",
+    ),
+    pytest.param({"stop_at": 1893520800}, "stop_at must be an ISO 8601 time string such as", id="stop_at wrong type"),
+    pytest.param({"run_hours": 0}, "run_hours must be more than 0", id="run_hours 0"),
+    pytest.param({"run_hours": -1}, "run_hours must be more than 0", id="run_hours negative"),
+    pytest.param({"run_hours": 25}, "You can run a server for at most 24 hours, not 25.", id="run_hours over max"),
+    pytest.param({"run_hours": "abc"}, "run_hours must be a number of hours, not 'abc'", id="run_hours abc"),
+    pytest.param({"run_hours": float("nan")}, "run_hours must be a number of hours, not nan", id="run_hours NaN"),
+    pytest.param({"run_hours": "nan"}, "run_hours must be a number of hours", id="run_hours NaN string"),
+    pytest.param({"run_hours": float("inf")}, "run_hours must be a number of hours, not inf", id="run_hours inf"),
+    pytest.param({"run_hours": "-inf"}, "run_hours must be a number of hours", id="run_hours -inf string"),
+    pytest.param({"run_hours": True}, "run_hours must be a number of hours, not True", id="run_hours bool"),
+    pytest.param({"run_hours": [1]}, "run_hours must be a number of hours", id="run_hours list"),
+]
+
+
+@pytest.mark.parametrize(("user_options", "phrase"), BAD_OPTIONS)
+def test_resolve_options_bad(user_options: Any, phrase: str) -> None:
+    with pytest.raises(OptionsError) as info:
+        resolve_options(PROFILES, user_options, now=NOW, max_run_hours=MAX_RUN_HOURS)
+    assert phrase in str(info.value)
+
+
+def test_resolve_options_without_profiles() -> None:
+    with pytest.raises(OptionsError, match="No profiles are configured"):
+        resolve_options([], {})
+
+
+def test_stop_at_in_the_past_without_maximum() -> None:
+    with pytest.raises(OptionsError, match="choose a time in the future"):
+        resolve_options(PROFILES, {"stop_at": "2029-12-31T00:00:00Z"}, now=NOW, max_run_hours=0)
+
+
+def test_gpus_unicode_digit_is_an_options_error() -> None:
+    with pytest.raises(OptionsError, match="gpus must be a whole number"):
+        resolve_options(PROFILES, {"profile": "a100x2", "gpus": "²"}, now=NOW, max_run_hours=MAX_RUN_HOURS)
+
+
+@pytest.mark.parametrize(
+    ("user_options", "max_run_hours"),
+    [
+        ({"run_hours": 1e8}, 0),
+        ({"run_hours": 1e12}, 0),
+        ({"stop_at": "9999-12-31T23:00:00-05:00"}, MAX_RUN_HOURS),
+    ],
+    ids=["run_hours past year 9999", "run_hours past timedelta", "stop_at offset past year 9999"],
+)
+def test_out_of_range_times_are_options_errors(user_options: dict[str, Any], max_run_hours: float) -> None:
+    with pytest.raises(OptionsError):
+        resolve_options(PROFILES, user_options, now=NOW, max_run_hours=max_run_hours)
+
+
+# ----- Selection --------------------------------------------------------------------------------------------
+
+ROUND_TRIPS = [
+    pytest.param({}, {"profile": "cpu"}, id="default"),
+    pytest.param(
+        {"profile": "a100x2", "env": "system", "gpus": "1"},
+        {"profile": "a100x2", "env": "system", "gpus": 1},
+        id="choice and gpus",
+    ),
+    pytest.param({"profile": "a100x2"}, {"profile": "a100x2", "env": "torch", "gpus": 2}, id="defaults filled in"),
+    pytest.param(
+        {"run_hours": "2"},
+        {"profile": "cpu", "run_hours": 2.0, "stop_at": "2030-01-01T14:00:00Z"},
+        id="run_hours and the stop time it gives",
+    ),
+    pytest.param(
+        {"stop_at": "2030-01-01T20:00:00+02:00"},
+        {"profile": "cpu", "stop_at": "2030-01-01T18:00:00Z"},
+        id="stop_at normalised to UTC",
+    ),
+    pytest.param(
+        {"run_hours": 1, "stop_at": "2030-01-01T18:00:00Z"},
+        {"profile": "cpu", "run_hours": 1.0, "stop_at": "2030-01-01T13:00:00Z"},
+        id="run_hours wins, stop_at recomputed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("user_options", "stored"), ROUND_TRIPS)
+def test_user_options_round_trip(user_options: dict[str, Any], stored: dict[str, Any]) -> None:
+    selection = resolve_options(PROFILES, user_options, now=NOW, max_run_hours=MAX_RUN_HOURS)
+    normalised = selection.user_options()
+    assert normalised == stored
+    assert json.loads(json.dumps(normalised)) == normalised
+    again = resolve_options(PROFILES, normalised, now=NOW, max_run_hours=MAX_RUN_HOURS)
+    assert again == selection
+    assert again.user_options() == normalised
+
+
+@pytest.mark.parametrize(
+    ("user_options", "expected"),
+    [
+        ({"profile": "cpu"}, {}),
+        (
+            {"profile": "a100x2", "env": "system"},
+            {"mem_limit": "32G", "cpu_limit": 8},
+        ),
+        (
+            {"profile": "a100x2", "env": "torch"},
+            {"mem_limit": "64G", "cpu_limit": 8, "python_env": "/opt/torch"},
+        ),
+    ],
+    ids=["no overrides", "profile only", "choice wins over profile"],
+)
+def test_selection_spawner_override(user_options: dict[str, Any], expected: dict[str, Any]) -> None:
+    selection = resolve_options(PROFILES, user_options, now=NOW)
+    merged = selection.spawner_override
+    assert merged == expected
+    merged["mem_limit"] = "1G"
+    assert selection.profile.spawner_override.get("mem_limit") != "1G", "the profile's dict must not be changed"
+
+
+def test_selection_spawner_override_choices_in_option_order() -> None:
+    (profile,) = parse_profile_list(
+        [
+            {
+                "display_name": "ML",
+                "profile_options": {
+                    "first": {"choices": {"a": {"spawner_override": {"mem_limit": "1G", "cpu_limit": 1}}}},
+                    "second": {"choices": {"b": {"spawner_override": {"mem_limit": "2G"}}}},
+                },
+            }
+        ]
+    )
+    selection = resolve_options([profile], {})
+    assert selection.spawner_override == {"mem_limit": "2G", "cpu_limit": 1}
+
+
+def test_selection_spawner_override_merges_dicts() -> None:
+    (profile,) = parse_profile_list(
+        [
+            {
+                "display_name": "ML",
+                "spawner_override": {"environment": {"A": "1"}},
+                "profile_options": {"env": {"choices": {"t": {"spawner_override": {"environment": {"B": "2"}}}}}},
+            }
+        ]
+    )
+    selection = resolve_options([profile], {})
+    assert selection.spawner_override == {"environment": {"A": "1", "B": "2"}}
+
+
+# ----- default_profiles -------------------------------------------------------------------------------------
+
+
+def _slot(index: int, name: str, memory_gb: float = 80) -> GpuSlot:
+    return GpuSlot(index=index, uuid=f"GPU-{index:04d}", name=name, memory_gb=memory_gb)
+
+
+def test_default_profiles_without_gpus() -> None:
+    assert default_profiles([]) == [
+        Profile(slug="cpu", display_name="CPU only", description="JupyterLab without a GPU.", default=True)
+    ]
+
+
+def test_default_profiles_one_per_model() -> None:
+    inventory = [
+        _slot(0, "NVIDIA A100-SXM4-80GB"),
+        _slot(1, "NVIDIA H100 80GB HBM3", 79.6),
+        _slot(2, "NVIDIA A100-SXM4-80GB"),
+        _slot(3, "Fake GPU", 0),
+    ]
+    profiles = default_profiles(inventory)
+    assert [(p.slug, p.display_name, p.gpus, p.gpu_type, p.default) for p in profiles] == [
+        ("cpu", "CPU only", 0, "", True),
+        ("gpu-nvidia-a100-sxm4-80gb", "One NVIDIA A100-SXM4-80GB", 1, "NVIDIA A100-SXM4-80GB", False),
+        ("gpu-nvidia-h100-80gb-hbm3", "One NVIDIA H100 80GB HBM3", 1, "NVIDIA H100 80GB HBM3", False),
+        ("gpu-fake-gpu", "One Fake GPU", 1, "Fake GPU", False),
+    ]
+    assert profiles[1].description == "JupyterLab with one NVIDIA A100-SXM4-80GB with 80 GB of memory."
+    assert profiles[2].description == "JupyterLab with one NVIDIA H100 80GB HBM3 with 79.6 GB of memory."
+    assert profiles[3].description == "JupyterLab with one Fake GPU."
+    for profile in profiles[1:]:
+        assert [s.index for s in inventory if s.matches(profile.gpu_type)] == [
+            s.index for s in inventory if s.name == profile.gpu_type
+        ]
+    # The generated profiles are valid input for resolve_options.
+    assert resolve_options(profiles, {"profile": "gpu-nvidia-h100-80gb-hbm3"}).gpus == 1
+
+
+def test_default_profile_matches_only_its_model() -> None:
+    inventory = [_slot(0, "NVIDIA GeForce RTX 4090", 24), _slot(1, "NVIDIA GeForce RTX 4090 D", 24)]
+    profile = default_profiles(inventory)[1]
+    assert profile.gpu_type == "NVIDIA GeForce RTX 4090"
+    assert [s.index for s in inventory if s.matches(profile.gpu_type, profile.gpu_exact)] == [0]
+    allocator = SlotAllocator(inventory)
+    assert allocator.availability(profile.gpu_type, profile.gpu_exact) == (1, 1)
+    assert [s.index for s in allocator.allocate("u/", 1, profile.gpu_type, profile.gpu_exact)] == [0]
+
+
+# ----- stop times -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2030-01-31T18:00:00Z", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        ("2030-01-31T18:00:00z", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        (" 2030-01-31T18:00:00Z ", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        ("2030-01-31T18:00:00+00:00", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        ("2030-01-31T20:30:00+02:30", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        ("2030-01-31T13:00:00-05:00", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        ("2030-01-31T18:00:00", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        ("2030-01-31T18:00", datetime(2030, 1, 31, 18, tzinfo=UTC)),
+        ("2030-01-31T18:00:00.250Z", datetime(2030, 1, 31, 18, 0, 0, 250000, tzinfo=UTC)),
+    ],
+    ids=["Z", "lower z", "spaces", "+00:00", "+02:30", "-05:00", "naive", "no seconds", "fraction"],
+)
+def test_parse_stop_at(text: str, expected: datetime) -> None:
+    parsed = parse_stop_at(text)
+    assert parsed == expected
+    assert parsed.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [
+        ("31/01/2030 18:00", "is not an ISO 8601 time"),
+        ("", "is not an ISO 8601 time"),
+        (None, "must be an ISO 8601 time string"),
+        (datetime(2030, 1, 1, tzinfo=UTC), "must be an ISO 8601 time string"),
+    ],
+    ids=["not ISO", "empty", "None", "a datetime"],
+)
+def test_parse_stop_at_bad(value: Any, phrase: str) -> None:
+    with pytest.raises(OptionsError, match=phrase):
+        parse_stop_at(value)
+
+
+@pytest.mark.parametrize(
+    ("when", "text"),
+    [
+        (datetime(2030, 1, 31, 18, 0, 0, tzinfo=UTC), "2030-01-31T18:00:00Z"),
+        (datetime(2030, 1, 31, 18, 0, 0, 999999, tzinfo=UTC), "2030-01-31T18:00:00Z"),
+        (datetime(2030, 1, 31, 20, 0, 0, tzinfo=timezone(timedelta(hours=2))), "2030-01-31T18:00:00Z"),
+    ],
+    ids=["UTC", "microseconds dropped", "offset converted"],
+)
+def test_format_stop_at(when: datetime, text: str) -> None:
+    assert format_stop_at(when) == text
+    assert parse_stop_at(text) == when.astimezone(UTC).replace(microsecond=0)
