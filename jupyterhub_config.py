@@ -61,6 +61,8 @@ if new_user_password or new_admin_password:
         file=sys.stderr,
         flush=True,
     )
+else:
+    print(f"DO-LAB: the login passwords are in {data_dir}/shared-password and admin-password", file=sys.stderr)
 
 # --- the spawner ---------------------------------------------------------------------------------------
 c.JupyterHub.spawner_class = "dolab"
