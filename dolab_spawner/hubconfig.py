@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import sys
 from collections.abc import Mapping
@@ -98,7 +99,7 @@ def find_proxy(env: Mapping[str, str], config_dir: str | os.PathLike[str]) -> li
     (npm's under ``.dolab/node``, else PyPI's beside this Python), else whatever is on PATH.
     """
     if env.get("DOLAB_PROXY_COMMAND"):
-        return [env["DOLAB_PROXY_COMMAND"]]
+        return shlex.split(env["DOLAB_PROXY_COMMAND"])
     candidates = [
         Path(config_dir) / ".dolab" / "node" / "node_modules" / ".bin" / "configurable-http-proxy",
         Path(sys.executable).parent / "configurable-http-proxy",

@@ -202,23 +202,51 @@ def read_nvml_inventory() -> list[GpuSlot]:
         log.info("NVML is not available (%s): no local GPUs", e)
         return []
     try:
-        slots = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            uuid = pynvml.nvmlDeviceGetUUID(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            slots.append(
-                GpuSlot(
-                    index=index,
-                    uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
-                    name=name.decode() if isinstance(name, bytes) else name,
-                    memory_gb=round(memory.total / 2**30, 1),
-                )
-            )
+        slots: list[GpuSlot] = []
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as e:
+            log.warning("NVML cannot count the GPUs (%s): no local GPUs", e)
+            return []
+        for index in range(count):
+            try:
+                slots.extend(_nvml_device_slots(pynvml, index))
+            except pynvml.NVMLError as e:
+                # One broken GPU (fallen off the bus, say) must not hide the others.
+                log.warning("NVML cannot read GPU %d (%s): leaving it out", index, e)
         return slots
     finally:
         pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _nvml_device_slots(pynvml: Any, index: int) -> list[GpuSlot]:
+    """One slot per GPU, or one per MIG instance when MIG is on (CUDA then sees only the instances)."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    try:
+        mig_on = pynvml.nvmlDeviceGetMigMode(handle)[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+    except pynvml.NVMLError:  # not a MIG-capable GPU
+        mig_on = False
+    handles = [handle]
+    if mig_on:
+        handles = []
+        for mig_index in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+            try:
+                handles.append(pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, mig_index))
+            except pynvml.NVMLError:  # an empty MIG position
+                continue
+    return [
+        GpuSlot(
+            index=index,
+            uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
+            name=_text(pynvml.nvmlDeviceGetName(h)),
+            memory_gb=round(pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30, 1),
+        )
+        for h in handles
+    ]
 
 
 # NVML is called from one small pool: a hung driver call must not take the hub's default executor with it.
@@ -235,14 +263,18 @@ async def load_inventory(
     configured: Sequence[Mapping[str, Any]] | None,
     gpu_ids: Sequence[int | str] = (),
     timeout_seconds: float = 20,
-) -> list[GpuSlot]:
-    """The GPUs to hand out: ``configured`` when set (hosts without NVML, tests), else NVML, off the loop."""
+) -> list[GpuSlot] | None:
+    """The GPUs to hand out: ``configured`` when set (hosts without NVML, tests), else NVML, off the loop.
+
+    None when NVML did not answer in time: the caller should treat the host as GPU-less for now and ask again
+    later, rather than for the rest of the hub's life.
+    """
     if configured is not None:
         return inventory_from_config(configured, gpu_ids)
     loop = asyncio.get_running_loop()
     try:
         found = await asyncio.wait_for(loop.run_in_executor(_nvml_pool, _read_nvml_locked), timeout_seconds)
     except asyncio.TimeoutError:
-        log.error("NVML did not answer in %s s: treating this host as having no GPUs", timeout_seconds)
-        return []
+        log.error("NVML did not answer in %s s: no local GPUs for now", timeout_seconds)
+        return None
     return restrict(found, gpu_ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import string
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -56,10 +57,14 @@ def workspace_name(username: str) -> str:
 class _SlotPool:
     """The hub-wide GPU table every DoLabSpawner shares (one hub per process)."""
 
+    #: After NVML timed out, how long to treat the host as GPU-less before asking again.
+    retry_seconds = 300.0
+
     def __init__(self) -> None:
         self.allocator = SlotAllocator()
         self.loaded = False
         self.lock: asyncio.Lock | None = None
+        self.retry_at = 0.0
 
 
 class DoLabSpawner(Spawner):
@@ -202,12 +207,15 @@ class DoLabSpawner(Spawner):
     async def ensure_inventory(self) -> list[GpuSlot]:
         """Read the GPUs once per hub process (NVML off the event loop), shared by every spawner."""
         pool = self._pool
-        if not pool.loaded:
+        if not pool.loaded and time.monotonic() >= pool.retry_at:
             if pool.lock is None:
                 pool.lock = asyncio.Lock()
             async with pool.lock:
-                if not pool.loaded:
+                if not pool.loaded and time.monotonic() >= pool.retry_at:
                     inventory = await load_inventory(self.gpu_inventory, self.gpu_ids, self.nvml_timeout_seconds)
+                    if inventory is None:
+                        pool.retry_at = time.monotonic() + pool.retry_seconds
+                        return pool.allocator.inventory
                     pool.allocator.set_inventory(inventory)
                     pool.loaded = True
                     self.log.info("GPU inventory: %s", ", ".join(f"{s.index}: {s.name}" for s in inventory) or "none")

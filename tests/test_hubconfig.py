@@ -223,3 +223,8 @@ def test_find_proxy_empty_command_is_unset(tmp_path: Path, monkeypatch: pytest.M
     npm = _executable(tmp_path / ".dolab" / "node" / "node_modules" / ".bin" / PROXY)
     monkeypatch.setattr(sys, "executable", str(tmp_path / "nowhere" / "python3"))
     assert find_proxy({"DOLAB_PROXY_COMMAND": ""}, str(tmp_path)) == [str(npm)]
+
+
+def test_proxy_command_with_arguments_is_split(tmp_path: Path) -> None:
+    env = {"DOLAB_PROXY_COMMAND": "node '/opt/my proxy/chp.js' --log-level warn"}
+    assert find_proxy(env, str(tmp_path)) == ["node", "/opt/my proxy/chp.js", "--log-level", "warn"]
