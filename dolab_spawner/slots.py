@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,6 +42,8 @@ class GpuSlot:
     name: str
     memory_gb: float
     host: str = LOCAL_HOST
+    #: The GPU's device node on its host, for engines without the NVIDIA toolkit (default /dev/nvidia<index>).
+    device: str = ""
 
     @property
     def key(self) -> str:
@@ -72,7 +74,12 @@ class GpuSlot:
         host = data.get("host", LOCAL_HOST)
         if not isinstance(host, str) or not host:
             raise ValueError(f"GPU entry {dict(data)!r}: host must be a non-empty string")
-        return cls(index=index, uuid=data["uuid"], name=data["name"], memory_gb=float(memory_gb), host=host)
+        device = data.get("device", "")
+        if not isinstance(device, str) or (device and not device.startswith("/")):
+            raise ValueError(f"GPU entry {dict(data)!r}: device must be an absolute path such as /dev/nvidia0")
+        return cls(
+            index=index, uuid=data["uuid"], name=data["name"], memory_gb=float(memory_gb), host=host, device=device
+        )
 
     def matches(self, gpu_type: str, exact: bool = False) -> bool:
         """Whether this GPU fits a profile's ``gpu_type``: whole words of the GPU name, any case.
@@ -129,25 +136,51 @@ class SlotAllocator:
         """The slot keys one owner holds."""
         return [key for key, who in self._holders.items() if who == owner]
 
-    def availability(self, gpu_type: str = "", exact: bool = False) -> tuple[int, int]:
-        """``(free, total)`` GPUs of the inventory that match ``gpu_type``."""
-        matching = [s for s in self._inventory if s.matches(gpu_type, exact)]
+    def _matching(self, gpu_type: str, exact: bool, hosts: Collection[str] | None) -> list[GpuSlot]:
+        return [s for s in self._inventory if s.matches(gpu_type, exact) and (hosts is None or s.host in hosts)]
+
+    def availability(
+        self, gpu_type: str = "", exact: bool = False, hosts: Collection[str] | None = None
+    ) -> tuple[int, int]:
+        """``(free, total)`` GPUs of the inventory that match ``gpu_type`` (on ``hosts``, if given)."""
+        matching = self._matching(gpu_type, exact, hosts)
         free = sum(1 for s in matching if s.key not in self._holders)
         return free, len(matching)
 
-    def allocate(self, owner: str, count: int, gpu_type: str = "", exact: bool = False) -> list[GpuSlot]:
-        """Take ``count`` free GPUs matching ``gpu_type`` for ``owner``, all or none.
+    def allocate(
+        self,
+        owner: str,
+        count: int,
+        gpu_type: str = "",
+        exact: bool = False,
+        hosts: Collection[str] | None = None,
+    ) -> list[GpuSlot]:
+        """Take ``count`` free GPUs matching ``gpu_type`` for ``owner``, all or none, all on one host.
 
         Synchronous on purpose: no ``await`` can come between the check and the take. An owner that already
         holds slots gets the matching ones back first (a retried start must not take a second set); after a
-        success the owner holds exactly what was returned.
+        success the owner holds exactly what was returned. ``hosts`` limits where (a backend's machines);
+        hosts are tried in inventory order. On failure, ``free`` is the most free GPUs on any one host.
         """
-        matching = [s for s in self._inventory if s.matches(gpu_type, exact)]
-        mine = [s for s in matching if self._holders.get(s.key) == owner]
-        free = [s for s in matching if s.key not in self._holders]
-        chosen = (mine + free)[: max(count, 0)]
-        if len(chosen) < count:
-            raise NoFreeSlot(count, gpu_type, len(free), len(matching))
+        matching = self._matching(gpu_type, exact, hosts)
+        by_host: dict[str, list[GpuSlot]] = {}
+        for slot in matching:
+            by_host.setdefault(slot.host, []).append(slot)
+        chosen: list[GpuSlot] = []
+        most_free = 0
+        # The owner's own host first, so a retried start finds the GPUs it already holds.
+        for host_slots in sorted(
+            by_host.values(), key=lambda ss: not any(self._holders.get(s.key) == owner for s in ss)
+        ):
+            mine = [s for s in host_slots if self._holders.get(s.key) == owner]
+            free = [s for s in host_slots if s.key not in self._holders]
+            most_free = max(most_free, len(free))
+            if len(mine) + len(free) >= count:
+                chosen = (mine + free)[: max(count, 0)]
+                break
+        else:
+            if count > 0:
+                raise NoFreeSlot(count, gpu_type, most_free, len(matching))
         self.release(owner)
         for slot in chosen:
             self._holders[slot.key] = owner

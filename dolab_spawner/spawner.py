@@ -25,6 +25,7 @@ from traitlets import Callable, Dict, Float, List, TraitError, Unicode, Union, d
 
 from .backends import BACKENDS, BackendMixin, backend_class, make_backend
 from .backends.base import apply_overrides
+from .backends.docker import check_docker_hosts, remote_slots
 from .paths import default_data_dir
 from .profiles import (
     OptionsError,
@@ -37,7 +38,7 @@ from .profiles import (
     parse_stop_at,
     resolve_options,
 )
-from .slots import GpuSlot, NoFreeSlot, SlotAllocator, inventory_from_config, load_inventory
+from .slots import LOCAL_HOST, GpuSlot, NoFreeSlot, SlotAllocator, inventory_from_config, load_inventory
 
 __all__ = ["DoLabSpawner"]
 
@@ -122,6 +123,21 @@ class DoLabSpawner(Spawner):
         """,
     )
 
+    docker_hosts = List(
+        Dict(),
+        config=True,
+        help="""The Docker engines ``backend: docker`` profiles run on, one slot pool across them.
+
+        Each entry: ``name`` (``local`` is this machine, whose GPUs come from NVML or ``gpu_inventory``),
+        ``url`` (``unix:///var/run/docker.sock``, ``tcp://host:2376``, ``ssh://user@host``; empty: the
+        environment's DOCKER_HOST or the local socket), ``tls`` (``docker.tls.TLSConfig`` arguments),
+        ``gpu_inventory`` (that machine's GPUs, as in ``DoLabSpawner.gpu_inventory``), ``hub_connect_url`` (how
+        its containers reach the hub) and ``workspace`` (``bind``: a host directory under ``workspace_root``,
+        the default for ``local``; ``volume``: a named volume, the default elsewhere). Default: ``[{"name":
+        "local"}]``.
+        """,
+    )
+
     nvml_timeout_seconds = Float(20, config=True, help="How long to wait for NVML when reading the GPUs.")
 
     quota_check = AnyTrait(
@@ -136,6 +152,7 @@ class DoLabSpawner(Spawner):
     # What the state records (and so what survives a hub restart).
     profile_slug = Unicode("")
     backend_name = Unicode("")
+    host_name = Unicode("")
     slot_dicts: List[dict] = List()
     stop_at = Unicode("")
 
@@ -157,6 +174,17 @@ class DoLabSpawner(Spawner):
             except ProfileConfigError as e:
                 raise TraitError(f"DoLabSpawner.profile_list: {e}") from None
         return value
+
+    @default("docker_hosts")
+    def _default_docker_hosts(self) -> list[dict[str, Any]]:
+        return [{"name": LOCAL_HOST}]
+
+    @validate("docker_hosts")
+    def _validate_docker_hosts(self, proposal: dict) -> Any:
+        try:
+            return check_docker_hosts(proposal["value"])
+        except ValueError as e:
+            raise TraitError(f"DoLabSpawner.docker_hosts: {e}") from None
 
     @validate("gpu_inventory")
     def _validate_gpu_inventory(self, proposal: dict) -> Any:
@@ -216,7 +244,7 @@ class DoLabSpawner(Spawner):
                     if inventory is None:
                         pool.retry_at = time.monotonic() + pool.retry_seconds
                         return pool.allocator.inventory
-                    pool.allocator.set_inventory(inventory)
+                    pool.allocator.set_inventory([*inventory, *remote_slots(self.docker_hosts)])
                     pool.loaded = True
                     self.log.info("GPU inventory: %s", ", ".join(f"{s.index}: {s.name}" for s in inventory) or "none")
         return pool.allocator.inventory
@@ -368,7 +396,9 @@ class DoLabSpawner(Spawner):
         """Take the GPUs (synchronously: no await between check and take) or refuse with a sentence."""
         profile = selection.profile
         try:
-            slots = self.allocator.allocate(self.owner, selection.gpus, profile.gpu_type, profile.gpu_exact)
+            slots = self.allocator.allocate(
+                self.owner, selection.gpus, profile.gpu_type, profile.gpu_exact, self.backend_hosts(profile.backend)
+            )
         except NoFreeSlot as e:
             kind = f"{profile.gpu_type} " if profile.gpu_type else ""
             if e.total == 0:
@@ -381,23 +411,33 @@ class DoLabSpawner(Spawner):
                     f"This server has only {e.total} {kind}GPU(s); the profile {profile.display_name!r} "
                     f"asks for {e.wanted}. Ask for fewer GPUs or pick another profile."
                 )
+            elif e.free == 0:
+                message = f"All {e.total} {kind}GPU(s) are in use. Pick a CPU profile or try again when a GPU is free."
             else:
                 message = (
-                    f"All {e.total} {kind}GPU(s) are in use ({e.total - e.free} busy, {e.free} free; you asked "
-                    f"for {e.wanted}). Pick a CPU profile or try again when a GPU is free."
+                    f"Only {e.free} of {e.total} {kind}GPU(s) are free together on one machine; you asked for "
+                    f"{e.wanted}. Ask for fewer GPUs or try again when more are free."
                 )
             raise self._refuse(message, reason="no_gpu", status_code=409) from None
         self.log.info("Slot(s) allocated to %s: %s", self.owner, ", ".join(f"GPU {s.index} ({s.name})" for s in slots))
         return slots
 
+    def backend_hosts(self, backend: str) -> list[str]:
+        """The machines a backend can run servers on: this one for ``local``, the engines for ``docker``."""
+        if backend == "docker":
+            return [h["name"] for h in self.docker_hosts]
+        return [LOCAL_HOST]
+
+    def _build_backend(self, backend: str, host: str, slots: list[dict[str, Any]]) -> BackendMixin:
+        traits: dict[str, Any] = {"gpu_slots": slots, "workspace_dir": self._workspace_dir()}
+        if backend == "docker":
+            traits["docker_host"] = next((h for h in self.docker_hosts if h["name"] == host), {"name": host})
+            traits["progress_callback"] = self.emit
+        return make_backend(self, backend_class(backend), **traits)
+
     def make_backend(self, selection: Selection, slots: list[GpuSlot]) -> BackendMixin:
-        """Build the backend for a selection, with the profile's overrides applied to it."""
-        backend = make_backend(
-            self,
-            backend_class(selection.profile.backend),
-            gpu_slots=[s.to_dict() for s in slots],
-            workspace_dir=self._workspace_dir(),
-        )
+        """Build the backend for a selection, on the machine of its slots, with the profile's overrides."""
+        backend = self._build_backend(selection.profile.backend, self.host_name, [s.to_dict() for s in slots])
         apply_overrides(backend, selection.spawner_override)
         return backend
 
@@ -441,6 +481,8 @@ class DoLabSpawner(Spawner):
         self.profile_slug = selection.profile.slug
         self.backend_name = selection.profile.backend
         self.slot_dicts = [s.to_dict() for s in slots]
+        # The machine: where its GPUs are; a CPU server goes to the backend's first machine.
+        self.host_name = slots[0].host if slots else self.backend_hosts(self.backend_name)[0]
         self.stop_at = format_stop_at(selection.stop_at) if selection.stop_at else ""
         for slot in slots:
             self.emit(15, f"Reserved GPU {slot.index} ({slot.name})")
@@ -449,6 +491,9 @@ class DoLabSpawner(Spawner):
             self._backend = self.make_backend(selection, slots)
             self.emit(30, f"Starting your server ({selection.profile.display_name})")
             url = await self._backend.start()
+            if self._backend.api_token != self.api_token:
+                # A backend that found its server already running reuses that server's token: tell the hub.
+                self.api_token = self._backend.api_token
             self.emit(90, "Waiting for JupyterLab to answer")
             return url
         except BaseException:
@@ -488,6 +533,7 @@ class DoLabSpawner(Spawner):
             state.update(
                 profile=self.profile_slug,
                 backend=self.backend_name,
+                host=self.host_name,
                 slots=list(self.slot_dicts),
                 stop_at=self.stop_at,
                 backend_state=self._backend.get_state() if self._backend is not None else {},
@@ -504,9 +550,8 @@ class DoLabSpawner(Spawner):
         self.backend_name = backend
         self.slot_dicts = list(state.get("slots", []))
         self.stop_at = state.get("stop_at", "")
-        self._backend = make_backend(
-            self, backend_class(backend), gpu_slots=self.slot_dicts, workspace_dir=self._workspace_dir()
-        )
+        self.host_name = state.get("host", LOCAL_HOST)
+        self._backend = self._build_backend(backend, self.host_name, self.slot_dicts)
         self._backend.load_state(state.get("backend_state", {}))
         # Only a server the hub still lists holds its GPUs; stale state of a stopped one claims nothing.
         if self.slot_dicts and self.orm_spawner is not None and self.orm_spawner.server is not None:
@@ -527,7 +572,7 @@ class DoLabSpawner(Spawner):
             self._backend.clear_state()
         self._backend = None
         self._release("state cleared")
-        self.profile_slug = self.backend_name = self.stop_at = ""
+        self.profile_slug = self.backend_name = self.host_name = self.stop_at = ""
         self.slot_dicts = []
 
     @property

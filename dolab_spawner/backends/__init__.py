@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from .base import BackendMixin, gpu_environment, make_backend
+from .docker import DockerBackend
 from .local import LocalProcessBackend
 
-__all__ = ["BACKENDS", "BackendMixin", "LocalProcessBackend", "backend_class", "gpu_environment", "make_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendMixin",
+    "DockerBackend",
+    "LocalProcessBackend",
+    "backend_class",
+    "gpu_environment",
+    "make_backend",
+]
 
 #: Backend name (a profile's ``backend``) -> the Spawner class that runs it.
-BACKENDS: dict[str, type[BackendMixin]] = {"local": LocalProcessBackend}
+BACKENDS: dict[str, type[BackendMixin]] = {"local": LocalProcessBackend, "docker": DockerBackend}
 
 
 def backend_class(name: str) -> type[BackendMixin]:

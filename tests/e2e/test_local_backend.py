@@ -216,7 +216,7 @@ def test_no_matching_gpu_and_too_many_gpus_are_clear(hub: Hub) -> None:
     hub.wait_ready("alice")
     reply = hub.start_server("gina", {"profile": "pair"})
     assert reply.status_code == 409
-    assert "1 free" in reply.json()["message"]
+    assert "Only 1 of 2 A100 GPU(s) are free" in reply.json()["message"]
     hub.stop_server("alice")
     assert held_slots(hub) == {}
 

@@ -1,0 +1,443 @@
+"""The docker backend: one container per server on a Docker Engine, holding exactly its GPU slot.
+
+Built on DockerSpawner, so every ``c.DockerSpawner.*`` setting an admin already has keeps working
+(``image``, ``volumes``, ``mem_limit``, ``network_name``, ``extra_host_config``...). What DO-LAB changes:
+
+- the image comes only from the profile (its ``spawner_override`` or a ``profile_options`` choice): a user can
+  never name an image that is not offered;
+- GPUs are attached per slot (``device_requests`` with the NVIDIA toolkit, or the device nodes);
+- the container runs as a non-root user, with no capabilities, no new privileges, no Docker socket and nothing
+  of the hub's environment but the server's own token;
+- the workspace (a host directory, or a named volume on remote engines) is mounted at ``workspace_mount_path``;
+- every Docker call runs on a bounded pool per engine, with pulls on a pool of their own, so one user's pull
+  never stalls the others' starts and polls; SDK calls carry their own timeouts too;
+- the slot pool may span several engines (``DoLabSpawner.docker_hosts``): a slot is (host, GPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlparse
+
+import docker
+import docker.errors
+import requests
+from dockerspawner import DockerSpawner
+from jupyterhub.spawner import SpawnException
+from traitlets import Any as AnyTrait
+from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
+
+from ..slots import LOCAL_HOST, GpuSlot
+from .base import BackendMixin
+
+__all__ = ["DOLAB_LABEL", "DockerBackend", "DockerEngines", "check_docker_hosts", "engines", "remote_slots"]
+
+#: Every container DO-LAB creates carries this label (the reaper looks for it).
+DOLAB_LABEL = "dolab.managed"
+
+
+class DockerEngines:
+    """One API client and two bounded thread pools per Docker engine, shared by every server of the hub."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str, str], docker.APIClient] = {}
+        self._pools: dict[tuple[str, str], ThreadPoolExecutor] = {}
+
+    def client(self, host: dict[str, Any], timeout_seconds: float, purpose: str = "api") -> docker.APIClient:
+        """The client for ``host`` (a ``docker_hosts`` entry); ``purpose`` "pull" gets its own, slower one."""
+        key = (host.get("name", "local"), purpose)
+        if key not in self._clients:
+            kwargs: dict[str, Any] = {"version": "auto", "timeout": timeout_seconds}
+            url = host.get("url", "")
+            if url:
+                kwargs["base_url"] = url
+                if url.startswith("ssh://"):
+                    kwargs["use_ssh_client"] = bool(host.get("use_ssh_client", False))
+            else:
+                kwargs.update(docker.utils.kwargs_from_env())
+            if host.get("tls"):
+                kwargs["tls"] = docker.tls.TLSConfig(**host["tls"])
+            self._clients[key] = docker.APIClient(**kwargs)
+        return self._clients[key]
+
+    def pool(self, host: dict[str, Any], size: int, purpose: str = "api") -> ThreadPoolExecutor:
+        """The thread pool for ``host`` and ``purpose`` ("api" or "pull")."""
+        key = (host.get("name", "local"), purpose)
+        if key not in self._pools:
+            self._pools[key] = ThreadPoolExecutor(size, thread_name_prefix=f"dolab-docker-{key[0]}-{purpose}")
+        return self._pools[key]
+
+
+#: The hub-wide engines (one hub per process).
+engines = DockerEngines()
+
+
+_HOST_KEYS = {"name", "url", "tls", "use_ssh_client", "gpu_inventory", "hub_connect_url", "workspace"}
+
+
+def check_docker_hosts(raw: Any) -> list[dict[str, Any]]:
+    """Validate ``docker_hosts``: a list of ``{name, url, tls, gpu_inventory, hub_connect_url, workspace}``.
+
+    Raises ValueError with a sentence. ``gpu_inventory`` entries get the host's name as their ``host``.
+    """
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ValueError("docker_hosts must be a non-empty list of dicts such as {'name': 'local'}")
+    hosts: list[dict[str, Any]] = []
+    for i, entry in enumerate(raw):
+        where = f"docker_hosts[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a dict, not {type(entry).__name__}")
+        unknown = sorted(set(entry) - _HOST_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_HOST_KEYS))}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c == "-" for c in name):
+            raise ValueError(f"{where}: name must be letters, digits and -, not {name!r}")
+        url = entry.get("url", "")
+        if not isinstance(url, str) or (url and not url.startswith(("unix://", "tcp://", "ssh://", "http://"))):
+            raise ValueError(f"{where}: url must start with unix://, tcp://, ssh:// or http://, not {url!r}")
+        if entry.get("workspace", "bind") not in ("bind", "volume"):
+            raise ValueError(f"{where}: workspace must be 'bind' or 'volume'")
+        if not isinstance(entry.get("tls", {}), dict):
+            raise ValueError(f"{where}: tls must be a dict of docker.tls.TLSConfig arguments")
+        inventory = entry.get("gpu_inventory", [])
+        if not isinstance(inventory, list):
+            raise ValueError(f"{where}: gpu_inventory must be a list of GPU dicts")
+        for gpu in inventory:
+            GpuSlot.from_dict({**gpu, "host": name} if isinstance(gpu, dict) else gpu)
+        hosts.append(dict(entry))
+    names = [h["name"] for h in hosts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"docker_hosts: names must be unique, got {', '.join(names)}")
+    return hosts
+
+
+def remote_slots(hosts: list[dict[str, Any]]) -> list[GpuSlot]:
+    """The GPUs of the engines on other machines (the hub's own machine reads NVML or ``gpu_inventory``)."""
+    return [
+        GpuSlot.from_dict({**gpu, "host": host["name"]})
+        for host in hosts
+        if host["name"] != LOCAL_HOST
+        for gpu in host.get("gpu_inventory", [])
+    ]
+
+
+def _is_gpu_driver_error(error: Exception) -> bool:
+    return "could not select device driver" in str(error)
+
+
+class DockerBackend(BackendMixin, DockerSpawner):
+    """A single-user server in a container (``backend: docker``)."""
+
+    gpu_attach = Enum(
+        ["device_requests", "devices"],
+        "device_requests",
+        config=True,
+        help="""How a slot's GPU reaches the container.
+
+        ``device_requests`` (default): Docker's device requests with the slot's GPU UUID and the ``gpu``
+        capability; needs the NVIDIA Container Toolkit on the engine's host. ``devices``: map the GPU's device
+        node (``/dev/nvidia<index>``, or the inventory entry's ``device``) and ``gpu_control_devices``, and set
+        ``NVIDIA_VISIBLE_DEVICES``; for hosts without the toolkit (the image must carry the CUDA user libraries).
+        """,
+    )
+
+    gpu_control_devices = List(
+        Unicode(),
+        ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"],
+        config=True,
+        help="Device nodes every GPU container also needs in ``devices`` mode (those missing on the host are skipped).",
+    )
+
+    container_user = Unicode(
+        "",
+        config=True,
+        help="""User (``uid[:gid]``) the container runs as. Empty: the image's own user, which must not be root
+        (DO-LAB refuses to start a root container).""",
+    )
+
+    workspace_mount_path = Unicode(
+        "/home/jovyan/work",
+        config=True,
+        help="Where the user's workspace is mounted in the container (the server starts there).",
+    )
+
+    workspace_uid = Integer(
+        1000,
+        config=True,
+        help="Owner (uid) given to a new workspace directory on the host, so the container user can write it.",
+    )
+
+    docker_pool_size = Integer(8, config=True, help="Threads per engine for Docker calls other than pulls.")
+    pull_pool_size = Integer(2, config=True, help="Threads per engine for image pulls.")
+    docker_timeout_seconds = Float(60, config=True, help="SDK timeout of one Docker call (seconds).")
+    pull_timeout_seconds = Float(900, config=True, help="SDK timeout between two chunks of a pull (seconds).")
+    ready_timeout_seconds = Float(60, config=True, help="How long to wait for the container's port to open.")
+
+    docker_host = Dict(help="The ``docker_hosts`` entry this server runs on (set by DoLabSpawner).")
+    progress_callback: Callable[[int, str], None] | None = AnyTrait(None, allow_none=True)  # type: ignore[assignment]
+
+    @default("prefix")
+    def _default_prefix(self) -> str:
+        return "dolab"
+
+    @default("remove")
+    def _default_remove(self) -> bool:
+        # The workspace outlives the container; a stopped container would only keep a stale token.
+        return True
+
+    @default("notebook_dir")
+    def _default_notebook_dir(self) -> str:
+        return self.workspace_mount_path
+
+    @property
+    def host_name(self) -> str:
+        """The engine's name in ``docker_hosts``."""
+        return str(self.docker_host.get("name", "local"))
+
+    # ----- the engine ----------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> docker.APIClient:
+        """This server's engine (DockerSpawner has one class-wide client)."""
+        return engines.client(self.docker_host, self.docker_timeout_seconds)
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """This engine's pool (DockerSpawner has one class-wide thread for every user)."""
+        return engines.pool(self.docker_host, self.docker_pool_size)
+
+    def docker(self, method: str, *args: Any, **kwargs: Any) -> asyncio.Future:
+        """Run one docker-py call off the event loop; pulls go to their own pool."""
+        return asyncio.wrap_future(self.executor.submit(self._docker, method, *args, **kwargs))
+
+    async def pull_image(self, image: str) -> None:
+        """Pull if needed (``pull_policy``), streaming progress to the spawn page."""
+        if self.pull_policy == "skip":
+            return
+        if self.pull_policy.lower() != "always":
+            try:
+                await self.docker("inspect_image", image)
+                return
+            except docker.errors.NotFound:
+                if self.pull_policy == "never":
+                    raise
+        self._emit(35, f"Pulling image {image}")
+        loop = asyncio.get_running_loop()
+        last = [0.0]
+
+        def report(line: dict[str, Any]) -> None:
+            now = time.monotonic()
+            if line.get("error"):
+                raise docker.errors.APIError(line["error"])
+            if now - last[0] > 2 and line.get("status"):
+                last[0] = now
+                detail = f" {line['progress']}" if line.get("progress") else ""
+                loop.call_soon_threadsafe(self._emit, 40, f"Pulling {image}: {line['status']}{detail}")
+
+        def pull() -> None:
+            client = engines.client(self.docker_host, self.pull_timeout_seconds, purpose="pull")
+            repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+            for line in client.pull(repo, tag=tag, stream=True, decode=True):
+                report(line)
+
+        pool = engines.pool(self.docker_host, self.pull_pool_size, purpose="pull")
+        await asyncio.wrap_future(pool.submit(pull))
+
+    def _emit(self, progress: int, message: str) -> None:
+        if self.progress_callback is not None:
+            self.progress_callback(progress, message)
+
+    # ----- what the container gets ---------------------------------------------------------------------
+
+    def _gpu_host_config(self) -> dict[str, Any]:
+        slots = self.slots
+        if not slots:
+            return {}
+        if self.gpu_attach == "device_requests":
+            # Plain kwargs, not a DeviceRequest: DockerSpawner re-renders the config as plain dicts.
+            return {"device_requests": [{"device_ids": [s.uuid for s in slots], "capabilities": [["gpu"]]}]}
+        devices = [f"{s.device or f'/dev/nvidia{s.index}'}:/dev/nvidia{s.index}:rwm" for s in slots]
+        local = self.host_name == "local"
+        devices += [f"{d}:{d}:rwm" for d in self.gpu_control_devices if not local or os.path.exists(d)]
+        return {"devices": devices}
+
+    async def _extra_host_config(self) -> dict[str, Any]:
+        config = await self._admin_value(self._admin_host_config)
+        ours = {
+            "security_opt": ["no-new-privileges"],
+            "cap_drop": ["ALL"],
+            **self._gpu_host_config(),
+        }
+        return {**config, **ours}
+
+    async def _extra_create_kwargs(self) -> dict[str, Any]:
+        kwargs = await self._admin_value(self._admin_create_kwargs)
+        labels = {
+            **kwargs.get("labels", {}),
+            DOLAB_LABEL: "true",
+            "dolab.user": self.user.name,
+            "dolab.server": self.name,
+            "dolab.host": self.host_name,
+            "dolab.gpus": ",".join(s.uuid for s in self.slots),
+        }
+        kwargs["labels"] = labels
+        if self.container_user:
+            kwargs["user"] = self.container_user
+        return kwargs
+
+    async def _admin_value(self, value: Any) -> dict[str, Any]:
+        value = value(self) if callable(value) else value
+        if asyncio.iscoroutine(value):
+            value = await value
+        return dict(value or {})
+
+    def _workspace_volume(self) -> dict[str, Any]:
+        if self.docker_host.get("workspace", "bind" if self.host_name == "local" else "volume") == "volume":
+            name = f"dolab-ws-{os.path.basename(self.workspace_dir.rstrip('/'))}"
+            return {name: {"bind": self.workspace_mount_path, "mode": "rw"}}
+        return {self.workspace_dir: {"bind": self.workspace_mount_path, "mode": "rw"}}
+
+    def _prepare_workspace(self) -> None:
+        if self._workspace_volume().get(self.workspace_dir) is None:
+            return  # a named volume: the engine creates it
+        if not os.path.isdir(self.workspace_dir):
+            os.makedirs(self.workspace_dir, mode=0o700)
+            if os.geteuid() == 0:
+                os.chown(self.workspace_dir, self.workspace_uid, -1)
+
+    async def _check_image_user(self) -> None:
+        if self.container_user:
+            if self.container_user.split(":")[0] in ("0", "root"):
+                raise self._refuse("This profile would run its container as root; ask an administrator.")
+            return
+        try:
+            info = await self.docker("inspect_image", self.image)
+        except docker.errors.NotFound:
+            return  # pulled in start(); checked again after the pull
+        user = (info.get("Config") or {}).get("User") or ""
+        if user.split(":")[0] in ("", "0", "root"):
+            raise self._refuse(
+                f"The image {self.image} runs as root and no container_user is set, so DO-LAB will not start it."
+                " Ask an administrator to set c.DockerBackend.container_user or use a non-root image."
+            )
+
+    def _refuse(self, message: str, status_code: int = 503) -> SpawnException:
+        self.log.warning("Not starting %s on engine %s: %s", self._log_name, self.host_name, message)
+        return SpawnException(message, reason="docker", status_code=status_code)
+
+    # ----- start / stop --------------------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        """Create and start the container; every engine failure becomes a sentence and leaves nothing behind."""
+        # The image comes from the profile only: DockerSpawner would read user_options["image"] as an image.
+        self.user_options: dict[str, Any] = {}
+        await self._set_hub_connect_url()
+        self._admin_host_config = self.extra_host_config
+        self._admin_create_kwargs = self.extra_create_kwargs
+        self.extra_host_config = lambda spawner: spawner._extra_host_config()
+        self.extra_create_kwargs = lambda spawner: spawner._extra_create_kwargs()
+        self.volumes = {**self.volumes, **self._workspace_volume()}
+        try:
+            self._prepare_workspace()
+            await self._check_image_user()
+            ip, port = await super().start()
+            await self._check_image_user()
+            await self._wait_listening(ip, port)
+            return ip, port
+        except SpawnException:
+            await self._remove_quietly()
+            raise
+        except docker.errors.ImageNotFound:
+            await self._remove_quietly()
+            raise self._refuse(
+                f"The image {self.image} is not on this server and could not be pulled. Ask an administrator to"
+                " pull it (dolab pull)."
+            ) from None
+        except docker.errors.APIError as e:
+            await self._remove_quietly()
+            self.log.error("Docker engine %s refused to start %s: %s", self.host_name, self._log_name, e)
+            if _is_gpu_driver_error(e):
+                raise self._refuse(
+                    "The Docker engine cannot attach GPUs (no NVIDIA Container Toolkit). Pick a CPU profile, or ask"
+                    " an administrator to install the toolkit or set c.DockerBackend.gpu_attach = 'devices'."
+                ) from None
+            if e.status_code == 404 or "pull access denied" in str(e) or "not found" in str(e).lower():
+                raise self._refuse(
+                    f"The image {self.image} is not on this server and could not be pulled. Ask an administrator"
+                    " to pull it (dolab pull)."
+                ) from None
+            raise self._refuse(
+                "The Docker engine refused to start your server. Try again or tell an administrator."
+            ) from None
+        except (docker.errors.DockerException, requests.RequestException, OSError) as e:
+            self.log.error("Docker engine %s is not answering: %s", self.host_name, e)
+            raise self._refuse(
+                f"The Docker engine {self.host_name!r} is not answering. Try again later or tell an administrator."
+            ) from None
+
+    async def _set_hub_connect_url(self) -> None:
+        """How the container reaches the hub: the host's ``hub_connect_url``, else the network's gateway."""
+        configured = self.docker_host.get("hub_connect_url") or self.hub_connect_url
+        if configured:
+            self.hub_connect_url = configured
+            return
+        hub_ip = urlparse(self.hub.api_url).hostname or ""
+        if hub_ip.startswith("127.") or hub_ip in ("localhost", "::1"):
+            raise self._refuse(
+                "The hub listens on the loopback address only, so a container cannot reach it. Ask an administrator"
+                " to set DOLAB_HUB_IP=0.0.0.0 (or hub_connect_url for this Docker host)."
+            )
+        network = await self.docker("inspect_network", self.network_name)
+        gateway = next((c.get("Gateway") for c in network.get("IPAM", {}).get("Config") or [] if c.get("Gateway")), "")
+        if gateway and hub_ip in ("0.0.0.0", "", gateway):
+            self.hub_connect_url = f"http://{gateway}:{urlparse(self.hub.api_url).port}"
+
+    async def _wait_listening(self, ip: str, port: int) -> None:
+        deadline = time.monotonic() + self.ready_timeout_seconds
+        while time.monotonic() < deadline:
+            info = await self.docker("inspect_container", self.container_id)
+            state = info.get("State", {})
+            if not state.get("Running"):
+                code = state.get("ExitCode")
+                logs = await self.docker("logs", self.container_id, tail=20)
+                self.log.warning(
+                    "Container %s of %s exited during start-up (code %s):\n%s",
+                    self.object_name,
+                    self._log_name,
+                    code,
+                    logs.decode(errors="replace") if isinstance(logs, bytes) else logs,
+                )
+                raise self._refuse(
+                    f"Your server exited during start-up (exit code {code}). Try again; if it keeps failing, an"
+                    " administrator can read its log in the hub's log."
+                )
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout=1)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.2)
+                continue
+            writer.close()
+            return
+
+    async def _remove_quietly(self) -> None:
+        """Remove what a failed start left, whatever state it is in."""
+        if not self.object_id:
+            return
+        try:
+            await self.docker("remove_container", self.object_id, force=True)
+        except Exception as e:  # best effort: log and go on
+            self.log.debug("Could not remove %s after a failed start: %s", self.object_name, e)
+        self.object_id = ""
+
+    def get_state(self) -> dict[str, Any]:
+        """DockerSpawner's state plus the engine it runs on."""
+        state = super().get_state()
+        if state:
+            state["docker_host"] = self.host_name
+        return state
