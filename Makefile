@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 NODE_PREFIX := .dolab/node
 NPM_PROXY := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
 
-.PHONY: run test test-parts lint typecheck pytest proxy clean help
+.PHONY: run test test-parts lint typecheck pytest proxy clean help stack-up stack-down
 
 help:
 	@echo "make run    start DO-LAB at http://127.0.0.1:8000 (creates .venv, installs DO-LAB and the proxy)"
@@ -53,8 +53,16 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
+# The real Docker engines and the single-user test image (tests/stack.py); `stack-down` stops what `up` started.
+stack-up: $(VENV)/.installed-test
+	$(BIN)/python tests/stack.py up
+
+stack-down:
+	$(BIN)/python tests/stack.py down
+
+# pytest between stack-up and stack-down; the stack comes down even when pytest fails, and pytest's status is kept.
 pytest: $(VENV)/.installed-test proxy test-parts
-	$(BIN)/pytest -ra
+	$(BIN)/python tests/stack.py up && { $(BIN)/pytest -ra; rc=$$?; $(BIN)/python tests/stack.py down; exit $$rc; }
 
 test: lint typecheck pytest
 

@@ -175,6 +175,11 @@ class DoLabSpawner(Spawner):
                 raise TraitError(f"DoLabSpawner.profile_list: {e}") from None
         return value
 
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        # DO-LAB reads user_options itself, in start(); this only quiets the hub's "unhandled options" warning.
+        return lambda spawner, user_options: None
+
     @default("docker_hosts")
     def _default_docker_hosts(self) -> list[dict[str, Any]]:
         return [{"name": LOCAL_HOST}]

@@ -8,6 +8,7 @@ wrapspawner forgot (``orm_spawner``, the token, the OAuth client, the server).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +19,15 @@ from traitlets.config import Config
 
 from ..slots import GpuSlot
 
-__all__ = ["HUB_PROVIDED_ATTRS", "BackendMixin", "apply_overrides", "child_config", "gpu_environment", "make_backend"]
+__all__ = [
+    "HUB_PROVIDED_ATTRS",
+    "BackendMixin",
+    "apply_overrides",
+    "child_config",
+    "gpu_environment",
+    "http_answers",
+    "make_backend",
+]
 
 #: Attributes the hub sets on a spawner (at construction or before start) that a backend needs as well.
 HUB_PROVIDED_ATTRS = (
@@ -90,6 +99,24 @@ class BackendMixin(_MixinBase):  # type: ignore[valid-type,misc]
         env.update(gpu_environment(self.slots))
         env.update(self.extra_env)
         return env
+
+
+async def http_answers(ip: str, port: int, path: str, timeout_seconds: float = 2) -> bool:
+    """Whether an HTTP server answers at ``ip:port`` (any status). A port that accepts and closes, as Docker's
+    userland proxy does for a container that is not listening yet, does not count."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout_seconds)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
+        await writer.drain()
+        first = await asyncio.wait_for(reader.read(5), timeout_seconds)
+        return first == b"HTTP/"
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
 
 
 def child_config(config: Config, child_cls: type[HasTraits], parent_cls: type[HasTraits]) -> Config:

@@ -33,7 +33,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
 from ..slots import LOCAL_HOST, GpuSlot
-from .base import BackendMixin
+from .base import BackendMixin, http_answers
 
 __all__ = ["DOLAB_LABEL", "DockerBackend", "DockerEngines", "check_docker_hosts", "engines", "remote_slots"]
 
@@ -247,7 +247,14 @@ class DockerBackend(BackendMixin, DockerSpawner):
                 report(line)
 
         pool = engines.pool(self.docker_host, self.pull_pool_size, purpose="pull")
-        await asyncio.wrap_future(pool.submit(pull))
+        try:
+            await asyncio.wrap_future(pool.submit(pull))
+        except (docker.errors.DockerException, requests.RequestException) as e:
+            self.log.error("Pulling %s on engine %s failed: %s", image, self.host_name, e)
+            raise self._refuse(
+                f"The image {image} is not on this server and could not be pulled. Ask an administrator to pull"
+                " it (dolab pull)."
+            ) from None
 
     def _emit(self, progress: int, message: str) -> None:
         if self.progress_callback is not None:
@@ -270,6 +277,8 @@ class DockerBackend(BackendMixin, DockerSpawner):
     async def _extra_host_config(self) -> dict[str, Any]:
         config = await self._admin_value(self._admin_host_config)
         ours = {
+            # Removed by stop(), not by the engine: a container that dies at start keeps its logs for the admin.
+            "auto_remove": False,
             "security_opt": ["no-new-privileges"],
             "cap_drop": ["ALL"],
             **self._gpu_host_config(),
@@ -287,6 +296,8 @@ class DockerBackend(BackendMixin, DockerSpawner):
             "dolab.gpus": ",".join(s.uuid for s in self.slots),
         }
         kwargs["labels"] = labels
+        # The server, its terminals and kernels started without a path all begin in the workspace.
+        kwargs.setdefault("working_dir", self.workspace_mount_path)
         if self.container_user:
             kwargs["user"] = self.container_user
         return kwargs
@@ -337,13 +348,13 @@ class DockerBackend(BackendMixin, DockerSpawner):
         """Create and start the container; every engine failure becomes a sentence and leaves nothing behind."""
         # The image comes from the profile only: DockerSpawner would read user_options["image"] as an image.
         self.user_options: dict[str, Any] = {}
-        await self._set_hub_connect_url()
         self._admin_host_config = self.extra_host_config
         self._admin_create_kwargs = self.extra_create_kwargs
         self.extra_host_config = lambda spawner: spawner._extra_host_config()
         self.extra_create_kwargs = lambda spawner: spawner._extra_create_kwargs()
         self.volumes = {**self.volumes, **self._workspace_volume()}
         try:
+            await self._set_hub_connect_url()
             self._prepare_workspace()
             await self._check_image_user()
             ip, port = await super().start()
@@ -375,6 +386,15 @@ class DockerBackend(BackendMixin, DockerSpawner):
             raise self._refuse(
                 "The Docker engine refused to start your server. Try again or tell an administrator."
             ) from None
+        except RuntimeError as e:
+            # DockerSpawner's "Failed to get port info": the container stopped before its port was published.
+            self.log.warning("Start of %s failed: %s", self._log_name, e)
+            try:
+                if self.object_id:
+                    await self._check_running()
+            finally:
+                await self._remove_quietly()
+            raise self._refuse("Your server could not be started. Try again or tell an administrator.") from None
         except (docker.errors.DockerException, requests.RequestException, OSError) as e:
             self.log.error("Docker engine %s is not answering: %s", self.host_name, e)
             raise self._refuse(
@@ -387,43 +407,49 @@ class DockerBackend(BackendMixin, DockerSpawner):
         if configured:
             self.hub_connect_url = configured
             return
-        hub_ip = urlparse(self.hub.api_url).hostname or ""
+        hub_ip = self.hub.ip or ""  # where the hub's API listens (its bind address, not its host name)
+        port = urlparse(self.hub.api_url).port
         if hub_ip.startswith("127.") or hub_ip in ("localhost", "::1"):
             raise self._refuse(
                 "The hub listens on the loopback address only, so a container cannot reach it. Ask an administrator"
                 " to set DOLAB_HUB_IP=0.0.0.0 (or hub_connect_url for this Docker host)."
             )
+        if hub_ip not in ("0.0.0.0", "", "::"):
+            self.hub_connect_url = f"http://{hub_ip}:{port}"
+            return
+        # Listening everywhere: the container reaches this machine at its network's gateway.
         network = await self.docker("inspect_network", self.network_name)
         gateway = next((c.get("Gateway") for c in network.get("IPAM", {}).get("Config") or [] if c.get("Gateway")), "")
-        if gateway and hub_ip in ("0.0.0.0", "", gateway):
-            self.hub_connect_url = f"http://{gateway}:{urlparse(self.hub.api_url).port}"
+        if gateway:
+            self.hub_connect_url = f"http://{gateway}:{port}"
+
+    async def _check_running(self) -> None:
+        """Raise the user's sentence (and log the container's last lines) if the container has stopped."""
+        info = await self.docker("inspect_container", self.object_id)
+        state = info.get("State", {})
+        if state.get("Running"):
+            return
+        code = state.get("ExitCode")
+        logs = await self.docker("logs", self.object_id, tail=20)
+        self.log.warning(
+            "Container %s of %s exited during start-up (code %s):\n%s",
+            self.object_name,
+            self._log_name,
+            code,
+            logs.decode(errors="replace") if isinstance(logs, bytes) else logs,
+        )
+        raise self._refuse(
+            f"Your server exited during start-up (exit code {code}). Try again; if it keeps failing, an"
+            " administrator can read its log in the hub's log."
+        )
 
     async def _wait_listening(self, ip: str, port: int) -> None:
         deadline = time.monotonic() + self.ready_timeout_seconds
         while time.monotonic() < deadline:
-            info = await self.docker("inspect_container", self.container_id)
-            state = info.get("State", {})
-            if not state.get("Running"):
-                code = state.get("ExitCode")
-                logs = await self.docker("logs", self.container_id, tail=20)
-                self.log.warning(
-                    "Container %s of %s exited during start-up (code %s):\n%s",
-                    self.object_name,
-                    self._log_name,
-                    code,
-                    logs.decode(errors="replace") if isinstance(logs, bytes) else logs,
-                )
-                raise self._refuse(
-                    f"Your server exited during start-up (exit code {code}). Try again; if it keeps failing, an"
-                    " administrator can read its log in the hub's log."
-                )
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout=1)
-            except (OSError, asyncio.TimeoutError):
-                await asyncio.sleep(0.2)
-                continue
-            writer.close()
-            return
+            await self._check_running()
+            if await http_answers(ip, port, f"{self.server.base_url}api"):
+                return
+            await asyncio.sleep(0.3)
 
     async def _remove_quietly(self) -> None:
         """Remove what a failed start left, whatever state it is in."""
@@ -434,6 +460,23 @@ class DockerBackend(BackendMixin, DockerSpawner):
         except Exception as e:  # best effort: log and go on
             self.log.debug("Could not remove %s after a failed start: %s", self.object_name, e)
         self.object_id = ""
+
+    async def stop(self, now: bool = False) -> None:
+        """Stop and remove the container. An engine that does not answer is logged, not raised: the hub then
+        forgets the server, and the reaper finds the container once the engine is back."""
+        try:
+            await super().stop(now=now)
+        except (docker.errors.DockerException, requests.RequestException, OSError) as e:
+            if isinstance(e, docker.errors.APIError) and e.status_code not in (None, 500, 502, 503):
+                raise
+            self.log.error(
+                "Docker engine %s did not answer while stopping %s (%s); the reaper will find %s if it is left",
+                self.host_name,
+                self._log_name,
+                e,
+                self.object_name,
+            )
+            self.clear_state()
 
     def get_state(self) -> dict[str, Any]:
         """DockerSpawner's state plus the engine it runs on."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from jupyterhub.spawner import LocalProcessSpawner, SpawnException
 from traitlets import Bool, Float, Unicode, default
 
-from .base import BackendMixin
+from .base import BackendMixin, http_answers
 
 __all__ = ["LocalProcessBackend"]
 
@@ -158,7 +158,7 @@ class LocalProcessBackend(BackendMixin, LocalProcessSpawner):
         return ip, port
 
     async def _wait_listening(self, ip: str, port: int, log_path: str | None) -> None:
-        """Return once the port accepts connections; a process that exits first is a clear failure.
+        """Return once the server answers HTTP; a process that exits first is a clear failure.
 
         The hub's own wait cannot tell a dead process from a slow one (6.1 answers 500), so this does.
         """
@@ -174,13 +174,9 @@ class LocalProcessBackend(BackendMixin, LocalProcessSpawner):
                     reason="exited",
                     status_code=503,
                 )
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout=1)
-            except (OSError, asyncio.TimeoutError):
-                await asyncio.sleep(0.2)
-                continue
-            writer.close()
-            return
+            if await http_answers(ip, port, f"{self.server.base_url}api"):
+                return
+            await asyncio.sleep(0.2)
         # Still starting: leave the rest of the wait to the hub's http_timeout.
         self.log.info(
             "Server of %s is not listening after %ss; the hub keeps waiting", self._log_name, self.ready_timeout_seconds

@@ -1,0 +1,746 @@
+"""The real parts the Docker tests need: two Docker engines and the single-user test image.
+
+    .venv/bin/python tests/stack.py up       # install, start and build what is missing (quick when all is there)
+    .venv/bin/python tests/stack.py status   # show .dolab/stack/stack.json and whether each engine answers
+    .venv/bin/python tests/stack.py down     # remove test containers, stop what `up` started
+
+Engine 1 is the default engine (unix:///var/run/docker.sock): used as it is when it answers, else started here.
+Engine 2 stands for a second host: its own dockerd, data root, exec root, socket and Linux bridge.
+The image is built without any registry: debootstrap a Debian root filesystem, pip-install the hub's own
+jupyterhub and jupyterlab versions into /opt/venv, add user jovyan (uid 1000), and `docker import` it. Its tag
+carries a hash of the recipe, and a `docker save` of it is cached in .dolab/cache, so reruns and wiped engines
+are quick. What `up` started is recorded in .dolab/stack/stack.json, and `down` stops exactly that.
+
+Only the standard library and the docker SDK; run as root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+
+REPO = Path(__file__).resolve().parents[1]
+DOLAB = REPO / ".dolab"
+STATE = DOLAB / "stack"
+CACHE = DOLAB / "cache"
+BUILD = DOLAB / "build"
+STACK_JSON = STATE / "stack.json"
+
+# Bump when the build steps change in a way the Recipe fields do not show.
+RECIPE_VERSION = 1
+IMAGE_REPO = "dolab-singleuser-test"
+EXTRA_TAGS = ("latest", "alt")  # `alt`: a second image choice for the tests (same image)
+TEST_LABEL = "dolab.test=1"  # containers the tests create; `down` removes them on both engines
+
+BRIDGE2 = "dolabbr2"
+# Private /24s for engine 2's bridge, tried in order; the first that no address or route on this host overlaps.
+BRIDGE2_CANDIDATES = ("10.213.213.0/24", "10.213.214.0/24", "10.231.57.0/24", "172.29.213.0/24", "192.168.213.0/24")
+DATA_ROOT2 = "/var/lib/dolab-docker2"
+EXEC_ROOT2 = "/run/dolab-docker2"
+
+ENGINE_WAIT_S = 60.0
+STOP_WAIT_S = 60.0
+LONG_CALL_S = 900  # docker import / load / save of a ~500 MB image
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+HOST_PIP_CONF = Path("/etc/pip.conf")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+class StackError(Exception):
+    """A step of the stack failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One dockerd: where it answers and how this script starts it."""
+
+    key: str  # the name `started` records
+    host: str
+    pidfile: Path
+    log: Path
+    args: tuple[str, ...]
+
+    @property
+    def socket(self) -> Path:
+        return Path(self.host.removeprefix("unix://"))
+
+
+ENGINE1 = Engine(
+    key="engine1",
+    host="unix:///var/run/docker.sock",
+    pidfile=STATE / "dockerd.pid",
+    log=STATE / "dockerd.log",
+    args=("-H", "unix:///var/run/docker.sock"),
+)
+ENGINE2 = Engine(
+    key="engine2",
+    host="unix:///run/dolab-docker2.sock",
+    pidfile=STATE / "dockerd2.pid",
+    log=STATE / "dockerd2.log",
+    args=(
+        "-H",
+        "unix:///run/dolab-docker2.sock",
+        f"--data-root={DATA_ROOT2}",
+        f"--exec-root={EXEC_ROOT2}",
+        f"--bridge={BRIDGE2}",
+        # Engine 2 leaves iptables alone: a dockerd that programs iptables flushes the shared DOCKER chains
+        # when it starts, which would drop engine 1's port mappings. Its published ports still work on the host
+        # (docker-proxy), and its containers are reached through the bridge's route.
+        "--iptables=false",
+        "--ip-masq=false",
+        # Separate containerd namespaces in case both engines ever share one system containerd.
+        "--containerd-namespace=dolab2",
+        "--containerd-plugins-namespace=dolab2-plugins",
+    ),
+)
+BRIDGE_KEY = f"bridge:{BRIDGE2}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the image is made from; its hash names the image."""
+
+    suite: str
+    variant: str
+    packages: tuple[str, ...]
+    requirements: tuple[str, ...]
+    user: str
+    uid: int
+    changes: tuple[str, ...]
+    recipe_version: int = RECIPE_VERSION
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def image(self) -> str:
+        return f"{IMAGE_REPO}:{self.digest}"
+
+
+def hub_recipe() -> Recipe:
+    """The recipe for this checkout: the hub's own jupyterhub and jupyterlab versions, so image and hub match."""
+    try:
+        requirements = tuple(f"{name}=={metadata.version(name)}" for name in ("jupyterhub", "jupyterlab"))
+    except metadata.PackageNotFoundError as e:
+        raise StackError(f"{e.name} is not installed in {sys.prefix}: run `make stack-up` (it installs .venv)") from e
+    return Recipe(
+        suite="bookworm",
+        variant="minbase",
+        packages=("python3", "python3-venv", "ca-certificates", "procps"),
+        requirements=requirements,
+        user="jovyan",
+        uid=1000,
+        changes=(
+            "ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "USER jovyan",
+            "WORKDIR /home/jovyan",
+            'CMD ["jupyterhub-singleuser"]',
+        ),
+    )
+
+
+# --- small helpers -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        print(f"==> {name}", flush=True)
+        try:
+            yield
+        finally:
+            took = time.monotonic() - start
+            self.steps.append((name, took))
+            print(f"    {name}: {took:.1f} s", flush=True)
+
+
+def say(message: str) -> None:
+    print(f"    {message}", flush=True)
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command; a failure raises StackError with the command and the end of its output."""
+    result = subprocess.run(cmd, text=True, capture_output=True, **kwargs)
+    if result.returncode != 0:
+        out = (result.stdout + result.stderr).strip()[-3000:]
+        raise StackError(f"`{' '.join(cmd)}` failed with exit code {result.returncode}:\n{out}")
+    return result
+
+
+def ip_json(*args: str) -> list[dict[str, Any]]:
+    out = run(["ip", "-j", *args]).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def connect(host: str, timeout: float = 10) -> docker.DockerClient | None:
+    """A client for the engine at `host`, or None when it does not answer."""
+    try:
+        client = docker.DockerClient(base_url=host, version="auto", timeout=timeout)
+        client.ping()
+        return client
+    except (docker.errors.DockerException, OSError):
+        return None
+    except Exception as e:  # requests' connection errors, which the SDK does not always wrap
+        if type(e).__module__.startswith(("requests", "urllib3")):
+            return None
+        raise
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running process (not gone, not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def our_dockerd(engine: Engine) -> int | None:
+    """The pid of the dockerd that this script started for `engine`, if it is still running."""
+    pid = read_pid(engine.pidfile)
+    if pid is None or not alive(pid):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if os.path.basename(argv[0]) != b"dockerd" or f"--pidfile={engine.pidfile}".encode() not in argv:
+        return None
+    return pid
+
+
+def load_stack() -> dict[str, Any]:
+    try:
+        data = json.loads(STACK_JSON.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """One `up`/`down` at a time."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# --- step 1: packages ----------------------------------------------------------------------------------------
+
+
+def have(program: str) -> bool:
+    return shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is not None
+
+
+def install_packages() -> None:
+    missing = [p for p in ("dockerd", "debootstrap") if not have(p)]
+    if not missing:
+        say("dockerd and debootstrap are installed")
+        return
+    say(f"missing {', '.join(missing)}: installing docker.io and debootstrap")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", "docker.io", "debootstrap"], env=env)
+    still = [p for p in ("dockerd", "debootstrap") if not have(p)]
+    if still:
+        raise StackError(f"apt-get installed docker.io and debootstrap, but {', '.join(still)} is still missing")
+
+
+# --- steps 2 and 3: engines ----------------------------------------------------------------------------------
+
+
+def start_engine(engine: Engine) -> None:
+    """Start `engine`'s dockerd in its own session and wait until it answers."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    pid = our_dockerd(engine)
+    if pid is None:
+        dockerd = shutil.which("dockerd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "dockerd"
+        cmd = [dockerd, *engine.args, f"--pidfile={engine.pidfile}"]
+        with open(engine.log, "ab") as log:
+            log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        pid = proc.pid
+        say(f"started dockerd for {engine.key} (pid {pid}, log {engine.log.relative_to(REPO)})")
+    else:
+        say(f"dockerd for {engine.key} is running (pid {pid}) but does not answer yet; waiting")
+    deadline = time.monotonic() + ENGINE_WAIT_S
+    while time.monotonic() < deadline:
+        if connect(engine.host, timeout=5) is not None:
+            return
+        if not alive(pid):
+            break
+        time.sleep(0.3)
+    tail = engine.log.read_text(errors="replace")[-3000:] if engine.log.exists() else ""
+    state = "exited" if not alive(pid) else f"did not answer on {engine.host} within {ENGINE_WAIT_S:.0f} s"
+    raise StackError(f"dockerd for {engine.key} {state}. End of {engine.log}:\n{tail}")
+
+
+def ensure_engine(engine: Engine, started: list[str], started_now: list[str]) -> docker.DockerClient:
+    """`engine` answering, started here when it does not; returns a client for long calls (load, import)."""
+    if connect(engine.host) is not None:
+        if our_dockerd(engine) is not None:
+            say(f"{engine.key} answers on {engine.host} (started by an earlier `up`)")
+            started.append(engine.key)
+        else:
+            say(f"{engine.key} answers on {engine.host} (not started here: it stays up after `down`)")
+    else:
+        start_engine(engine)
+        started.append(engine.key)
+        started_now.append(engine.key)
+    return docker.DockerClient(base_url=engine.host, version="auto", timeout=LONG_CALL_S)
+
+
+def host_networks() -> list[ipaddress.IPv4Network]:
+    nets = []
+    for link in ip_json("-4", "addr"):
+        for a in link.get("addr_info", []):
+            nets.append(ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False))
+    for route in ip_json("-4", "route"):
+        dst = route.get("dst", "")
+        if dst and dst != "default":
+            nets.append(ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False))
+    return [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+
+
+def bridge_ipv4(name: str) -> str | None:
+    try:
+        links = ip_json("-4", "addr", "show", "dev", name)
+    except StackError:
+        return None
+    for link in links:
+        for a in link.get("addr_info", []):
+            return str(a["local"])
+    return None
+
+
+def ensure_bridge2(started: list[str], started_now: list[str], was_ours: bool) -> str:
+    """Engine 2's bridge with a private /24 that nothing else on this host uses; returns its address."""
+    exists = subprocess.run(["ip", "link", "show", BRIDGE2], capture_output=True).returncode == 0
+    if not exists:
+        run(["ip", "link", "add", "name", BRIDGE2, "type", "bridge"])
+        started_now.append(BRIDGE_KEY)
+        was_ours = True
+    address = bridge_ipv4(BRIDGE2)
+    if address is None:
+        taken = host_networks()
+        for candidate in BRIDGE2_CANDIDATES:
+            net = ipaddress.IPv4Network(candidate)
+            if not any(net.overlaps(t) for t in taken):
+                address = str(next(net.hosts()))
+                run(["ip", "addr", "add", f"{address}/{net.prefixlen}", "dev", BRIDGE2])
+                break
+        else:
+            raise StackError(f"every candidate subnet for {BRIDGE2} overlaps this host's networks: {taken}")
+    run(["ip", "link", "set", BRIDGE2, "up"])
+    if was_ours:
+        started.append(BRIDGE_KEY)
+    say(f"bridge {BRIDGE2} at {address}" + (" (created)" if not exists else ""))
+    return address
+
+
+def engine1_bridge_ip(client: docker.DockerClient) -> str:
+    """Engine 1's default bridge address (docker0), which containers reach the host on."""
+    network = client.networks.get("bridge")
+    name = network.attrs.get("Options", {}).get("com.docker.network.bridge.name", "docker0")
+    address = bridge_ipv4(name)
+    if address:
+        return address
+    for cfg in network.attrs.get("IPAM", {}).get("Config") or []:
+        if cfg.get("Gateway"):
+            return str(cfg["Gateway"])
+    raise StackError(f"cannot find engine 1's bridge address (interface {name})")
+
+
+# --- step 4: the image ---------------------------------------------------------------------------------------
+
+
+def has_image(client: docker.DockerClient, name: str) -> bool:
+    try:
+        client.images.get(name)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def tag_extras(client: docker.DockerClient, recipe: Recipe) -> None:
+    image = client.images.get(recipe.image)
+    for tag in EXTRA_TAGS:
+        name = f"{IMAGE_REPO}:{tag}"
+        if name not in image.tags:
+            image.tag(IMAGE_REPO, tag)
+
+
+def cache_path(recipe: Recipe) -> Path:
+    return CACHE / f"{IMAGE_REPO}-{recipe.digest}.tar"
+
+
+def save_cache(client: docker.DockerClient, recipe: Recipe) -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    target = cache_path(recipe)
+    partial = target.with_suffix(".tar.partial")
+    with open(partial, "wb") as f:
+        for chunk in client.images.get(recipe.image).save(named=True):
+            f.write(chunk)
+    partial.replace(target)
+    for old in CACHE.glob(f"{IMAGE_REPO}-*.tar*"):
+        if old != target:
+            old.unlink()
+    say(f"cached {target.relative_to(REPO)} ({target.stat().st_size / 2**20:.0f} MiB)")
+
+
+def load_cache(client: docker.DockerClient, recipe: Recipe) -> bool:
+    target = cache_path(recipe)
+    if not target.exists():
+        return False
+    with open(target, "rb") as f:
+        client.images.load(f)
+    if not has_image(client, recipe.image):
+        raise StackError(f"loading {target} did not give {recipe.image}; delete the file and rerun")
+    return True
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this host's apt uses (the first URIs of the stanza for the main suite)."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for stanza in re.split(r"\n\s*\n", sources.read_text()):
+            fields = dict(
+                (k.strip(), v.strip())
+                for k, v in (line.split(":", 1) for line in stanza.splitlines() if ":" in line and line[:1] != "#")
+            )
+            uris = fields.get("URIs", "").split()
+            if uris and "-security" not in uris[0]:
+                return uris[0]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and "security" not in parts[1]:
+                return parts[1] if not parts[1].startswith("[") else parts[2]
+    return DEFAULT_MIRROR
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first."""
+    root = os.path.realpath(path)
+    points = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+        if point == root or point.startswith(root + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def unmount_all(path: Path) -> None:
+    for point in mounts_under(path):
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    left = mounts_under(path)
+    if left:
+        raise StackError(f"cannot unmount {left}; unmount them by hand before deleting {path}")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a build tree, never through a mount (a bound /dev must not be emptied)."""
+    if path.exists():
+        unmount_all(path)
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def chroot_mounts(rootfs: Path) -> Iterator[None]:
+    """/dev and /proc inside the root filesystem, unmounted again whatever happens."""
+    try:
+        (rootfs / "dev").mkdir(exist_ok=True)
+        (rootfs / "proc").mkdir(exist_ok=True)
+        run(["mount", "--bind", "/dev", str(rootfs / "dev")])
+        run(["mount", "-t", "proc", "proc", str(rootfs / "proc")])
+        yield
+    finally:
+        unmount_all(rootfs / "proc")
+        unmount_all(rootfs / "dev")
+
+
+def chroot_env() -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "PIP_CERT": str(HOST_CA_BUNDLE),
+        "PIP_NO_CACHE_DIR": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_DEFAULT_TIMEOUT": os.environ.get("PIP_DEFAULT_TIMEOUT", "120"),
+    }
+    # How this host reaches PyPI, where it is set in the environment (PIP_FIND_LINKS is a host path: left out).
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "http_proxy", "https_proxy", "no_proxy"):
+        for variant in (name, name.upper()):
+            if variant in os.environ:
+                env[variant] = os.environ[variant]
+    return env
+
+
+def build_image(client: docker.DockerClient, recipe: Recipe, timings: Timings) -> None:
+    """debootstrap, pip install, add the user, docker import: no registry is involved."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    for stale in BUILD.glob("rootfs-*"):
+        remove_tree(stale)
+    rootfs = BUILD / f"rootfs-{recipe.digest}"
+    try:
+        with timings.step("image: debootstrap"):
+            mirror = debian_mirror()
+            say(f"debootstrap {recipe.suite} from {mirror}")
+            run(
+                [
+                    "debootstrap",
+                    f"--variant={recipe.variant}",
+                    f"--include={','.join(recipe.packages)}",
+                    recipe.suite,
+                    str(rootfs),
+                    mirror,
+                ]
+            )
+        with timings.step("image: pip install"):
+            # The host's CA bundle (it trusts the TLS-intercepting setup PyPI is reached through) and pip config.
+            target_ca = rootfs / HOST_CA_BUNDLE.relative_to("/")
+            target_ca.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(HOST_CA_BUNDLE, target_ca)
+            if HOST_PIP_CONF.exists():
+                shutil.copyfile(HOST_PIP_CONF, rootfs / HOST_PIP_CONF.relative_to("/"))
+            if Path("/etc/resolv.conf").exists():
+                (rootfs / "etc/resolv.conf").unlink(missing_ok=True)
+                shutil.copyfile("/etc/resolv.conf", rootfs / "etc/resolv.conf")
+            script = " && ".join(
+                [
+                    "python3 -m venv /opt/venv",
+                    "/opt/venv/bin/pip install --quiet " + " ".join(recipe.requirements),
+                    f"useradd --uid {recipe.uid} --user-group --create-home --home-dir /home/{recipe.user}"
+                    f" --shell /bin/bash {recipe.user}",
+                    f"mkdir -p /home/{recipe.user}/work",
+                    f"chown -R {recipe.uid}:{recipe.uid} /home/{recipe.user}",
+                    "rm -rf /var/cache/apt/archives/*.deb /var/lib/apt/lists/* /root/.cache",
+                ]
+            )
+            with chroot_mounts(rootfs):
+                run(["chroot", str(rootfs), "/bin/sh", "-c", script], env=chroot_env())
+        with timings.step("image: docker import"):
+            tar = subprocess.Popen(
+                ["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert tar.stdout is not None
+
+            def chunks() -> Iterator[bytes]:
+                assert tar.stdout is not None
+                while chunk := tar.stdout.read(1 << 20):
+                    yield chunk
+
+            try:
+                reply = client.api.import_image(
+                    src=chunks(),
+                    stream_src=True,
+                    repository=IMAGE_REPO,
+                    tag=recipe.digest,
+                    changes=list(recipe.changes),
+                )
+            finally:
+                tar.stdout.close()
+                tar_err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+                tar_rc = tar.wait()
+            if tar_rc != 0:
+                raise StackError(f"tar of {rootfs} failed ({tar_rc}): {tar_err[-2000:]}")
+            if "errorDetail" in str(reply) or not has_image(client, recipe.image):
+                raise StackError(f"docker import of {rootfs} failed: {str(reply)[-2000:]}")
+    finally:
+        with timings.step("image: delete build tree"):
+            remove_tree(rootfs)
+    with timings.step("image: docker save to cache"):
+        save_cache(client, recipe)
+
+
+def ensure_image(client: docker.DockerClient, recipe: Recipe, timings: Timings, engine: Engine) -> str:
+    """Give `engine` the image (and its extra tags): present, else from the cache tarball, else built."""
+    how = "present"
+    if not has_image(client, recipe.image):
+        if load_cache(client, recipe):
+            how = f"loaded from {cache_path(recipe).relative_to(REPO)}"
+        elif engine is ENGINE1:
+            build_image(client, recipe, timings)
+            how = "built"
+        else:
+            raise StackError(f"no cache tarball {cache_path(recipe)} to load into {engine.key}")
+    tag_extras(client, recipe)
+    say(f"{engine.key}: {recipe.image} {how}")
+    return how
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+
+
+def up() -> int:
+    timings = Timings()
+    total = time.monotonic()
+    previous = load_stack()
+    started: list[str] = []
+    started_now: list[str] = []
+    with locked():
+        with timings.step("packages"):
+            install_packages()
+        with timings.step("engine 1"):
+            client1 = ensure_engine(ENGINE1, started, started_now)
+            bridge_ip = engine1_bridge_ip(client1)
+        with timings.step("engine 2"):
+            ours2 = our_dockerd(ENGINE2) is not None or "engine2" in previous.get("started", [])
+            bridge_ip_2 = ensure_bridge2(started, started_now, BRIDGE_KEY in previous.get("started", []) or ours2)
+            client2 = ensure_engine(ENGINE2, started, started_now)
+        recipe = hub_recipe()
+        with timings.step("image on engine 1"):
+            say(f"recipe {recipe.digest}: {recipe.suite} {' '.join(recipe.requirements)}")
+            ensure_image(client1, recipe, timings, ENGINE1)
+            if not cache_path(recipe).exists():  # e.g. the image came from elsewhere: engine 2 needs the tarball
+                save_cache(client1, recipe)
+        with timings.step("image on engine 2"):
+            ensure_image(client2, recipe, timings, ENGINE2)
+        stack = {
+            "docker_host": ENGINE1.host,
+            "docker_host_2": ENGINE2.host,
+            "bridge_ip": bridge_ip,
+            "bridge_ip_2": bridge_ip_2,
+            "image": recipe.image,
+            "images": [recipe.image, *(f"{IMAGE_REPO}:{t}" for t in EXTRA_TAGS)],
+            "started": sorted(set(started)),
+            "started_this_run": started_now,
+        }
+        tmp = STACK_JSON.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(stack, indent=2) + "\n")
+        tmp.replace(STACK_JSON)
+    print(f"\nstack up in {time.monotonic() - total:.1f} s ({STACK_JSON.relative_to(REPO)}):")
+    for name, took in timings.steps:
+        print(f"  {took:7.1f} s  {name}")
+    print(f"  engine 1 {ENGINE1.host} (bridge {bridge_ip}), engine 2 {ENGINE2.host} (bridge {bridge_ip_2})")
+    print(f"  image {recipe.image}; started now: {', '.join(started_now) or 'nothing'}")
+    return 0
+
+
+def remove_test_containers(engine: Engine) -> None:
+    client = connect(engine.host)
+    if client is None:
+        return
+    for container in client.containers.list(all=True, filters={"label": TEST_LABEL}):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+            print(f"  removed container {container.name} from {engine.key}")
+
+
+def stop_engine(engine: Engine) -> None:
+    pid = our_dockerd(engine)
+    if pid is None:
+        print(f"  {engine.key}: no dockerd of ours is running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WAIT_S
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive(pid):
+        print(f"  {engine.key}: dockerd {pid} did not stop in {STOP_WAIT_S:.0f} s; killing it")
+        os.kill(pid, signal.SIGKILL)
+        while alive(pid):
+            time.sleep(0.1)
+    engine.pidfile.unlink(missing_ok=True)
+    print(f"  {engine.key}: stopped dockerd {pid}")
+
+
+def down() -> int:
+    with locked():
+        stack = load_stack()
+        started = set(stack.get("started", []))
+        for engine in (ENGINE1, ENGINE2):
+            remove_test_containers(engine)
+        # A dockerd running from our pidfile was started here, whatever stack.json says.
+        if "engine2" in started or our_dockerd(ENGINE2) is not None:
+            stop_engine(ENGINE2)
+        if connect(ENGINE2.host, timeout=3) is None:
+            if subprocess.run(["ip", "link", "show", BRIDGE2], capture_output=True).returncode == 0:
+                run(["ip", "link", "delete", BRIDGE2])
+                print(f"  deleted bridge {BRIDGE2}")
+        else:
+            print(f"  {BRIDGE2} kept: an engine not started here still answers on {ENGINE2.host}")
+        if "engine1" in started or our_dockerd(ENGINE1) is not None:
+            stop_engine(ENGINE1)
+        elif connect(ENGINE1.host, timeout=3) is not None:
+            print("  engine1: not started here, left running")
+        else:
+            print("  engine1: not running")
+        STACK_JSON.unlink(missing_ok=True)
+    print("stack down")
+    return 0
+
+
+def status() -> int:
+    stack = load_stack()
+    print(json.dumps(stack, indent=2) if stack else f"no {STACK_JSON.relative_to(REPO)}: run `make stack-up`")
+    for engine in (ENGINE1, ENGINE2):
+        client = connect(engine.host, timeout=3)
+        if client is None:
+            print(f"{engine.key} {engine.host}: does not answer")
+            continue
+        version = client.version().get("Version", "?")
+        image = stack.get("image")
+        has = f", {image} {'present' if image and has_image(client, image) else 'missing'}" if image else ""
+        mine = " (started here)" if our_dockerd(engine) else ""
+        print(f"{engine.key} {engine.host}: answers, Docker {version}{mine}{has}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    if args.command != "status" and os.geteuid() != 0:
+        print("tests/stack.py must run as root (it starts dockerd and builds a root filesystem)", file=sys.stderr)
+        return 2
+    try:
+        return {"up": up, "down": down, "status": status}[args.command]()
+    except StackError as e:
+        print(f"\nstack {args.command} failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
