@@ -177,7 +177,8 @@ class DockerBackend(BackendMixin, DockerSpawner):
     pull_pool_size = Integer(2, config=True, help="Threads per engine for image pulls.")
     docker_timeout_seconds = Float(60, config=True, help="SDK timeout of one Docker call (seconds).")
     pull_timeout_seconds = Float(900, config=True, help="SDK timeout between two chunks of a pull (seconds).")
-    ready_timeout_seconds = Float(60, config=True, help="How long to wait for the container's port to open.")
+    ready_timeout_seconds = Float(60, config=True, help="How long to wait for the container's server to answer.")
+    pull_progress_interval_seconds = Float(2, config=True, help="At most one pull progress event this often.")
 
     docker_host = Dict(help="The ``docker_hosts`` entry this server runs on (set by DoLabSpawner).")
     progress_callback: Callable[[int, str], None] | None = AnyTrait(None, allow_none=True)  # type: ignore[assignment]
@@ -235,7 +236,7 @@ class DockerBackend(BackendMixin, DockerSpawner):
             now = time.monotonic()
             if line.get("error"):
                 raise docker.errors.APIError(line["error"])
-            if now - last[0] > 2 and line.get("status"):
+            if now - last[0] >= self.pull_progress_interval_seconds and line.get("status"):
                 last[0] = now
                 detail = f" {line['progress']}" if line.get("progress") else ""
                 loop.call_soon_threadsafe(self._emit, 40, f"Pulling {image}: {line['status']}{detail}")
