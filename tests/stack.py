@@ -5,13 +5,16 @@
     .venv/bin/python tests/stack.py down     # remove test containers, stop what `up` started
 
 Engine 1 is the default engine (unix:///var/run/docker.sock): used as it is when it answers, else started here.
-Engine 2 stands for a second host: its own dockerd, data root, exec root, socket and Linux bridge.
+Engine 2 stands for a second host: its own dockerd, data root, exec root, socket and Linux bridge. It also
+listens on tcp://127.0.0.1:<port> with mutual TLS, as a remote GPU machine is reached: a small CA, a server
+certificate for IP 127.0.0.1 and a client certificate, made once into .dolab/stack/tls and reused while they
+stay valid for more than a day.
 The image is built without any registry: debootstrap a Debian root filesystem, pip-install the hub's own
 jupyterhub and jupyterlab versions into /opt/venv, add user jovyan (uid 1000), and `docker import` it. Its tag
 carries a hash of the recipe, and a `docker save` of it is cached in .dolab/cache, so reruns and wiped engines
 are quick. What `up` started is recorded in .dolab/stack/stack.json, and `down` stops exactly that.
 
-Only the standard library and the docker SDK; run as root.
+Only the standard library, the docker SDK and cryptography (a JupyterHub dependency); run as root.
 """
 
 from __future__ import annotations
@@ -21,22 +24,32 @@ import contextlib
 import fcntl
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
+import docker.tls
+import requests
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 REPO = Path(__file__).resolve().parents[1]
 DOLAB = REPO / ".dolab"
@@ -56,6 +69,13 @@ BRIDGE2 = "dolabbr2"
 BRIDGE2_CANDIDATES = ("10.213.213.0/24", "10.213.214.0/24", "10.231.57.0/24", "172.29.213.0/24", "192.168.213.0/24")
 DATA_ROOT2 = "/var/lib/dolab-docker2"
 EXEC_ROOT2 = "/run/dolab-docker2"
+# Engine 2's TCP listener with mutual TLS; another free port is taken (and recorded) when this one is in use.
+TLS_ADDRESS2 = "127.0.0.1"
+TLS_PORT2 = 23762
+TLS_DIR = STATE / "tls"
+TLS_VALID_DAYS = 825
+TLS_MIN_LEFT = 86400.0  # certificates with less than a day left are made again
+CA_BUNDLE_ENV = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 ENGINE_WAIT_S = 60.0
 STOP_WAIT_S = 60.0
@@ -197,10 +217,10 @@ def ip_json(*args: str) -> list[dict[str, Any]]:
     return json.loads(out) if out else []
 
 
-def connect(host: str, timeout: float = 10) -> docker.DockerClient | None:
-    """A client for the engine at `host`, or None when it does not answer."""
+def connect(host: str, timeout: float = 10, tls: docker.tls.TLSConfig | None = None) -> docker.DockerClient | None:
+    """A client for the engine at `host` (over TLS with `tls`), or None when it does not answer."""
     try:
-        client = docker.DockerClient(base_url=host, version="auto", timeout=timeout)
+        client = docker.DockerClient(base_url=host, version="auto", timeout=timeout, tls=tls if tls else False)
         client.ping()
         return client
     except (docker.errors.DockerException, OSError):
@@ -324,6 +344,332 @@ def ensure_engine(engine: Engine, started: list[str], started_now: list[str]) ->
         started.append(engine.key)
         started_now.append(engine.key)
     return docker.DockerClient(base_url=engine.host, version="auto", timeout=LONG_CALL_S)
+
+
+# --- engine 2 over TCP with mutual TLS -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The CA, engine 2's server certificate and key, and the client certificate and key, as files in `root`."""
+
+    root: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server-cert.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server-key.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "cert.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "key.pem"
+
+    def dockerd_args(self, port: int) -> tuple[str, ...]:
+        return (
+            "-H",
+            f"tcp://{TLS_ADDRESS2}:{port}",
+            "--tlsverify",
+            f"--tlscacert={self.ca}",
+            f"--tlscert={self.server_cert}",
+            f"--tlskey={self.server_key}",
+        )
+
+    def record(self) -> dict[str, Any]:
+        """What stack.json says: the keyword arguments of docker.tls.TLSConfig."""
+        return {"ca_cert": str(self.ca), "client_cert": [str(self.cert), str(self.key)], "verify": True}
+
+    def config(self, client_cert: bool = True) -> docker.tls.TLSConfig:
+        return docker.tls.TLSConfig(
+            ca_cert=str(self.ca), client_cert=(str(self.cert), str(self.key)) if client_cert else None, verify=True
+        )
+
+
+TLS_FILES = TlsFiles(TLS_DIR)
+
+
+def tls_name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "DO-LAB test stack"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def issue(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    usage: x509.ObjectIdentifier | None,
+    now: datetime,
+) -> x509.Certificate:
+    """A certificate for `key`: the CA's own when `usage` is None, else a leaf for that extended key usage."""
+    is_ca = usage is None
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=TLS_VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=is_ca,
+                crl_sign=is_ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if usage is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(TLS_ADDRESS2))]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def write_secret(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` through a temporary file that has `mode` from the start."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+    tmp.replace(path)
+
+
+def make_tls(files: TlsFiles) -> None:
+    now = datetime.now(timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = tls_name("DO-LAB test stack CA")
+    ca = issue(ca_name, ca_key, ca_name, ca_key, None, now)
+    pem = serialization.Encoding.PEM
+    for cert_path, key_path, common_name, usage in (
+        (files.server_cert, files.server_key, TLS_ADDRESS2, ExtendedKeyUsageOID.SERVER_AUTH),
+        (files.cert, files.key, "dolab-test-client", ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        write_secret(key_path, key_pem, 0o600)
+        write_secret(cert_path, issue(tls_name(common_name), key, ca_name, ca_key, usage, now).public_bytes(pem), 0o644)
+    write_secret(files.ca, ca.public_bytes(pem), 0o644)
+
+
+def tls_problem(files: TlsFiles) -> str | None:
+    """Why the certificates in `files` cannot be used (another day) as they are, or None when they can."""
+    try:
+        ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+        pairs = [
+            (path.name, x509.load_pem_x509_certificate(path.read_bytes()), key_path, usage)
+            for path, key_path, usage in (
+                (files.server_cert, files.server_key, ExtendedKeyUsageOID.SERVER_AUTH),
+                (files.cert, files.key, ExtendedKeyUsageOID.CLIENT_AUTH),
+            )
+        ]
+        now = datetime.now(timezone.utc)
+        for name, cert in [(files.ca.name, ca), *((name, cert) for name, cert, _, _ in pairs)]:
+            if (cert.not_valid_after_utc - now).total_seconds() < TLS_MIN_LEFT:
+                return f"{name} expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            if cert.not_valid_before_utc > now:
+                return f"{name} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        for name, cert, key_path, usage in pairs:
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                return f"{name} is not signed by {files.ca.name}"
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+                return f"{key_path.name} is not the key of {name}"
+            if usage not in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value:
+                return f"{name} lacks extended key usage {usage.dotted_string}"
+            if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+                ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                if ipaddress.ip_address(TLS_ADDRESS2) not in ips.get_values_for_type(x509.IPAddress):
+                    return f"{name} is not for IP {TLS_ADDRESS2}"
+    except FileNotFoundError as e:
+        return f"{Path(str(e.filename)).name} is missing"
+    except (OSError, ValueError, TypeError, x509.ExtensionNotFound) as e:
+        return f"unusable ({e})"
+    return None
+
+
+def ensure_tls() -> tuple[TlsFiles, bool]:
+    """The TLS files, made now when missing or no longer good; returns them and whether they were made now."""
+    files = TLS_FILES
+    files.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(files.root, 0o700)
+    problem = tls_problem(files)
+    if problem is None:
+        for key in (files.server_key, files.key):
+            os.chmod(key, 0o600)
+        until = x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
+        say(f"TLS certificates in {files.root.relative_to(REPO)} reused (client certificate until {until:%Y-%m-%d})")
+        return files, False
+    make_tls(files)
+    if tls_problem(files) is not None:
+        raise StackError(f"the TLS certificates just made in {files.root} are unusable: {tls_problem(files)}")
+    say(f"TLS certificates made in {files.root.relative_to(REPO)} ({problem})")
+    return files, True
+
+
+def tls_host(port: int) -> str:
+    return f"tcp://{TLS_ADDRESS2}:{port}"
+
+
+def recorded_port(host: str) -> int | None:
+    match = re.fullmatch(rf"tcp://{re.escape(TLS_ADDRESS2)}:(\d+)", host)
+    return int(match.group(1)) if match else None
+
+
+def listener_port(pid: int, files: TlsFiles) -> int | None:
+    """The port our engine 2 dockerd (`pid`) listens on with these TLS files, or None when it has no such listener."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return None
+    for flag, value in itertools.pairwise(argv):
+        port = recorded_port(value) if flag in ("-H", "--host") else None
+        if port is not None and set(files.dockerd_args(port)) <= set(argv):
+            return port
+    return None
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as dockerd binds: TIME_WAIT does not block it
+        try:
+            s.bind((TLS_ADDRESS2, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_tls_port(files: TlsFiles, previous: dict[str, Any]) -> int:
+    """Engine 2's TLS port: the one it listens on now, else TLS_PORT2, the recorded one, or any free port."""
+    pid = our_dockerd(ENGINE2)
+    if pid is not None and (port := listener_port(pid, files)) is not None:
+        return port
+    candidates = [TLS_PORT2]
+    recorded = recorded_port(str(previous.get("docker_host_2_tls", "")))
+    if recorded is not None and recorded != TLS_PORT2:
+        candidates.append(recorded)
+    for port in candidates:
+        if port_free(port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((TLS_ADDRESS2, 0))
+        port = int(s.getsockname()[1])
+    say(f"port {TLS_PORT2} is in use: engine 2 listens for TLS on {port} instead")
+    return port
+
+
+@contextlib.contextmanager
+def without_ca_bundle_env() -> Iterator[None]:
+    """requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override TLSConfig's ca_cert (docker/docker-py#2433):
+    unset them while the engine's own CA is what must verify it."""
+    saved = {name: os.environ.pop(name) for name in CA_BUNDLE_ENV if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def check_tls(host: str, files: TlsFiles) -> str:
+    """Engine 2 answers on `host` with the client certificate and refuses a client without one; returns its version."""
+    with without_ca_bundle_env():
+        return check_tls_now(host, files)
+
+
+def check_tls_now(host: str, files: TlsFiles) -> str:
+    deadline = time.monotonic() + 15
+    while (client := connect(host, tls=files.config())) is None:
+        if time.monotonic() > deadline:
+            try:
+                docker.DockerClient(base_url=host, version="auto", timeout=5, tls=files.config()).ping()
+                why = "it answers only now"
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+            raise StackError(f"engine 2 does not answer on {host} over TLS with the client certificate: {why}")
+        time.sleep(0.3)
+    version = str(client.version().get("Version", "?"))
+    client.close()
+    try:
+        bare = docker.DockerClient(base_url=host, version=client.api.api_version, timeout=10, tls=files.config(False))
+        bare.version()
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError):
+        pass  # refused, as it must be
+    else:
+        raise StackError(f"engine 2 on {host} answered a client without the client certificate")
+    return version
+
+
+def ensure_tls_listener(engine2: Engine, files: TlsFiles, made: bool, started_now: list[str]) -> str:
+    """Engine 2 listening on its TLS port with `files` (restarted when it does not); returns that tcp:// host.
+
+    An engine 2 that this script did not start is left as it is: then there is no TLS host, and "" is returned.
+    """
+    host = next(a for a in engine2.args if a.startswith("tcp://"))
+    port = recorded_port(host)
+    pid = our_dockerd(ENGINE2)
+    if pid is None:
+        say(f"WARNING: engine 2 on {ENGINE2.host} was not started here: no TLS listener, tests over TLS cannot run")
+        return ""
+    fresh = ENGINE2.key in started_now
+    if listener_port(pid, files) != port or (made and not fresh):
+        why = "new certificates" if listener_port(pid, files) == port else "no TLS listener yet"
+        say(f"restarting engine 2 ({why}): its containers stop")
+        stop_engine(ENGINE2)
+        start_engine(engine2)
+        fresh = True
+    try:
+        version = check_tls(host, files)
+    except StackError as e:
+        if fresh:
+            raise
+        say(f"restarting engine 2: {e}")
+        stop_engine(ENGINE2)
+        start_engine(engine2)
+        version = check_tls(host, files)
+        fresh = True
+    if fresh and ENGINE2.key not in started_now:
+        started_now.append(ENGINE2.key)
+    say(f"engine 2 answers on {host} over mutual TLS (Docker {version}); refused without the client certificate")
+    return host
+
+
+def tls_config(record: dict[str, Any]) -> docker.tls.TLSConfig:
+    """A TLSConfig from stack.json's `tls_2`."""
+    cert = record.get("client_cert")
+    return docker.tls.TLSConfig(
+        ca_cert=record.get("ca_cert"), client_cert=tuple(cert) if cert else None, verify=record.get("verify", True)
+    )
 
 
 def host_networks() -> list[ipaddress.IPv4Network]:
@@ -628,7 +974,11 @@ def up() -> int:
         with timings.step("engine 2"):
             ours2 = our_dockerd(ENGINE2) is not None or "engine2" in previous.get("started", [])
             bridge_ip_2 = ensure_bridge2(started, started_now, BRIDGE_KEY in previous.get("started", []) or ours2)
-            client2 = ensure_engine(ENGINE2, started, started_now)
+            tls_files, made = ensure_tls()
+            engine2 = replace(ENGINE2, args=ENGINE2.args + tls_files.dockerd_args(choose_tls_port(tls_files, previous)))
+            ensure_engine(engine2, started, started_now)
+            host_2_tls = ensure_tls_listener(engine2, tls_files, made, started_now)
+            client2 = docker.DockerClient(base_url=ENGINE2.host, version="auto", timeout=LONG_CALL_S)  # after a restart
         recipe = hub_recipe()
         with timings.step("image on engine 1"):
             say(f"recipe {recipe.digest}: {recipe.suite} {' '.join(recipe.requirements)}")
@@ -640,6 +990,8 @@ def up() -> int:
         stack = {
             "docker_host": ENGINE1.host,
             "docker_host_2": ENGINE2.host,
+            "docker_host_2_tls": host_2_tls,
+            "tls_2": tls_files.record() if host_2_tls else {},
             "bridge_ip": bridge_ip,
             "bridge_ip_2": bridge_ip_2,
             "image": recipe.image,
@@ -654,6 +1006,7 @@ def up() -> int:
     for name, took in timings.steps:
         print(f"  {took:7.1f} s  {name}")
     print(f"  engine 1 {ENGINE1.host} (bridge {bridge_ip}), engine 2 {ENGINE2.host} (bridge {bridge_ip_2})")
+    print(f"  engine 2 over mutual TLS: {host_2_tls or 'none'} (certificates in {tls_files.root.relative_to(REPO)})")
     print(f"  image {recipe.image}; started now: {', '.join(started_now) or 'nothing'}")
     return 0
 
@@ -725,7 +1078,21 @@ def status() -> int:
         has = f", {image} {'present' if image and has_image(client, image) else 'missing'}" if image else ""
         mine = " (started here)" if our_dockerd(engine) else ""
         print(f"{engine.key} {engine.host}: answers, Docker {version}{mine}{has}")
+    host_2_tls, record = stack.get("docker_host_2_tls"), stack.get("tls_2")
+    if host_2_tls and isinstance(record, dict):
+        print(f"engine2 {host_2_tls}: {tls_status(host_2_tls, record)}")
     return 0
+
+
+def tls_status(host: str, record: dict[str, Any]) -> str:
+    try:
+        with without_ca_bundle_env():
+            client = connect(host, timeout=3, tls=tls_config(record))
+            if client is None:
+                return "does not answer over TLS" + (" (reading the client key needs root)" if os.geteuid() else "")
+            return f"answers over mutual TLS, Docker {client.version().get('Version', '?')}"
+    except docker.errors.DockerException as e:  # e.g. the certificate files are gone
+        return f"unusable TLS settings: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,23 @@ __all__ = ["DOLAB_LABEL", "DockerBackend", "DockerEngines", "check_docker_hosts"
 DOLAB_LABEL = "dolab.managed"
 
 
+class _TlsEngineClient(docker.APIClient):
+    """An engine client that trusts only its configured CA.
+
+    requests prefers REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE from the environment over the client's own CA
+    (docker-py#2433), so a hub with a corporate CA bundle could never verify its TLS engines. requests.Session
+    sets ``trust_env`` in its constructor, before docker-py's first call; this property keeps it off.
+    """
+
+    @property
+    def trust_env(self) -> bool:
+        return False
+
+    @trust_env.setter
+    def trust_env(self, value: bool) -> None:
+        pass
+
+
 class DockerEngines:
     """One API client and two bounded thread pools per Docker engine, shared by every server of the hub."""
 
@@ -60,9 +77,11 @@ class DockerEngines:
                     kwargs["use_ssh_client"] = bool(host.get("use_ssh_client", False))
             else:
                 kwargs.update(docker.utils.kwargs_from_env())
+            client_class = docker.APIClient
             if host.get("tls"):
                 kwargs["tls"] = docker.tls.TLSConfig(**host["tls"])
-            self._clients[key] = docker.APIClient(**kwargs)
+                client_class = _TlsEngineClient
+            self._clients[key] = client_class(**kwargs)
         return self._clients[key]
 
     def pool(self, host: dict[str, Any], size: int, purpose: str = "api") -> ThreadPoolExecutor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,21 @@ class DockerStack:
     image: str  # dolab-singleuser-test:<recipe hash>; also tagged :latest and :alt on both engines
     images: tuple[str, ...] = ()
     started: tuple[str, ...] = ()
+    # Engine 2 over TCP with mutual TLS, as a remote GPU machine is reached: tcp://127.0.0.1:<port>, and the keyword
+    # arguments of docker.tls.TLSConfig for it ({"ca_cert": path, "client_cert": (cert, key), "verify": True}).
+    # Both empty with a stack.json from before the TLS listener. Note: requests lets REQUESTS_CA_BUNDLE or
+    # CURL_CA_BUNDLE, where set, override TLSConfig's ca_cert (docker/docker-py#2433).
+    docker_host_2_tls: str = ""
+    tls_2: dict[str, Any] = field(default_factory=dict)
+
+
+def frozen(value: Any) -> Any:
+    """JSON lists as tuples, also inside objects (tls_2's client_cert)."""
+    if isinstance(value, list):
+        return tuple(frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: frozen(v) for k, v in value.items()}
+    return value
 
 
 def docker_stack() -> DockerStack:
@@ -36,7 +51,7 @@ def docker_stack() -> DockerStack:
     try:
         data = json.loads(STACK_JSON.read_text())
         known = {f.name for f in fields(DockerStack)}
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values: dict[str, Any] = {k: frozen(v) for k, v in data.items() if k in known}
         return DockerStack(**values)
     except (OSError, ValueError, TypeError) as e:
         problem = f"The Docker test stack is not up ({STACK_JSON} is missing or unreadable: {e})"

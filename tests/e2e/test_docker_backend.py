@@ -97,8 +97,10 @@ def hub(stack: DockerStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     docker_hosts = [
         {"name": "local", "url": stack.docker_host},
         {
+            # A second machine, reached as a remote one would be: TCP with mutual TLS.
             "name": "second",
-            "url": stack.docker_host_2,
+            "url": stack.docker_host_2_tls,
+            "tls": dict(stack.tls_2),
             "gpu_inventory": fake_gpus(dev, "second", ["NVIDIA A100 80GB"] * 2),
             "hub_connect_url": f"http://{stack.bridge_ip_2}:{hub_port}",
             "workspace": "volume",
