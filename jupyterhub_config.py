@@ -14,6 +14,7 @@ from pathlib import Path
 
 from traitlets import TraitError
 
+from dolab_services.reaper import reaper_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
 from dolab_spawner.paths import default_data_dir
@@ -72,12 +73,15 @@ c.DoLabSpawner.max_run_hours = env_float(env, "DOLAB_MAX_RUN_HOURS", 168)
 try:
     profiles = env_json(env, "DOLAB_PROFILES")
     inventory = env_json(env, "DOLAB_GPU_INVENTORY")
+    docker_hosts = env_json(env, "DOLAB_DOCKER_HOSTS")
 except ConfigEnvError as e:
     sys.exit(f"DO-LAB: bad configuration: {e}")
 if profiles is not None:
     c.DoLabSpawner.profile_list = profiles
 if inventory is not None:
     c.DoLabSpawner.gpu_inventory = inventory
+if docker_hosts is not None:
+    c.DoLabSpawner.docker_hosts = docker_hosts
 c.DoLabSpawner.gpu_ids = env_list(env, "DOLAB_GPU_IDS")
 c.LocalProcessBackend.log_dir = str(data_dir / "logs")
 
@@ -104,3 +108,13 @@ if c.JupyterHub.spawner_class in ("dolab", DoLabSpawner):
         DoLabSpawner.check_config(c)
     except TraitError as e:
         sys.exit(f"DO-LAB: bad configuration: {e}")
+
+# --- the reaper: after the overlays, so it sweeps the docker_hosts they set ----------------------------------
+# Reports (DOLAB_REAPER_REMOVE=1: removes) DO-LAB containers no server owns; only when a profile uses docker.
+try:
+    reaper = reaper_service(c, env, sys.executable)
+except ValueError as e:
+    sys.exit(f"DO-LAB: bad configuration: {e}")
+if reaper is not None:
+    c.JupyterHub.services = [*c.JupyterHub.services, reaper[0]]
+    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, reaper[1]]

@@ -131,8 +131,8 @@ class StubEngine:
     def inspect_image(self, image: str) -> dict[str, Any]:
         raise docker.errors.ImageNotFound(f"No such image: {image}")
 
-    def pull(self, repo: str, tag: str, stream: bool, decode: bool) -> Iterator[dict[str, Any]]:
-        assert (repo, tag, stream, decode) == ("registry.example/lab", "2.1", True, True)
+    def pull(self, repository: str, stream: bool, decode: bool) -> Iterator[dict[str, Any]]:
+        assert (repository, stream, decode) == ("registry.example/lab:2.1", True, True)
         for line in self.lines:
             time.sleep(0.01)
             yield line

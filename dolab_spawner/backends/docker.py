@@ -262,8 +262,8 @@ class DockerBackend(BackendMixin, DockerSpawner):
 
         def pull() -> None:
             client = engines.client(self.docker_host, self.pull_timeout_seconds, purpose="pull")
-            repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
-            for line in client.pull(repo, tag=tag, stream=True, decode=True):
+            # docker-py splits the name itself (registry:port/repo:tag, repo@sha256:digest).
+            for line in client.pull(image, stream=True, decode=True):
                 report(line)
 
         pool = engines.pool(self.docker_host, self.pull_pool_size, purpose="pull")

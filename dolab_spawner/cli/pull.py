@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import CliError, _short, format_table, run_with_timeout
+from .doctor import _config_dir, _docker_reason
 
 __all__ = [
     "PRESENT",
@@ -127,7 +129,7 @@ def load_hub_config(path: Path) -> Any:
     from traitlets.config.loader import PyFileConfigLoader
 
     if not path.is_file():
-        raise CliError(f"No hub config at {path}: pass --config.")
+        raise CliError(f"No hub config at {path}: pass --config with the hub's jupyterhub_config.py.")
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
@@ -162,7 +164,9 @@ def pull_on_engine(
     try:
         api = run_with_timeout(lambda: engines.client(dict(host), 30), 35)
     except Exception as e:
-        return [PullRow(image, engine, f"failed: the engine is not answering ({_short(e)})") for image in images]
+        return [
+            PullRow(image, engine, f"failed: the engine is not answering ({_docker_reason(e)})") for image in images
+        ]
     rows = []
     for image in images:
         try:
@@ -193,8 +197,6 @@ def pull_on_engine(
 
 
 def _default_config() -> Path:
-    from .doctor import _config_dir
-
     return _config_dir() / "jupyterhub_config.py"
 
 
@@ -211,13 +213,15 @@ def _pull(args: argparse.Namespace) -> int:
     images = list(dict.fromkeys(args.images)) or configured_images(config, _docker_default_image())
     if not images:
         raise CliError(
-            f"{config_path} names no Docker image (no docker profile, no DockerSpawner.image): name the images to pull."
+            f"{config_path} names no Docker image (no docker profile in a profile_list list, no DockerSpawner.image):"
+            " name the images to pull."
         )
     hosts = [{"name": args.docker_host, "url": args.docker_host}] if args.docker_host else configured_engines(config)
     rows: list[PullRow] = []
     for host in hosts:
         rows.extend(pull_on_engine(host, images, args.timeout, lambda line: print(line, file=sys.stderr, flush=True)))
-    print(format_table(PULL_HEADERS, [(r.image, r.engine, r.result) for r in rows]))
+    wrap_at = max(40, shutil.get_terminal_size((160, 24)).columns - 70)
+    print(format_table(PULL_HEADERS, [(r.image, r.engine, r.result) for r in rows], wrap_at=wrap_at))
     good = sum(r.ok for r in rows)
     print(f"\n{good} of {len(rows)} image(s) on their engine{'s' if len(hosts) > 1 else ''}.")
     return 0 if good == len(rows) else 1

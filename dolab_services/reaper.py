@@ -1,0 +1,508 @@
+"""dolab-reaper: find the Docker containers DO-LAB made that no server in the hub owns, and report or remove them.
+
+The hub saves a server's state only after its start returns, so a hub that crashes during a start, a restored
+database, or a hub that forgot a server at restart leaves containers behind, each holding its GPUs. Every
+``--interval`` seconds the reaper lists the containers labelled ``dolab.managed=true`` on every engine of
+``docker_hosts``, asks the hub which servers exist, and logs each orphan (the default, a dry run) or force-removes
+it (``--remove``)::
+
+    python -m dolab_services.reaper [--interval 600] [--grace-seconds 300] [--remove] [--once]
+                                    [--docker-hosts JSON]   # default: $DOLAB_DOCKER_HOSTS, else [{"name": "local"}]
+
+The shipped ``jupyterhub_config.py`` runs it as a hub-managed service (:func:`reaper_service`) whenever a profile
+uses the docker backend; ``DOLAB_REAPER_REMOVE=1`` turns removal on, ``DOLAB_REAPER_INTERVAL`` sets the interval.
+
+Scopes (role ``dolab-reaper``, least privilege): ``list:users``, ``read:users:name``, ``read:servers`` and
+``admin:server_state`` (a server's state names its container). It needs no right on servers: it removes
+containers through the Docker engines, never through the hub.
+
+What is kept, in the order :func:`find_orphans` checks: a container younger than ``--grace-seconds``; one that a
+server's state names (by id, or by name on the same engine); one whose server (labels ``dolab.user`` and
+``dolab.server``) is pending (starting or stopping, its state may be empty) or names no container at all. A sweep
+removes nothing when the hub cannot be read or does not show the servers' state, and each orphan is checked again
+against its user's own model just before it is reported or removed. One engine that does not answer, or one
+container that cannot be removed, is logged and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from traitlets import Bool, Float, Integer, Unicode, default
+from traitlets.config import Application, Config, LazyConfigValue
+
+from dolab_spawner.backends.docker import DOLAB_LABEL, check_docker_hosts, engines
+from dolab_spawner.hubconfig import env_float
+
+from .hubclient import HubAPIError, HubClient
+
+__all__ = [
+    "REAPER_SCOPES",
+    "Orphan",
+    "Reaper",
+    "SweepResult",
+    "container_record",
+    "find_orphans",
+    "main",
+    "parse_docker_hosts",
+    "reaper_service",
+    "servers_of",
+    "state_problem",
+    "sweep",
+]
+
+#: What the reaper's token needs, and what the shipped config's ``dolab-reaper`` role grants.
+REAPER_SCOPES = ("list:users", "read:users:name", "read:servers", "admin:server_state")
+DEFAULT_HOSTS = [{"name": "local"}]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A DO-LAB container that no server in the hub owns, and why."""
+
+    engine: str
+    id: str
+    name: str
+    user: str
+    server: str
+    created: float  # unix seconds
+    reason: str
+
+    @property
+    def since(self) -> str:
+        """When the container was created, in UTC."""
+        return datetime.fromtimestamp(self.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def describe(self, now: float) -> str:
+        """One log line's worth: name, id, engine, user, server, since when, why."""
+        return (
+            f"container {self.name} (id {self.id[:12]}) on engine {self.engine}: user {self.user or '?'}, "
+            f"server {self.server or '(default)'}, since {self.since} ({_age(now - self.created)} ago); {self.reason}"
+        )
+
+
+@dataclass
+class SweepResult:
+    """What one sweep found and did; ``hub_error`` is set when it acted on nothing because the hub was unreadable."""
+
+    containers: int = 0
+    orphans: list[Orphan] = field(default_factory=list)
+    removed: list[Orphan] = field(default_factory=list)
+    failed: list[Orphan] = field(default_factory=list)
+    engines_down: list[str] = field(default_factory=list)
+    hub_error: str = ""
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+# ----- pure policy -----------------------------------------------------------------------------------------
+
+
+def container_record(engine: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A container as :func:`find_orphans` reads it, from docker's ``containers()`` entry found on ``engine``."""
+    names = raw.get("Names") or []
+    return {
+        "engine": engine,
+        "id": str(raw.get("Id", "")),
+        "name": str(names[0]).lstrip("/") if names else "",
+        "labels": dict(raw.get("Labels") or {}),
+        "created": float(raw.get("Created") or 0),
+    }
+
+
+def servers_of(users: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The server models of the hub's user models, each with its ``user`` and ``name``."""
+    return [
+        {**(model or {}), "user": str(user.get("name", "")), "name": name}
+        for user in users
+        for name, model in (user.get("servers") or {}).items()
+    ]
+
+
+def state_problem(users: Sequence[Mapping[str, Any]]) -> str | None:
+    """A sentence when the user models lack the servers or their state (the token's scopes), else None."""
+    for user in users:
+        servers = user.get("servers")
+        if not isinstance(servers, Mapping):
+            return "The hub lists users without their servers: the token needs read:servers."
+        if any(not isinstance(s, Mapping) or "state" not in s for s in servers.values()):
+            return "The hub lists servers without their state: the token needs admin:server_state."
+    return None
+
+
+def _placement(state: Mapping[str, Any]) -> tuple[str, str, str]:
+    """``(engine, container id, container name)`` a docker server's state names ("" where it names none)."""
+    backend_state = state.get("backend_state") or {}
+    engine = str(backend_state.get("docker_host") or state.get("host") or "local")
+    return engine, str(backend_state.get("object_id") or ""), str(backend_state.get("object_name") or "")
+
+
+def _same_id(a: str, b: str) -> bool:
+    """Full ids, or one a prefix (12+ characters) of the other."""
+    return bool(a and b) and (a == b or (min(len(a), len(b)) >= 12 and (a.startswith(b) or b.startswith(a))))
+
+
+def find_orphans(
+    containers: Sequence[Mapping[str, Any]],
+    servers: Sequence[Mapping[str, Any]],
+    now: float,
+    grace_seconds: float,
+) -> list[Orphan]:
+    """The containers no server owns (see the module's docstring for what is kept).
+
+    ``containers``: :func:`container_record` dicts (engine, id, name, labels, created). ``servers``: the hub's
+    server models with their ``user`` and ``name`` (:func:`servers_of`), ``pending`` and ``state``.
+    """
+    owned_ids: list[str] = []
+    owned_names: set[tuple[str, str]] = set()
+    by_key: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for server in servers:
+        by_key[(str(server.get("user", "")), str(server.get("name", "")))] = server
+        state = server.get("state") or {}
+        if state.get("backend") == "docker":
+            engine, object_id, object_name = _placement(state)
+            owned_ids.extend([object_id] if object_id else [])
+            owned_names.update([(engine, object_name)] if object_name else [])
+
+    orphans = []
+    for container in containers:
+        labels = container.get("labels") or {}
+        if labels.get(DOLAB_LABEL) != "true" or now - float(container.get("created") or 0) < grace_seconds:
+            continue
+        engine, cid = str(container.get("engine", "")), str(container.get("id", ""))
+        cname = str(container.get("name", ""))
+        if (engine, cname) in owned_names or any(_same_id(cid, owned) for owned in owned_ids):
+            continue
+        user, name = str(labels.get("dolab.user", "")), str(labels.get("dolab.server", ""))
+        label = f"{user}/{name}" if name else user
+        found = by_key.get((user, name))
+        reason = ""
+        if found is None:
+            reason = f"the hub lists no server {label}"
+        elif not found.get("pending"):
+            state = found.get("state") or {}
+            backend = state.get("backend")
+            on_engine, object_id, object_name = _placement(state)
+            if backend and backend != "docker":
+                reason = f"server {label} now runs on the {backend} backend"
+            elif backend and on_engine != engine:
+                reason = f"server {label} runs on engine {on_engine}"
+            elif object_id or object_name:
+                reason = f"server {label} runs container {object_name or object_id[:12]}"
+        if reason:
+            orphans.append(Orphan(engine, cid, cname, user, name, float(container.get("created") or 0), reason))
+    return orphans
+
+
+# ----- the sweep -------------------------------------------------------------------------------------------
+
+
+async def _on_engine(host: Mapping[str, Any], timeout_seconds: float, pool_size: int, call: Callable[[Any], T]) -> T:
+    """``call(client)`` on the engine's own thread pool, under the SDK's timeout and a wait of our own."""
+
+    def run() -> T:
+        return call(engines.client(dict(host), timeout_seconds))
+
+    future = engines.pool(dict(host), pool_size, purpose="reaper").submit(run)
+    return await asyncio.wait_for(asyncio.wrap_future(future), timeout_seconds + 5)
+
+
+async def _list_engine(
+    host: Mapping[str, Any], label_filters: Sequence[str], timeout_seconds: float, pool_size: int
+) -> list[dict[str, Any]]:
+    filters = {"label": [f"{DOLAB_LABEL}=true", *label_filters]}
+    raw = await _on_engine(host, timeout_seconds, pool_size, lambda c: c.containers(all=True, filters=filters))
+    return [container_record(str(host["name"]), entry) for entry in raw]
+
+
+def _remover(container_id: str) -> Callable[[Any], Any]:
+    return lambda client: client.remove_container(container_id, force=True)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, asyncio.TimeoutError):
+        return "no answer in time"
+    text = str(getattr(error, "explanation", None) or error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+async def _confirm(hub: HubClient, orphan: Orphan, container: Mapping[str, Any], now: float, grace: float) -> bool:
+    """Ask again for the orphan's own user, just before acting: a paged list can miss a user that moved pages."""
+    if not orphan.user:
+        return True
+    try:
+        user = await hub.request("GET", f"/users/{quote(orphan.user, safe='')}")
+    except HubAPIError as e:
+        if e.status == 404:
+            return True
+        raise
+    if not isinstance(user, Mapping) or state_problem([user]):
+        return False
+    return bool(find_orphans([container], servers_of([user]), now, grace))
+
+
+async def sweep(
+    hub: HubClient,
+    hosts: Sequence[Mapping[str, Any]],
+    *,
+    remove: bool = False,
+    grace_seconds: float = 300,
+    docker_timeout_seconds: float = 30,
+    docker_pool_size: int = 4,
+    label_filters: Sequence[str] = (),
+    log: logging.Logger | None = None,
+) -> SweepResult:
+    """One pass over every engine: list DO-LAB's containers, read the hub, log (and with ``remove`` remove) orphans.
+
+    ``label_filters`` (``key=value``) narrow the containers further (tests use it to see only their own).
+    """
+    log = log or logging.getLogger("dolab.reaper")
+    result = SweepResult()
+    containers: list[dict[str, Any]] = []
+    # Containers first, then the hub: every container seen existed before the hub's answer was made.
+    listings = await asyncio.gather(
+        *(_list_engine(h, label_filters, docker_timeout_seconds, docker_pool_size) for h in hosts),
+        return_exceptions=True,
+    )
+    for host, listing in zip(hosts, listings, strict=True):
+        if isinstance(listing, BaseException):
+            result.engines_down.append(str(host["name"]))
+            log.warning(
+                "Docker engine %s is not answering (%s); skipping it this sweep", host["name"], _reason(listing)
+            )
+        else:
+            containers.extend(listing)
+    result.containers = len(containers)
+    try:
+        users = [user async for user in hub.users(state="active")]
+        problem = state_problem(users)
+        if problem:
+            raise HubAPIError(200, problem)
+        now = time.time()
+        seen = {(c["engine"], c["id"]): c for c in containers}
+        candidates = find_orphans(containers, servers_of(users), now, grace_seconds)
+        confirmed = await asyncio.gather(
+            *(_confirm(hub, o, seen[(o.engine, o.id)], now, grace_seconds) for o in candidates)
+        )
+    except HubAPIError as e:
+        result.hub_error = str(e)
+        log.error("Cannot read the hub's servers, so nothing is reaped this sweep: %s", e)
+        return result
+    result.orphans = [o for o, sure in zip(candidates, confirmed, strict=True) if sure]
+    hosts_by_name = {str(h["name"]): h for h in hosts}
+    for orphan in result.orphans:
+        if not remove:
+            log.info("Orphan %s. Dry run: not removed (--remove removes it)", orphan.describe(now))
+            continue
+        try:
+            await _on_engine(
+                hosts_by_name[orphan.engine],
+                docker_timeout_seconds,
+                docker_pool_size,
+                _remover(orphan.id),
+            )
+        except Exception as e:
+            if getattr(e, "status_code", None) == 404:
+                log.info("Orphan %s; already gone", orphan.describe(now))
+                continue
+            result.failed.append(orphan)
+            log.error("Could not remove orphan %s: %s", orphan.describe(now), _reason(e))
+            continue
+        result.removed.append(orphan)
+        log.info("Removed orphan %s", orphan.describe(now))
+    # A quiet sweep is polling (debug); one that found something is worth an info line.
+    log.log(
+        logging.INFO if result.orphans or result.engines_down else logging.DEBUG,
+        "Sweep done: %d DO-LAB container(s) on %d engine(s), %d orphan(s), %d removed%s",
+        result.containers,
+        len(hosts) - len(result.engines_down),
+        len(result.orphans),
+        len(result.removed),
+        f"; not answering: {', '.join(result.engines_down)}" if result.engines_down else "",
+    )
+    return result
+
+
+# ----- configuration ---------------------------------------------------------------------------------------
+
+
+def parse_docker_hosts(text: str) -> list[dict[str, Any]]:
+    """``--docker-hosts`` / ``$DOLAB_DOCKER_HOSTS``: the hub's ``docker_hosts`` as JSON; ValueError with a sentence."""
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--docker-hosts is not valid JSON ({e})") from None
+    return check_docker_hosts(raw)
+
+
+def _config_value(config: Config, section: str, key: str, default: Any) -> Any:
+    """``config[section][key]`` without creating it, a ``LazyConfigValue`` (``.append`` in a config) resolved."""
+    if section not in config or key not in config[section]:
+        return default
+    value = config[section][key]
+    return value.get_value(default) if isinstance(value, LazyConfigValue) else value
+
+
+def reaper_service(
+    config: Config, env: Mapping[str, str], python: str = sys.executable
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The hub-managed service and its role, when a profile of ``DoLabSpawner.profile_list`` uses docker.
+
+    None when no listed profile does (a callable profile_list cannot be read here), or when the config already
+    has a service named ``dolab-reaper``. Raises ValueError with a sentence for bad ``docker_hosts`` or env.
+    """
+    profiles = _config_value(config, "DoLabSpawner", "profile_list", [])
+    if not isinstance(profiles, (list, tuple)):
+        return None
+    if not any(isinstance(p, Mapping) and p.get("backend") == "docker" for p in profiles):
+        return None
+    services = _config_value(config, "JupyterHub", "services", [])
+    if any(isinstance(s, Mapping) and s.get("name") == "dolab-reaper" for s in services):
+        return None
+    hosts = check_docker_hosts(_config_value(config, "DoLabSpawner", "docker_hosts", DEFAULT_HOSTS))
+    interval = env_float(env, "DOLAB_REAPER_INTERVAL", 600)
+    if interval <= 0:
+        raise ValueError(f"DOLAB_REAPER_INTERVAL must be a positive number of seconds, not {interval:g}")
+    command = [python, "-m", "dolab_services.reaper", "--interval", f"{interval:g}"]
+    if env.get("DOLAB_REAPER_REMOVE") == "1":
+        command.append("--remove")
+    environment = {"DOLAB_DOCKER_HOSTS": json.dumps(hosts)}
+    # A managed service keeps none of the hub's environment: pass on what the hub's engine without url uses.
+    environment.update({k: env[k] for k in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH") if env.get(k)})
+    service = {"name": "dolab-reaper", "command": command, "environment": environment}
+    role = {
+        "name": "dolab-reaper",
+        "description": "Find DO-LAB containers no server owns (read servers and their state)",
+        "scopes": list(REAPER_SCOPES),
+        "services": ["dolab-reaper"],
+    }
+    return service, role
+
+
+# ----- the service -----------------------------------------------------------------------------------------
+
+
+class Reaper(Application):
+    """The ``dolab-reaper`` service: :func:`sweep` every ``interval_seconds``, or once."""
+
+    name = "dolab-reaper"
+    description = "Report (or remove, with --remove) DO-LAB's Docker containers that no server in the hub owns."
+
+    interval_seconds = Float(600, config=True, help="Seconds between two sweeps.")
+    grace_seconds = Float(
+        300,
+        config=True,
+        help="Containers younger than this (seconds) are never reaped: their server may be starting right now.",
+    )
+    remove = Bool(False, config=True, help="Force-remove orphans; without it, only log them (a dry run).")
+    once = Bool(False, config=True, help="Sweep once and exit (1 when the hub could not be read).")
+    docker_hosts = Unicode(
+        config=True,
+        help="""The hub's ``DoLabSpawner.docker_hosts`` as JSON, e.g. ``[{"name": "local"}]``.
+        Default: ``$DOLAB_DOCKER_HOSTS``, else the local engine.""",
+    )
+    docker_timeout_seconds = Float(30, config=True, help="SDK timeout of one Docker call (seconds).")
+    docker_pool_size = Integer(4, config=True, help="Threads per engine for Docker calls.")
+    hub_concurrency = Integer(4, config=True, help="At most this many hub API requests at once.")
+
+    aliases = {
+        "interval": "Reaper.interval_seconds",
+        "grace-seconds": "Reaper.grace_seconds",
+        "docker-hosts": "Reaper.docker_hosts",
+        "docker-timeout": "Reaper.docker_timeout_seconds",
+        "concurrency": "Reaper.hub_concurrency",
+        "log-level": "Application.log_level",
+    }
+    flags = {
+        "remove": ({"Reaper": {"remove": True}}, "Force-remove orphans (default: only log them)."),
+        "once": ({"Reaper": {"once": True}}, "Sweep once and exit."),
+    }
+
+    @default("log_level")
+    def _default_log_level(self) -> int:
+        return logging.INFO
+
+    @default("log_format")
+    def _default_log_format(self) -> str:
+        # Like the hub's lines, which a managed service's output joins.
+        return "[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s] %(message)s"
+
+    @default("log_datefmt")
+    def _default_log_datefmt(self) -> str:
+        return "%Y-%m-%d %H:%M:%S"
+
+    @default("docker_hosts")
+    def _default_docker_hosts(self) -> str:
+        return os.environ.get("DOLAB_DOCKER_HOSTS") or json.dumps(DEFAULT_HOSTS)
+
+    def start(self) -> None:
+        """Check the settings, then sweep until stopped (or once)."""
+        try:
+            if self.interval_seconds <= 0:
+                raise ValueError(f"--interval must be a positive number of seconds, not {self.interval_seconds:g}")
+            hosts = parse_docker_hosts(self.docker_hosts)
+            hub = HubClient(concurrency=self.hub_concurrency)
+        except ValueError as e:
+            print(f"dolab-reaper: {e}", file=sys.stderr)
+            self.exit(2)
+        mode = "removing orphans" if self.remove else "dry run: reporting orphans only"
+        self.log.info(
+            "Sweeping %s every %g s (%s; grace %g s)",
+            ", ".join(h["name"] for h in hosts),
+            self.interval_seconds,
+            mode,
+            self.grace_seconds,
+        )
+        self.exit(asyncio.run(self._run(hub, hosts)))
+
+    async def _run(self, hub: HubClient, hosts: list[dict[str, Any]]) -> int:
+        async with hub:
+            while True:
+                try:
+                    result = await sweep(
+                        hub,
+                        hosts,
+                        remove=self.remove,
+                        grace_seconds=self.grace_seconds,
+                        docker_timeout_seconds=self.docker_timeout_seconds,
+                        docker_pool_size=self.docker_pool_size,
+                        log=self.log,
+                    )
+                except Exception:  # a bug in one sweep must not end the service
+                    self.log.exception("The sweep failed; trying again in %g s", self.interval_seconds)
+                    result = SweepResult(hub_error="the sweep failed")
+                if self.once:
+                    return 1 if result.hub_error else 0
+                await asyncio.sleep(self.interval_seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dolab_services.reaper``."""
+    app = Reaper()
+    app.initialize(list(argv) if argv is not None else None)
+    app.start()
+
+
+if __name__ == "__main__":
+    main()
