@@ -1,5 +1,5 @@
-"""What the ``dolab`` command's tests share: a clean environment, GPUs to list, and a small real HTTP server on
-127.0.0.1 playing the hub.
+"""What the ``dolab`` command's tests share: a clean environment, GPUs to list, and a URL where nothing listens.
+The hub they talk to is :mod:`tests.hub_double`'s.
 
 Each test module wraps these in its own fixtures (``clean_env``, ``hub``, ``closed_url``), so that importing
 them needs no fixture re-export.
@@ -10,13 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -38,54 +32,6 @@ def isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("DOLAB_DATA_DIR", str(data_dir))
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     return data_dir
-
-
-# ----- a hub on 127.0.0.1 ----------------------------------------------------------------------------------
-
-
-class FakeHub:
-    """A real HTTP server on 127.0.0.1 answering through ``respond(path, query)``; it records every request."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests: list[dict[str, Any]] = []
-        self.respond: Callable[[str, dict[str, list[str]]], tuple[int, Any]] = lambda path, query: (404, {})
-
-
-@contextmanager
-def serve_fake_hub() -> Iterator[FakeHub]:
-    """A :class:`FakeHub` listening on a free port until the block ends."""
-    fake = FakeHub()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            parts = urlsplit(self.path)
-            query = parse_qs(parts.query)
-            fake.requests.append({"path": parts.path, "query": query, "headers": dict(self.headers)})
-            status, body = fake.respond(parts.path, query)
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html" if isinstance(body, bytes) else "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            try:
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up first (the timeout tests)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
-        yield fake
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def unused_url() -> str:

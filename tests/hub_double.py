@@ -1,5 +1,9 @@
-"""A hub double for the services' tests: a real HTTP server on 127.0.0.1 answering every method through
-``respond(method, path, query, body)``, recording each request and how many were in flight at once.
+"""The hub double for the services' and the ``dolab`` command's tests: a real HTTP server on 127.0.0.1 answering
+every method through ``respond(method, path, query, body)``, recording each request (method, path, query, headers
+and JSON body) and how many were in flight at once.
+
+An answer is JSON, or ``bytes`` sent as they are (as ``text/html``: a page that is no hub's), or ``None`` for an
+empty body. A client that gives up before the answer (the timeout tests) is no error.
 
 ``users_api(users, page_size)`` answers ``GET /hub/api/users`` (paginated, with a ``next.url`` on another host that
 clients must not follow) and ``GET /hub/api/users/:name`` from a list of user models.
@@ -68,7 +72,7 @@ def serve_hub_double() -> Iterator[HubDouble]:
                     hub.in_flight -= 1
             data = answer if isinstance(answer, bytes) else (b"" if answer is None else json.dumps(answer).encode())
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/html" if isinstance(answer, bytes) else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             try:

@@ -31,7 +31,8 @@ from dolab_spawner.cli.doctor import (
 )
 from dolab_spawner.slots import GpuSlot
 
-from .cli_support import INVENTORY_JSON, FakeHub, isolate_env, serve_fake_hub, unused_url
+from .cli_support import INVENTORY_JSON, isolate_env, unused_url
+from .hub_double import HubDouble, serve_hub_double
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +42,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    with serve_fake_hub() as fake:
-        yield fake
+def hub() -> Iterator[HubDouble]:
+    with serve_hub_double() as double:
+        yield double
 
 
 @pytest.fixture
@@ -319,15 +320,15 @@ def test_check_singleuser_missing(tmp_path: Path) -> None:
     assert "pip install jupyterhub jupyterlab" in row.todo
 
 
-def test_check_hub_answers(hub: FakeHub) -> None:
-    hub.respond = lambda path, query: (200, {"version": "6.1.1"}) if path == "/hub/api" else (404, {})
+def test_check_hub_answers(hub: HubDouble) -> None:
+    hub.respond = lambda method, path, query, body: (200, {"version": "6.1.1"}) if path == "/hub/api" else (404, {})
     row = check_hub(hub.url + "/")
     assert (row.status, row.found) == (OK, f"JupyterHub 6.1.1 answers at {hub.url}/")
     assert [r["path"] for r in hub.requests] == ["/hub/api"]
 
 
-def test_check_hub_something_else_answers(hub: FakeHub) -> None:
-    hub.respond = lambda path, query: (404, b"<html>not here</html>")
+def test_check_hub_something_else_answers(hub: HubDouble) -> None:
+    hub.respond = lambda method, path, query, body: (404, b"<html>not here</html>")
     row = check_hub(hub.url)
     assert row.status == WARNING
     assert "HTTP 404" in row.found
@@ -406,11 +407,11 @@ def test_doctor_exits_1_without_a_proxy(
 
 
 def test_doctor_finds_the_hub_at_the_bind_url(
-    embedded_default: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    embedded_default: Path, hub: HubDouble, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("DOLAB_HUB_URL")
     monkeypatch.setenv("DOLAB_BIND_URL", hub.url)
-    hub.respond = lambda path, query: (200, {"version": "6.1.1"}) if path == "/hub/api" else (404, {})
+    hub.respond = lambda method, path, query, body: (200, {"version": "6.1.1"}) if path == "/hub/api" else (404, {})
     main(["doctor"])
     lines = capsys.readouterr().out.splitlines()
     assert next(line for line in lines if line.startswith("Hub")).split()[1] == "ok"

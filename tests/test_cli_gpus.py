@@ -4,7 +4,6 @@ and the command against a small real HTTP server on 127.0.0.1 playing the hub.""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,10 @@ from .cli_support import (
     INVENTORY,
     INVENTORY_JSON,
     REMOTE,
-    FakeHub,
     isolate_env,
-    serve_fake_hub,
     unused_url,
 )
+from .hub_double import HubDouble, serve_hub_double
 
 
 def server(*slots: GpuSlot, profile: str = "a100", stop_at: str = "") -> dict[str, Any]:
@@ -63,9 +61,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    with serve_fake_hub() as fake:
-        yield fake
+def hub() -> Iterator[HubDouble]:
+    with serve_hub_double() as double:
+        yield double
 
 
 @pytest.fixture
@@ -231,14 +229,14 @@ def assert_one_sentence(err: str, *words: str) -> None:
 
 
 def test_gpus_follows_pages_and_lists_every_slot(
-    hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    hub: HubDouble, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DOLAB_GPU_INVENTORY", INVENTORY_JSON)
     pages = {
         "0": page([user("alice", default=server(A100_0, stop_at="2030-01-01T00:00:00Z"))], next_offset=1),
         "1": page([user("bob", big=server(REMOTE, profile="h100"))]),
     }
-    hub.respond = lambda path, query: (200, pages[query.get("offset", ["0"])[0]])
+    hub.respond = lambda method, path, query, body: (200, pages[query.get("offset", ["0"])[0]])
 
     code, out, err = run_gpus(capsys, "--url", hub.url, "--token", "secret-token")
 
@@ -268,11 +266,11 @@ def test_gpus_follows_pages_and_lists_every_slot(
     assert lines[-1] == "2 of 3 GPU(s) held."
 
 
-def test_gpus_json(hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gpus_json(hub: HubDouble, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("DOLAB_GPU_INVENTORY", INVENTORY_JSON)
     monkeypatch.setenv("DOLAB_HUB_URL", hub.url)
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "env-token")
-    hub.respond = lambda path, query: (200, page([user("alice", lab=server(A100_1))]))
+    hub.respond = lambda method, path, query, body: (200, page([user("alice", lab=server(A100_1))]))
 
     code, out, _ = run_gpus(capsys, "--json")
 
@@ -284,20 +282,20 @@ def test_gpus_json(hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest
 
 
 def test_gpus_reads_the_token_file_in_the_data_dir(
-    hub: FakeHub, clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    hub: HubDouble, clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean_env.mkdir()
     (clean_env / "cli-token").write_text("file-token\n")
     monkeypatch.setenv("DOLAB_GPU_INVENTORY", INVENTORY_JSON)
-    hub.respond = lambda path, query: (200, page([]))
+    hub.respond = lambda method, path, query, body: (200, page([]))
     code, out, _ = run_gpus(capsys, "--url", hub.url)
     assert code == 0
     assert "0 of 2 GPU(s) held." in out
     assert hub.requests[0]["headers"]["Authorization"] == "token file-token"
 
 
-def test_gpus_403_says_which_scopes(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
-    hub.respond = lambda path, query: (403, {"status": 403, "message": "Action is not authorized"})
+def test_gpus_403_says_which_scopes(hub: HubDouble, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.respond = lambda method, path, query, body: (403, {"status": 403, "message": "Action is not authorized"})
     code, out, err = run_gpus(capsys, "--url", hub.url, "--token", "weak")
     assert (code, out) == (2, "")
     assert_one_sentence(err, "HTTP 403", "list:users", "admin:server_state")
@@ -310,12 +308,9 @@ def test_gpus_hub_down(closed_url: str, capsys: pytest.CaptureFixture[str]) -> N
     assert_one_sentence(err, f"No hub answers at {closed_url}", "Connection refused")
 
 
-def test_gpus_hub_too_slow(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
-    def slow(path: str, query: dict) -> tuple[int, Any]:
-        time.sleep(2)
-        return 200, page([])
-
-    hub.respond = slow
+def test_gpus_hub_too_slow(hub: HubDouble, capsys: pytest.CaptureFixture[str]) -> None:
+    hub.delay_seconds = 2
+    hub.respond = lambda method, path, query, body: (200, page([]))
     code, _, err = run_gpus(capsys, "--url", hub.url, "--token", "t", "--timeout", "0.3")
     assert code == 2
     assert_one_sentence(err, "did not answer in 0.3 s")
@@ -328,7 +323,7 @@ def test_gpus_without_a_token(capsys: pytest.CaptureFixture[str], closed_url: st
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "words"),
+    ("status", "answer", "words"),
     [
         pytest.param(
             200, page([user("alice", default={"name": "", "ready": True})]), ["admin:server_state"], id="no-state"
@@ -340,30 +335,30 @@ def test_gpus_without_a_token(capsys: pytest.CaptureFixture[str], closed_url: st
     ],
 )
 def test_gpus_other_errors(
-    hub: FakeHub, capsys: pytest.CaptureFixture[str], status: int, body: Any, words: list[str]
+    hub: HubDouble, capsys: pytest.CaptureFixture[str], status: int, answer: Any, words: list[str]
 ) -> None:
-    hub.respond = lambda path, query: (status, body)
+    hub.respond = lambda method, path, query, body: (status, answer)
     code, out, err = run_gpus(capsys, "--url", hub.url, "--token", "t")
     assert (code, out) == (2, "")
     assert_one_sentence(err, *words)
 
 
 def test_gpus_bad_inventory_is_a_sentence(
-    hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    hub: HubDouble, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DOLAB_GPU_INVENTORY", '{"index": 0}')
-    hub.respond = lambda path, query: (200, page([]))
+    hub.respond = lambda method, path, query, body: (200, page([]))
     code, _, err = run_gpus(capsys, "--url", hub.url, "--token", "t")
     assert code == 2
     assert_one_sentence(err, "DOLAB_GPU_INVENTORY")
 
 
 def test_gpus_falls_back_to_the_bind_url(
-    hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    hub: HubDouble, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DOLAB_BIND_URL", hub.url)  # where the shipped config binds the hub; no DOLAB_HUB_URL
     monkeypatch.setenv("DOLAB_GPU_INVENTORY", INVENTORY_JSON)
-    hub.respond = lambda path, query: (200, page([user("alice", default=server(A100_0))]))
+    hub.respond = lambda method, path, query, body: (200, page([user("alice", default=server(A100_0))]))
     code, out, err = run_gpus(capsys, "--token", "t")
     assert (code, err) == (0, "")
     assert [r["path"] for r in hub.requests] == ["/hub/api/users"]
@@ -371,25 +366,25 @@ def test_gpus_falls_back_to_the_bind_url(
 
 
 def test_gpus_url_flag_beats_the_environment(
-    hub: FakeHub, closed_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    hub: HubDouble, closed_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DOLAB_HUB_URL", closed_url)
     monkeypatch.setenv("DOLAB_BIND_URL", closed_url)
-    hub.respond = lambda path, query: (200, page([]))
+    hub.respond = lambda method, path, query, body: (200, page([]))
     code, _, err = run_gpus(capsys, "--url", hub.url, "--token", "t")
     assert (code, err) == (0, "")
     assert len(hub.requests) == 1
 
 
-def test_fetch_stops_on_a_page_that_does_not_move_on(hub: FakeHub) -> None:
+def test_fetch_stops_on_a_page_that_does_not_move_on(hub: HubDouble) -> None:
     stuck = {"items": [user("alice")], "_pagination": {"next": {"offset": 0, "limit": 1, "url": "x"}}}
-    hub.respond = lambda path, query: (200, stuck)
+    hub.respond = lambda method, path, query, body: (200, stuck)
     assert [u["name"] for u in fetch_active_users(hub.url, "t", 5)] == ["alice"]
     assert len(hub.requests) == 1
 
 
-def test_fetch_accepts_a_plain_list(hub: FakeHub) -> None:
-    hub.respond = lambda path, query: (200, [user("alice"), "junk"])
+def test_fetch_accepts_a_plain_list(hub: HubDouble) -> None:
+    hub.respond = lambda method, path, query, body: (200, [user("alice"), "junk"])
     assert [u["name"] for u in fetch_active_users(hub.url, "t", 5)] == ["alice"]
 
 
