@@ -217,7 +217,7 @@ class Hub:
             if reply.status_code == 200:
                 events = []
                 for line in reply.iter_lines(decode_unicode=True):
-                    if line and line.startswith("data:"):
+                    if isinstance(line, str) and line.startswith("data:"):
                         event = json.loads(line[len("data:") :])
                         events.append(event)
                         if event.get("ready") or event.get("failed"):
