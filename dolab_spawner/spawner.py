@@ -82,7 +82,7 @@ class DoLabSpawner(Spawner):
         help="""Profiles users choose from, in kubespawner's schema plus DO-LAB's keys.
 
         Each entry: ``display_name`` (required), ``slug`` (default: from the display name), ``description``,
-        ``default`` (bool), ``backend`` (``local``), ``gpus`` (count, default 0), ``gpu_type`` (matched on
+        ``default`` (bool), ``backend`` (``local`` or ``docker``), ``gpus`` (count, default 0), ``gpu_type`` (matched on
         whole words of the GPU name, e.g. ``"A100"``), ``spawner_override`` (trait -> value, set on the
         spawner and the backend; dicts merge) and ``profile_options`` (name -> ``{display_name, choices:
         {slug: {display_name, description, default, spawner_override}}}``).
@@ -97,9 +97,10 @@ class DoLabSpawner(Spawner):
         default_value=None,
         allow_none=True,
         config=True,
-        help="""The GPUs to hand out, replacing NVML's view: a list of dicts with ``index``, ``uuid``,
-        ``name``, ``memory_gb`` (and ``host`` later). None (default): read the local GPUs through NVML once
-        at the first need. Useful on hosts without NVML and in tests.
+        help="""This machine's GPUs, replacing NVML's view: a list of dicts with ``index``, ``uuid``,
+        ``name``, ``memory_gb`` and optionally ``device`` (its device node, for ``gpu_attach = "devices"``).
+        None (default): read the GPUs through NVML once, at the first need. For hosts without NVML and tests;
+        other machines' GPUs are listed in ``docker_hosts``.
         """,
     )
 
@@ -251,7 +252,8 @@ class DoLabSpawner(Spawner):
                         return pool.allocator.inventory
                     pool.allocator.set_inventory([*inventory, *remote_slots(self.docker_hosts)])
                     pool.loaded = True
-                    self.log.info("GPU inventory: %s", ", ".join(f"{s.index}: {s.name}" for s in inventory) or "none")
+                    listed = ", ".join(f"{s.host}/{s.index}: {s.name}" for s in pool.allocator.inventory)
+                    self.log.info("GPU inventory: %s", listed or "none")
         return pool.allocator.inventory
 
     async def get_profiles(self) -> list[Profile]:
@@ -289,7 +291,9 @@ class DoLabSpawner(Spawner):
         for profile in profiles:
             free = total = 0
             if profile.gpus:
-                free, total = self.allocator.availability(profile.gpu_type, profile.gpu_exact)
+                free, total = self.allocator.availability(
+                    profile.gpu_type, profile.gpu_exact, self.backend_hosts(profile.backend)
+                )
             cards.append({"profile": profile, "free": free, "total": total, "selected": profile.slug == selected})
         now = datetime.now(timezone.utc)
         return _TEMPLATES.get_template("options_form.html").render(
@@ -331,9 +335,12 @@ class DoLabSpawner(Spawner):
 
     # ----- progress ------------------------------------------------------------------------------------
 
-    _events: list[dict[str, Any]]
     _events_changed: asyncio.Event | None = None
     _start_finished = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._events: list[dict[str, Any]] = []
 
     def _progress_reset(self) -> None:
         self._events = []
@@ -356,9 +363,8 @@ class DoLabSpawner(Spawner):
         """Each phase of the start as it happens; may be called before ``start()`` has begun."""
         sent = 0
         while True:
-            events = getattr(self, "_events", [])
-            while sent < len(events):
-                yield events[sent]
+            while sent < len(self._events):
+                yield self._events[sent]
                 sent += 1
             if self._start_finished and self._events_changed is not None:
                 return
@@ -408,12 +414,12 @@ class DoLabSpawner(Spawner):
             kind = f"{profile.gpu_type} " if profile.gpu_type else ""
             if e.total == 0:
                 message = (
-                    f"This server has no {kind}GPU for the profile {profile.display_name!r}. "
+                    f"There is no {kind}GPU for the profile {profile.display_name!r} here. "
                     "Pick another profile or ask an administrator."
                 )
             elif e.wanted > e.total:
                 message = (
-                    f"This server has only {e.total} {kind}GPU(s); the profile {profile.display_name!r} "
+                    f"There are only {e.total} {kind}GPU(s) here; the profile {profile.display_name!r} "
                     f"asks for {e.wanted}. Ask for fewer GPUs or pick another profile."
                 )
             elif e.free == 0:
