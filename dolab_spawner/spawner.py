@@ -549,6 +549,10 @@ class DoLabSpawner(Spawner):
                 stop_at=self.stop_at,
                 backend_state=self._backend.get_state() if self._backend is not None else {},
             )
+            if self.server is not None and self.server.port:
+                # The server's own address: services read it directly, not through the proxy, which would count
+                # every request as the user's activity.
+                state["server_url"] = self.server.url
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
