@@ -8,6 +8,7 @@ before any stop the culler can foresee.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -16,6 +17,8 @@ from typing import Any, Literal
 __all__ = ["DEFAULT_RULES", "CullPolicy", "Decision", "Rule", "ServerFacts", "decide", "needs_inspection"]
 
 HOUR = 3600.0
+#: The longest timeout config may set (ten years); longer ones would overflow date arithmetic. ``null`` is "never".
+MAX_HOURS = 87600.0
 
 
 @dataclass(frozen=True)
@@ -73,41 +76,70 @@ class CullPolicy:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"culler policy: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        raw_rules = data.get("rules", [])
+        if isinstance(raw_rules, (str, bytes, Mapping)) or not isinstance(raw_rules, Sequence):
+            raise ValueError(f"culler policy: rules must be a list of dicts, not {raw_rules!r}")
         rules = []
-        for i, raw in enumerate(data.get("rules", [])):
+        for i, raw in enumerate(raw_rules):
             allowed = {"profile", "backend", "gpu", "idle_hours", "max_age_hours"}
             if not isinstance(raw, Mapping) or set(raw) - allowed:
                 raise ValueError(
                     f"culler policy: rules[{i}] must be a dict with keys among {', '.join(sorted(allowed))}"
                 )
+            for key in ("profile", "backend"):
+                if not isinstance(raw.get(key, ""), str):
+                    raise ValueError(f"culler policy: rules[{i}].{key} must be a string, not {raw[key]!r}")
+            gpu = raw.get("gpu")
+            if gpu is not None and not isinstance(gpu, bool):
+                raise ValueError(f"culler policy: rules[{i}].gpu must be true, false or null, not {gpu!r}")
             rules.append(
                 Rule(
                     idle_seconds=_hours(raw.get("idle_hours"), f"rules[{i}].idle_hours"),
                     max_age_seconds=_hours(raw.get("max_age_hours"), f"rules[{i}].max_age_hours"),
-                    profile=str(raw.get("profile", "")),
-                    backend=str(raw.get("backend", "")),
-                    gpu=raw.get("gpu"),
+                    profile=raw.get("profile", ""),
+                    backend=raw.get("backend", ""),
+                    gpu=gpu,
                 )
             )
         warn = data.get("warn_before_minutes", 10)
         threshold = data.get("gpu_busy_percent", 10)
-        for name, value in (("warn_before_minutes", warn), ("gpu_busy_percent", threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"culler policy: {name} must be a non-negative number, not {value!r}")
+        for name, value, most in (
+            ("warn_before_minutes", warn, MAX_HOURS * 60),
+            ("gpu_busy_percent", threshold, 100.0),
+        ):
+            if not _is_number(value) or not 0 <= value <= most:
+                raise ValueError(f"culler policy: {name} must be a number from 0 to {most:.0f}, not {value!r}")
         return cls(
             rules=tuple(rules) + DEFAULT_RULES if rules else DEFAULT_RULES,
             warn_before_seconds=float(warn) * 60,
             gpu_busy_percent=float(threshold),
-            exempt_users=frozenset(data.get("exempt_users", ())),
-            exempt_groups=frozenset(data.get("exempt_groups", ())),
+            exempt_users=_names(data.get("exempt_users", ()), "exempt_users"),
+            exempt_groups=_names(data.get("exempt_groups", ()), "exempt_groups"),
         )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(value: Any, where: str) -> frozenset[str]:
+    # A bare string would otherwise become a set of its letters: "alice" would exempt "a", not alice.
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"culler policy: {where} must be a list of names, not {value!r}")
+    names = list(value)
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"culler policy: {where} must be a list of non-empty names, not {names!r}")
+    return frozenset(names)
 
 
 def _hours(value: Any, where: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"culler policy: {where} must be a positive number of hours or null, not {value!r}")
+    if not _is_number(value) or not 0 < value <= MAX_HOURS:
+        raise ValueError(
+            f"culler policy: {where} must be a positive number of hours up to {MAX_HOURS:g}, or null for never,"
+            f" not {value!r}"
+        )
     return float(value) * HOUR
 
 
@@ -143,7 +175,7 @@ class Decision:
 
 
 def _busy(facts: ServerFacts, policy: CullPolicy) -> str:
-    if facts.busy_kernels:
+    if facts.busy_kernels is not None and facts.busy_kernels > 0:
         return f"{facts.busy_kernels} busy kernel(s)"
     if facts.gpu_percent is not None and facts.gpu_percent >= policy.gpu_busy_percent:
         return f"GPU at {facts.gpu_percent:.0f}%"
