@@ -130,8 +130,12 @@ class DoLabSpawner(Spawner):
         help="""The Docker engines ``backend: docker`` profiles run on, one slot pool across them.
 
         Each entry: ``name`` (``local`` is this machine, whose GPUs come from NVML or ``gpu_inventory``),
-        ``url`` (``unix:///var/run/docker.sock``, ``tcp://host:2376``, ``ssh://user@host``; empty: the
-        environment's DOCKER_HOST or the local socket), ``tls`` (``docker.tls.TLSConfig`` arguments),
+        ``url`` (``unix:///var/run/docker.sock``, ``tcp://host:2376``, ``ssh://user@host[:port]``; empty: the
+        environment's DOCKER_HOST or the local socket), ``tls`` (``docker.tls.TLSConfig`` arguments), ``ssh``
+        (for an ``ssh://`` url: ``{"identity_file": path, "known_hosts": path}``, absolute paths; only that key is
+        offered, the host's key must be in that known_hosts file and an unknown host is refused; the hub user's
+        ~/.ssh is not read. Without it, docker-py uses the hub user's ~/.ssh/config, keys, agent and known_hosts,
+        or with ``use_ssh_client: True`` the ssh command; the remote user needs ``docker system dial-stdio``),
         ``gpu_inventory`` (that machine's GPUs, as in ``DoLabSpawner.gpu_inventory``), ``hub_connect_url`` (how
         its containers reach the hub) and ``workspace`` (``bind``: a host directory under ``workspace_root``,
         the default for ``local``; ``volume``: a named volume, the default elsewhere). Default: ``[{"name":

@@ -8,13 +8,17 @@ Engine 1 is the default engine (unix:///var/run/docker.sock): used as it is when
 Engine 2 stands for a second host: its own dockerd, data root, exec root, socket and Linux bridge. It also
 listens on tcp://127.0.0.1:<port> with mutual TLS, as a remote GPU machine is reached: a small CA, a server
 certificate for IP 127.0.0.1 and a client certificate, made once into .dolab/stack/tls and reused while they
-stay valid for more than a day.
+stay valid for more than a day. It is also reached over ssh://root@127.0.0.1:<port>, as docker-py reaches a remote
+machine: a private sshd (openssh-server is installed when /usr/sbin/sshd is missing; its ssh service stays off)
+with its own config, host key and client key in .dolab/stack/ssh, letting in only that key, and only for
+`docker system dial-stdio` to engine 2.
 The image is built without any registry: debootstrap a Debian root filesystem, pip-install the hub's own
 jupyterhub and jupyterlab versions into /opt/venv, add user jovyan (uid 1000), and `docker import` it. Its tag
 carries a hash of the recipe, and a `docker save` of it is cached in .dolab/cache, so reruns and wiped engines
 are quick. What `up` started is recorded in .dolab/stack/stack.json, and `down` stops exactly that.
 
-Only the standard library, the docker SDK and cryptography (a JupyterHub dependency); run as root.
+Only the standard library, the docker SDK, paramiko (its ssh transport) and cryptography (a JupyterHub
+dependency); run as root.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -44,6 +49,7 @@ from typing import Any
 import docker
 import docker.errors
 import docker.tls
+import paramiko
 import requests
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -76,6 +82,22 @@ TLS_DIR = STATE / "tls"
 TLS_VALID_DAYS = 825
 TLS_MIN_LEFT = 86400.0  # certificates with less than a day left are made again
 CA_BUNDLE_ENV = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+# Engine 2 over ssh://, as docker-py reaches a remote GPU machine: a private sshd on 127.0.0.1 (another free port is
+# taken, and recorded, when this one is in use) that lets in only root with the stack's client key, and only for
+# `docker system dial-stdio` to engine 2. The system's ssh service is never enabled or started.
+SSH_ADDRESS2 = "127.0.0.1"
+SSH_PORT2 = 23722
+SSH_USER2 = "root"
+SSH_DIR = STATE / "ssh"
+SSHD = Path("/usr/sbin/sshd")
+SSHD_KEY = "sshd"  # the name `started` records
+SSHD_PIDFILE = STATE / "sshd.pid"
+SSHD_LOG = STATE / "sshd.log"
+SSHD_PRIVSEP_DIR = Path("/run/sshd")
+SSHD_NOT_TO_BE_RUN = Path("/etc/ssh/sshd_not_to_be_run")  # Debian: the ssh service's unit and init script stop here
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+SSH_SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DIAL_STDIO = "docker system dial-stdio"
 
 ENGINE_WAIT_S = 60.0
 STOP_WAIT_S = 60.0
@@ -672,6 +694,358 @@ def tls_config(record: dict[str, Any]) -> docker.tls.TLSConfig:
     )
 
 
+# --- engine 2 over ssh:// -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshFiles:
+    """The stack's sshd and its client, as files in `root` (0700): keys, config, known_hosts, the forced command."""
+
+    root: Path
+
+    @property
+    def host_key(self) -> Path:
+        return self.root / "ssh_host_ed25519_key"
+
+    @property
+    def client_key(self) -> Path:
+        return self.root / "id_ed25519"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.root / "authorized_keys"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "known_hosts"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "sshd_config"
+
+    @property
+    def dial(self) -> Path:
+        return self.root / "dial-engine2"
+
+    def record(self) -> dict[str, str]:
+        """What stack.json says: the `ssh` settings of a docker_hosts entry."""
+        return {"identity_file": str(self.client_key), "known_hosts": str(self.known_hosts)}
+
+
+SSH_FILES = SshFiles(SSH_DIR)
+
+
+def ssh_host(port: int) -> str:
+    return f"ssh://{SSH_USER2}@{SSH_ADDRESS2}:{port}"
+
+
+def public_key(path: Path) -> str | None:
+    """`path`'s public key ("type base64"), when `path` and `path`.pub hold one key pair; else None."""
+    pub = Path(f"{path}.pub")
+    if not path.exists() or not pub.exists():
+        return None
+    derived = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], text=True, capture_output=True)
+    if derived.returncode != 0:
+        return None
+    mine, stored = derived.stdout.split()[:2], pub.read_text().split()[:2]
+    return " ".join(mine) if mine == stored and mine[0] == "ssh-ed25519" else None
+
+
+def ensure_ssh_keys(files: SshFiles) -> tuple[str, str, bool]:
+    """The host and client key pairs (ed25519), made when missing or broken; returns both public keys and
+    whether one was made now."""
+    files.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(files.root, 0o700)
+    made = False
+    keys = []
+    for path, comment in ((files.host_key, "dolab-stack-sshd"), (files.client_key, "dolab-stack-client")):
+        key = public_key(path)
+        if key is None:
+            path.unlink(missing_ok=True)
+            Path(f"{path}.pub").unlink(missing_ok=True)
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+            key = public_key(path)
+            if key is None:
+                raise StackError(f"ssh-keygen made {path}, but it is not a usable ed25519 key pair")
+            made = True
+        os.chmod(path, 0o600)
+        keys.append(key)
+    say(f"ssh keys in {files.root.relative_to(REPO)} " + ("made" if made else "reused"))
+    return keys[0], keys[1], made
+
+
+def docker_cli_with_dial_stdio() -> str:
+    """The first docker CLI on the ssh session's PATH that has `docker system dial-stdio`."""
+    for directory in SSH_SESSION_PATH.split(":"):
+        cli = Path(directory) / "docker"
+        if cli.is_file() and os.access(cli, os.X_OK):
+            probe = subprocess.run([str(cli), "system", "dial-stdio", "--help"], capture_output=True, timeout=30)
+            if probe.returncode == 0:
+                return str(cli)
+    raise StackError(f"no docker CLI with `{DIAL_STDIO}` on {SSH_SESSION_PATH} (install docker.io)")
+
+
+def secure_path(path: Path) -> bool:
+    """Whether sshd's StrictModes accepts files in `path`: it and every directory above it owned by root and
+    not writable by group or others."""
+    for part in (path, *path.parents):
+        st = part.stat()
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+    return True
+
+
+def write_if_changed(path: Path, text: str, mode: int) -> bool:
+    """Write `text` to `path` (with `mode`) unless it is there already; returns whether it was written."""
+    if path.exists() and path.read_text() == text:
+        os.chmod(path, mode)
+        return False
+    write_secret(path, text.encode(), mode)
+    return True
+
+
+def write_ssh_config(files: SshFiles, port: int, host_pub: str, client_pub: str) -> bool:
+    """sshd's config, authorized_keys, the forced command and the client's known_hosts for `port`; returns
+    whether something sshd itself reads at start (its config) changed."""
+    cli = docker_cli_with_dial_stdio()
+    dial = f"""#!/bin/sh
+# Written by tests/stack.py. The stack's sshd runs this for every login with the client key (authorized_keys
+# command=): only what docker-py's ssh transport asks for, and always to engine 2, never to the default engine.
+if [ "$SSH_ORIGINAL_COMMAND" != "{DIAL_STDIO}" ]; then
+    echo "this key may only run: {DIAL_STDIO}" >&2
+    exit 1
+fi
+unset DOCKER_CONTEXT DOCKER_TLS_VERIFY DOCKER_CERT_PATH
+PATH={SSH_SESSION_PATH}
+DOCKER_HOST={ENGINE2.host}
+export PATH DOCKER_HOST
+exec {shlex.quote(cli)} system dial-stdio
+"""
+    write_if_changed(files.dial, dial, 0o700)
+    command = shlex.quote(str(files.dial)).replace('"', '\\"')
+    write_if_changed(files.authorized_keys, f'restrict,command="{command}" {client_pub} dolab-stack-client\n', 0o600)
+    write_if_changed(files.known_hosts, f"[{SSH_ADDRESS2}]:{port} {host_pub}\n", 0o644)
+    config = f"""# Written by tests/stack.py: the test stack's own sshd (not the system's), for engine 2 over ssh.
+ListenAddress {SSH_ADDRESS2}:{port}
+AddressFamily inet
+HostKey {files.host_key}
+PidFile {SSHD_PIDFILE}
+AuthorizedKeysFile {files.authorized_keys}
+AuthorizedPrincipalsFile none
+AuthenticationMethods publickey
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+HostbasedAuthentication no
+PermitRootLogin prohibit-password
+AllowUsers {SSH_USER2}
+PermitUserEnvironment no
+StrictModes {"yes" if secure_path(files.root) else "no"}
+UsePAM no
+DisableForwarding yes
+PermitTunnel no
+PrintMotd no
+PrintLastLog no
+UseDNS no
+LogLevel VERBOSE
+"""
+    return write_if_changed(files.config, config, 0o600)
+
+
+def configured_ssh_port(files: SshFiles) -> int | None:
+    try:
+        text = files.config.read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^ListenAddress {re.escape(SSH_ADDRESS2)}:(\d+)$", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def our_sshd(files: SshFiles = SSH_FILES) -> int | None:
+    """The pid of the sshd that this script started with `files`' config, if it is still running."""
+    pid = read_pid(SSHD_PIDFILE)
+    if pid is None or not alive(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # sshd rewrites it, keeping its arguments
+    except OSError:
+        return None
+    return pid if b"sshd" in cmdline and str(files.config).encode() in cmdline else None
+
+
+def choose_ssh_port(files: SshFiles, previous: dict[str, Any]) -> int:
+    """The sshd's port: the one our sshd listens on now, else SSH_PORT2, the recorded one, or any free port."""
+    if our_sshd(files) is not None and (port := configured_ssh_port(files)) is not None:
+        return port
+    candidates = [SSH_PORT2]
+    match = re.fullmatch(rf"ssh://[^@]+@{re.escape(SSH_ADDRESS2)}:(\d+)", str(previous.get("docker_host_2_ssh", "")))
+    if match and int(match.group(1)) != SSH_PORT2:
+        candidates.append(int(match.group(1)))
+    for port in candidates:
+        if port_free(port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((SSH_ADDRESS2, 0))
+        port = int(s.getsockname()[1])
+    say(f"port {SSH_PORT2} is in use: the stack's sshd listens on {port} instead")
+    return port
+
+
+def install_sshd() -> None:
+    """openssh-server, for /usr/sbin/sshd only: its ssh service is neither started now nor at boot."""
+    if SSHD.exists():
+        say(f"{SSHD} is installed")
+        return
+    say(f"missing {SSHD}: installing openssh-server (its ssh service stays off: {SSHD_NOT_TO_BE_RUN})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    SSHD_NOT_TO_BE_RUN.parent.mkdir(parents=True, exist_ok=True)
+    SSHD_NOT_TO_BE_RUN.write_text("tests/stack.py installed openssh-server for its own sshd only\n")
+    ours = not POLICY_RC_D.exists()  # no service starts while the package installs
+    if ours:
+        POLICY_RC_D.write_text("#!/bin/sh\n# tests/stack.py, while it installs openssh-server\nexit 101\n")
+        os.chmod(POLICY_RC_D, 0o755)
+    try:
+        run(["apt-get", "update", "-qq"], env=env)
+        run(["apt-get", "install", "-y", "-qq", "openssh-server"], env=env)
+    finally:
+        if ours:
+            POLICY_RC_D.unlink(missing_ok=True)
+    if not SSHD.exists():
+        raise StackError(f"apt-get installed openssh-server, but {SSHD} is still missing")
+    # The package's postinst enables its ssh service; disable it again (sshd_not_to_be_run keeps it off anyway).
+    # update-rc.d also disables the systemd unit where systemctl is there.
+    if have("update-rc.d"):
+        subprocess.run(["update-rc.d", "ssh", "disable"], capture_output=True, env=env)
+
+
+def start_sshd(files: SshFiles, port: int) -> None:
+    """Start the stack's sshd (it daemonizes) and wait until it listens."""
+    SSHD_PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+    run([str(SSHD), "-t", "-f", str(files.config)])
+    SSHD_PIDFILE.unlink(missing_ok=True)
+    with open(SSHD_LOG, "ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {SSHD} -f {files.config}\n".encode())
+    result = subprocess.run(
+        [str(SSHD), "-f", str(files.config), "-E", str(SSHD_LOG)], capture_output=True, text=True, timeout=30
+    )
+    deadline = time.monotonic() + 15
+    while result.returncode == 0 and time.monotonic() < deadline:
+        if our_sshd(files) is not None and not port_free(port):
+            say(f"started sshd (pid {our_sshd(files)}) on {SSH_ADDRESS2}:{port}, log {SSHD_LOG.relative_to(REPO)}")
+            return
+        time.sleep(0.1)
+    tail = SSHD_LOG.read_text(errors="replace")[-3000:] if SSHD_LOG.exists() else ""
+    raise StackError(
+        f"sshd did not start on {SSH_ADDRESS2}:{port} ({result.stdout}{result.stderr}). End of log:\n{tail}"
+    )
+
+
+def stop_sshd() -> None:
+    pid = our_sshd()
+    if pid is None:
+        print("  sshd: none of ours is running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WAIT_S
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    SSHD_PIDFILE.unlink(missing_ok=True)
+    print(f"  sshd: stopped {pid}")
+
+
+def engine_identity(info: dict[str, Any]) -> str:
+    """Which engine answered `GET /info`: its ID and data root. Docker 20.10 takes the ID from /etc/docker/key.json,
+    which both engines share here; the data root tells them apart."""
+    return f"{info.get('ID')} {info.get('DockerRootDir')}"
+
+
+def engine_over_ssh(port: int, record: dict[str, Any], timeout: float = 10) -> str:
+    """engine_identity() of what `docker system dial-stdio` over ssh reaches (with the client key, host key checked)."""
+    client = paramiko.SSHClient()
+    client.load_host_keys(record["known_hosts"])
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(
+            SSH_ADDRESS2,
+            port=port,
+            username=SSH_USER2,
+            key_filename=record["identity_file"],
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+        )
+        transport = client.get_transport()
+        assert transport is not None
+        channel = transport.open_session(timeout=timeout)
+        channel.settimeout(timeout)
+        channel.exec_command(DIAL_STDIO)
+        channel.sendall(b"GET /info HTTP/1.0\r\nHost: docker\r\n\r\n")
+        reply = b""
+        while chunk := channel.recv(1 << 16):
+            reply += chunk
+    finally:
+        client.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0]:
+        raise StackError(f"`{DIAL_STDIO}` over ssh did not answer GET /info: {reply[:300]!r}")
+    return engine_identity(json.loads(body))
+
+
+def ssh_status(host: str, record: dict[str, Any]) -> str:
+    match = re.fullmatch(r"ssh://[^@]+@[^:]+:(\d+)", host)
+    if not match:
+        return f"unusable host {host!r}"
+    try:
+        reached = engine_over_ssh(int(match.group(1)), record, timeout=3)
+    except (paramiko.SSHException, OSError, StackError, KeyError, ValueError) as e:
+        return f"does not answer over ssh: {type(e).__name__}: {e}"
+    engine2 = connect(ENGINE2.host, timeout=3)
+    same = engine2 is not None and engine_identity(engine2.info()) == reached
+    return "answers over ssh" + (" (engine 2)" if same else f", but reaches {reached}, not engine 2")
+
+
+def ensure_ssh(previous: dict[str, Any], started: list[str], started_now: list[str]) -> tuple[str, dict[str, str]]:
+    """The stack's sshd in front of engine 2, checked end to end; returns the ssh:// host and its `ssh` settings."""
+    files = SSH_FILES
+    install_sshd()
+    host_pub, client_pub, made = ensure_ssh_keys(files)
+    port = choose_ssh_port(files, previous)
+    config_changed = write_ssh_config(files, port, host_pub, client_pub)
+    pid = our_sshd(files)
+    if pid is not None and (config_changed or made):
+        say("restarting sshd (" + ("new keys" if made else "new config") + ")")
+        stop_sshd()
+        pid = None
+    if pid is None:
+        start_sshd(files, port)
+        started_now.append(SSHD_KEY)
+    else:
+        say(f"sshd answers on {SSH_ADDRESS2}:{port} (pid {pid}, started by an earlier `up`)")
+    started.append(SSHD_KEY)
+    record = files.record()
+    engine2 = engine_identity(docker.APIClient(base_url=ENGINE2.host, version="auto", timeout=30).info())
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            reached = engine_over_ssh(port, record)
+            break
+        except (paramiko.SSHException, OSError, StackError) as e:
+            if time.monotonic() > deadline:
+                tail = SSHD_LOG.read_text(errors="replace")[-2000:] if SSHD_LOG.exists() else ""
+                raise StackError(
+                    f"engine 2 does not answer over {ssh_host(port)}: {e}. End of {SSHD_LOG}:\n{tail}"
+                ) from None
+            time.sleep(0.3)
+    if reached != engine2:
+        raise StackError(f"{ssh_host(port)} reached engine {reached}, not engine 2 ({engine2})")
+    say(f"engine 2 answers on {ssh_host(port)} (`{DIAL_STDIO}` with the client key; host key checked)")
+    return ssh_host(port), record
+
+
 def host_networks() -> list[ipaddress.IPv4Network]:
     nets = []
     for link in ip_json("-4", "addr"):
@@ -979,6 +1353,8 @@ def up() -> int:
             ensure_engine(engine2, started, started_now)
             host_2_tls = ensure_tls_listener(engine2, tls_files, made, started_now)
             client2 = docker.DockerClient(base_url=ENGINE2.host, version="auto", timeout=LONG_CALL_S)  # after a restart
+        with timings.step("engine 2 over ssh"):
+            host_2_ssh, ssh_2 = ensure_ssh(previous, started, started_now)
         recipe = hub_recipe()
         with timings.step("image on engine 1"):
             say(f"recipe {recipe.digest}: {recipe.suite} {' '.join(recipe.requirements)}")
@@ -992,6 +1368,8 @@ def up() -> int:
             "docker_host_2": ENGINE2.host,
             "docker_host_2_tls": host_2_tls,
             "tls_2": tls_files.record() if host_2_tls else {},
+            "docker_host_2_ssh": host_2_ssh,
+            "ssh_2": ssh_2,
             "bridge_ip": bridge_ip,
             "bridge_ip_2": bridge_ip_2,
             "image": recipe.image,
@@ -1007,6 +1385,7 @@ def up() -> int:
         print(f"  {took:7.1f} s  {name}")
     print(f"  engine 1 {ENGINE1.host} (bridge {bridge_ip}), engine 2 {ENGINE2.host} (bridge {bridge_ip_2})")
     print(f"  engine 2 over mutual TLS: {host_2_tls or 'none'} (certificates in {tls_files.root.relative_to(REPO)})")
+    print(f"  engine 2 over ssh: {host_2_ssh} (keys and known_hosts in {SSH_FILES.root.relative_to(REPO)})")
     print(f"  image {recipe.image}; started now: {', '.join(started_now) or 'nothing'}")
     return 0
 
@@ -1045,6 +1424,9 @@ def down() -> int:
         started = set(stack.get("started", []))
         for engine in (ENGINE1, ENGINE2):
             remove_test_containers(engine)
+        # An sshd running from our pidfile with our config was started here, whatever stack.json says.
+        if SSHD_KEY in started or our_sshd() is not None:
+            stop_sshd()
         # A dockerd running from our pidfile was started here, whatever stack.json says.
         if "engine2" in started or our_dockerd(ENGINE2) is not None:
             stop_engine(ENGINE2)
@@ -1081,6 +1463,9 @@ def status() -> int:
     host_2_tls, record = stack.get("docker_host_2_tls"), stack.get("tls_2")
     if host_2_tls and isinstance(record, dict):
         print(f"engine2 {host_2_tls}: {tls_status(host_2_tls, record)}")
+    host_2_ssh, ssh_record = stack.get("docker_host_2_ssh"), stack.get("ssh_2")
+    if host_2_ssh and isinstance(ssh_record, dict):
+        print(f"engine2 {host_2_ssh}: {ssh_status(host_2_ssh, ssh_record)}")
     return 0
 
 

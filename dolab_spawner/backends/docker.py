@@ -26,7 +26,9 @@ from urllib.parse import urlparse
 
 import docker
 import docker.errors
+import paramiko
 import requests
+from docker.transport.sshconn import SSHHTTPAdapter
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
 from traitlets import Any as AnyTrait
@@ -58,6 +60,51 @@ class _TlsEngineClient(docker.APIClient):
         pass
 
 
+class _SshEngineClient(docker.APIClient):
+    """An engine client over ssh:// with the ``docker_hosts`` entry's own key and known hosts (its ``ssh``).
+
+    docker-py's paramiko transport reads the hub user's ~/.ssh/config, trusts ~/.ssh/known_hosts and tries every key
+    in ~/.ssh and the agent; its ssh CLI transport (``use_ssh_client``) cannot be given a key or known hosts at all.
+    So this client has docker-py build its CLI transport, which does nothing until a request, and gives it a paramiko
+    client of its own before the first request: only ``identity_file`` is offered, the host key is checked against
+    ``known_hosts`` only, and a host that is not in it is refused (RejectPolicy). ~/.ssh is never read.
+    """
+
+    def __init__(self, ssh: dict[str, str], **kwargs: Any) -> None:
+        self._ssh = ssh
+        try:
+            super().__init__(use_ssh_client=True, **kwargs)
+        except BaseException:
+            self.close()  # e.g. logged in, but the engine did not answer: close the ssh connection
+            raise
+
+    def mount(self, prefix: str, adapter: Any) -> None:
+        if isinstance(adapter, SSHHTTPAdapter) and adapter.ssh_client is None:
+            url = urlparse(f"ssh://{adapter.ssh_host}")
+            timeout = adapter.timeout
+            ssh_client = paramiko.SSHClient()
+            try:
+                ssh_client.load_host_keys(self._ssh["known_hosts"])  # neither ~/.ssh/known_hosts nor the system's
+                ssh_client.set_missing_host_key_policy(paramiko.RejectPolicy())
+                adapter.ssh_client = ssh_client
+                adapter.ssh_params = {
+                    "hostname": url.hostname,
+                    "port": url.port or 22,
+                    "username": url.username,
+                    "key_filename": self._ssh["identity_file"],
+                    "look_for_keys": False,
+                    "allow_agent": False,
+                    "timeout": timeout,
+                    "banner_timeout": timeout,
+                    "auth_timeout": timeout,
+                }
+                adapter._connect()
+            except BaseException:
+                ssh_client.close()
+                raise
+        super().mount(prefix, adapter)
+
+
 class DockerEngines:
     """One API client and two bounded thread pools per Docker engine, shared by every server of the hub."""
 
@@ -71,17 +118,30 @@ class DockerEngines:
         if key not in self._clients:
             kwargs: dict[str, Any] = {"version": "auto", "timeout": timeout_seconds}
             url = host.get("url", "")
+            client_class: type[docker.APIClient] = docker.APIClient
             if url:
                 kwargs["base_url"] = url
-                if url.startswith("ssh://"):
+                if url.startswith("ssh://") and host.get("ssh"):
+                    kwargs["ssh"] = host["ssh"]
+                    client_class = _SshEngineClient
+                elif url.startswith("ssh://"):
                     kwargs["use_ssh_client"] = bool(host.get("use_ssh_client", False))
             else:
                 kwargs.update(docker.utils.kwargs_from_env())
-            client_class = docker.APIClient
             if host.get("tls"):
                 kwargs["tls"] = docker.tls.TLSConfig(**host["tls"])
                 client_class = _TlsEngineClient
-            self._clients[key] = client_class(**kwargs)
+            try:
+                self._clients[key] = client_class(**kwargs)
+            except (paramiko.SSHException, OSError) as e:
+                # The ssh transport connects here; callers handle DockerException (paramiko's are not OSErrors).
+                if not url.startswith("ssh://"):
+                    raise
+                ssh = host.get("ssh")
+                files = f" (identity {ssh['identity_file']}, known hosts {ssh['known_hosts']})" if ssh else ""
+                raise docker.errors.DockerException(
+                    f"Docker host {host.get('name', 'local')!r} at {url}: ssh failed: {type(e).__name__}: {e}{files}"
+                ) from e
         return self._clients[key]
 
     def pool(self, host: dict[str, Any], size: int, purpose: str = "api") -> ThreadPoolExecutor:
@@ -96,11 +156,13 @@ class DockerEngines:
 engines = DockerEngines()
 
 
-_HOST_KEYS = {"name", "url", "tls", "use_ssh_client", "gpu_inventory", "hub_connect_url", "workspace"}
+_HOST_KEYS = {"name", "url", "tls", "use_ssh_client", "ssh", "gpu_inventory", "hub_connect_url", "workspace"}
+_SSH_KEYS = ("identity_file", "known_hosts")
 
 
 def check_docker_hosts(raw: Any) -> list[dict[str, Any]]:
-    """Validate ``docker_hosts``: a list of ``{name, url, tls, gpu_inventory, hub_connect_url, workspace}``.
+    """Validate ``docker_hosts``: a list of ``{name, url, tls, use_ssh_client, ssh, gpu_inventory, hub_connect_url,
+    workspace}``.
 
     Raises ValueError with a sentence. ``gpu_inventory`` entries get the host's name as their ``host``.
     """
@@ -124,6 +186,22 @@ def check_docker_hosts(raw: Any) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: workspace must be 'bind' or 'volume'")
         if not isinstance(entry.get("tls", {}), dict):
             raise ValueError(f"{where}: tls must be a dict of docker.tls.TLSConfig arguments")
+        if "ssh" in entry:
+            ssh = entry["ssh"]
+            if not url.startswith("ssh://"):
+                raise ValueError(f"{where}: ssh is only for an ssh:// url, not {url!r}")
+            if entry.get("tls"):
+                raise ValueError(f"{where}: ssh cannot go with tls")
+            if entry.get("use_ssh_client"):
+                raise ValueError(
+                    f"{where}: ssh cannot go with use_ssh_client (the ssh command takes its keys and known hosts"
+                    " only from ~/.ssh and /etc/ssh)"
+                )
+            if not isinstance(ssh, dict) or set(ssh) != set(_SSH_KEYS):
+                raise ValueError(f"{where}: ssh must be a dict with exactly {' and '.join(_SSH_KEYS)}, not {ssh!r}")
+            for k in _SSH_KEYS:
+                if not isinstance(ssh[k], str) or not os.path.isabs(ssh[k]):
+                    raise ValueError(f"{where}: ssh {k} must be an absolute path, not {ssh[k]!r}")
         inventory = entry.get("gpu_inventory", [])
         if not isinstance(inventory, list):
             raise ValueError(f"{where}: gpu_inventory must be a list of GPU dicts")

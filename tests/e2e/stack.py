@@ -35,6 +35,11 @@ class DockerStack:
     # CURL_CA_BUNDLE, where set, override TLSConfig's ca_cert (docker/docker-py#2433).
     docker_host_2_tls: str = ""
     tls_2: dict[str, Any] = field(default_factory=dict)
+    # Engine 2 over ssh://root@127.0.0.1:<port>: a private sshd that lets in only the stack's client key, and only for
+    # `docker system dial-stdio` to engine 2; and the `ssh` settings of a docker_hosts entry for it
+    # ({"identity_file": path, "known_hosts": path with the sshd's host key}). Both empty with an older stack.json.
+    docker_host_2_ssh: str = ""
+    ssh_2: dict[str, Any] = field(default_factory=dict)
 
 
 def frozen(value: Any) -> Any:
