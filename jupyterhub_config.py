@@ -14,6 +14,7 @@ from pathlib import Path
 
 from traitlets import TraitError
 
+from dolab_services.culler.service import culler_service
 from dolab_services.reaper import reaper_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
@@ -118,3 +119,15 @@ except ValueError as e:
 if reaper is not None:
     c.JupyterHub.services = [*c.JupyterHub.services, reaper[0]]
     c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, reaper[1]]
+
+# --- the culler: always, after the overlays, so it sees their max_run_hours and services -----------------------
+# Keeps running work alive and stops idle or expired servers (README.md, "Keep-alive and culling"). Its page is
+# under /services/dolab-culler/; every user gets access to it through extra_user_scopes.
+try:
+    culler = culler_service(c, env, sys.executable, data_dir)
+except ValueError as e:
+    sys.exit(f"DO-LAB: bad configuration: {e}")
+if culler is not None:
+    c.JupyterHub.services = [*c.JupyterHub.services, culler.service]
+    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, culler.role]
+    c.JupyterHub.extra_user_scopes = culler.extra_user_scopes

@@ -1,0 +1,347 @@
+"""The culler's page and API, under the service's prefix (``/services/dolab-culler/``).
+
+- ``GET  {prefix}``: the user's running servers, their stop times and warnings, with one-click buttons "Extend
+  by N hours" and, for an idle warning, "Keep it running" (forms POSTed back to the page);
+- ``GET  {prefix}api/warnings``: ``{"warnings": [{"server", "reason", "stop_at", "message"}, ...]}``, soonest
+  first, for the current user;
+- ``POST {prefix}api/extend``: ``{"server": name, "hours": n}``, answers ``{"server", "stop_at"}``; a 400 with a
+  sentence beyond ``--max-run-hours`` from now, for a server the user does not run, or one with no stop time;
+- ``POST {prefix}api/keepalive``: ``{"server": name}``: record the server as used now (an idle warning goes);
+- ``POST {prefix}api/stop``: admins only, ``{"user": name, "server": name}``: the stop path, reason ``admin``;
+- ``GET  {prefix}metrics``: Prometheus text (stop counters by reason; no secrets, so no login).
+
+Everything but the metrics is behind the hub's OAuth (``HubOAuthenticated``): a browser logs in through the hub,
+a script sends ``Authorization: token <the user's API token>``. Users need ``access:services!service=dolab-culler``
+(the shipped config grants it to every user). XSRF: a cookie-authenticated POST is accepted only with the
+session's ``_xsrf`` value (a form field, or the ``X-XSRFToken`` header); JupyterHub's ``HubOAuth`` checks it before
+it accepts the cookie, so no global ``xsrf_cookies`` setting is needed (it would refuse token-authenticated API
+calls, which need none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from typing import Any
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tornado import web
+from tornado.template import Template
+
+from ..hubclient import HubAPIError
+from .service import Sweeper, format_time
+
+__all__ = ["make_app"]
+
+PAGE = Template(
+    """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Your servers' stop times - DO-LAB</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+section.server { border: 1px solid #ccc; border-radius: 6px; padding: 0.5rem 1rem; margin: 1rem 0; }
+.warning { background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.5rem; }
+.notice { background: #e7f5e9; border-left: 4px solid #2e7d32; padding: 0.5rem; }
+.error { background: #fdecea; border-left: 4px solid #c62828; padding: 0.5rem; }
+form { display: inline-block; margin-right: 0.5rem; }
+button { font-size: 1rem; padding: 0.3rem 0.8rem; }
+</style>
+</head>
+<body>
+<h1>Your running servers</h1>
+<p><a href="{{ hub_home }}">Back to the hub</a></p>
+{% if notice %}<p class="notice" role="status">{{ notice }}</p>{% end %}
+{% if error %}<p class="error" role="alert">{{ error }}</p>{% end %}
+{% if not servers %}<p>You have no running server.</p>{% end %}
+{% for s in servers %}
+<section class="server" data-server="{{ s.name }}">
+<h2>{{ s.label }}</h2>
+<p>Profile {{ s.profile or "(default)" }}, started {{ fmt(s.started) }}.</p>
+{% if s.stop_at %}
+<p class="stop-at">Stops at <time datetime="{{ fmt(s.stop_at) }}">{{ fmt(s.stop_at) }}</time>,
+the stop time you chose.</p>
+{% else %}
+<p class="stop-at">No stop time: it runs while it is in use.</p>
+{% end %}
+{% if s.warning %}<p class="warning" data-reason="{{ s.warning.reason }}">{{ s.warning.message() }}</p>{% end %}
+{% if s.stop_at is not None %}
+  {% set hours = min(extend_hours, floor_hours(s.headroom_hours)) %}
+  {% if hours > 0 %}
+<form method="post" action="{{ page_url }}" class="extend">
+<input type="hidden" name="_xsrf" value="{{ xsrf }}">
+<input type="hidden" name="action" value="extend">
+<input type="hidden" name="server" value="{{ s.name }}">
+<input type="hidden" name="hours" value="{{ '%g' % hours }}">
+<button type="submit">Extend by {{ '%g' % hours }} hour{{ '' if hours == 1 else 's' }}</button>
+</form>
+  {% else %}
+<p>This is the latest stop time allowed.</p>
+  {% end %}
+{% end %}
+{% if s.warning and s.warning.reason == "idle" %}
+<form method="post" action="{{ page_url }}" class="keepalive">
+<input type="hidden" name="_xsrf" value="{{ xsrf }}">
+<input type="hidden" name="action" value="keepalive">
+<input type="hidden" name="server" value="{{ s.name }}">
+<button type="submit">Keep it running</button>
+</form>
+{% end %}
+</section>
+{% end %}
+</body>
+</html>
+"""
+)
+
+
+def _floor_hours(hours: float | None) -> float:
+    """Hours rounded down to a quarter (what a button can offer); 0 when none."""
+    if hours is None or hours <= 0:
+        return 0.0
+    return math.inf if math.isinf(hours) else math.floor(hours * 4) / 4
+
+
+class _Handler(HubOAuthenticated, web.RequestHandler):
+    """Identifies the user through the hub (asynchronously, before the method runs)."""
+
+    def initialize(self, sweeper: Sweeper, hub_auth: HubOAuth, extend_hours: float, log: logging.Logger) -> None:
+        self.sweeper = sweeper
+        self.hub_auth = hub_auth
+        self.extend_hours = extend_hours
+        self.log = log
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # A refusal (HTTPError) is the answer itself, in the access log; only real failures get a traceback.
+        if not isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
+
+    async def prepare(self) -> None:
+        # Ask the hub without blocking the loop; get_current_user then finds the cached answer.
+        await self.hub_auth.get_user(self, sync=False)
+
+    def hub_down(self, error: HubAPIError) -> web.HTTPError:
+        """The answer when the hub does not answer the culler; the details go to the log."""
+        self.log.error("The hub did not answer the culler: %s", error)
+        return web.HTTPError(502, "The hub did not answer; try again in a minute.")
+
+    @property
+    def user_name(self) -> str:
+        return str(self.current_user["name"])
+
+    @property
+    def is_admin(self) -> bool:
+        return bool(self.current_user.get("admin"))
+
+
+class PageHandler(_Handler):
+    """The user's servers, stop times and warnings, with the extend and keep-alive buttons."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        await self._render()
+
+    @web.authenticated
+    async def post(self) -> None:
+        action = self.get_body_argument("action", "")
+        server = self.get_body_argument("server", "")
+        try:
+            if action == "extend":
+                try:
+                    hours: Any = float(self.get_body_argument("hours", ""))
+                except ValueError:
+                    hours = self.get_body_argument("hours", "")
+                new = await self.sweeper.extend(self.user_name, server, hours)
+                notice = f"Extended: it now stops at {format_time(new)}."
+            elif action == "keepalive":
+                await self.sweeper.keep_alive(self.user_name, server)
+                notice = "Noted: it keeps running while you use it."
+            else:
+                raise ValueError(f"Unknown action {action!r}: use the page's buttons.")
+        except ValueError as e:
+            self.set_status(400)
+            await self._render(error=str(e))
+            return
+        except HubAPIError as e:
+            raise self.hub_down(e) from None
+        await self._render(notice=notice)
+
+    async def _render(self, notice: str = "", error: str = "") -> None:
+        try:
+            servers = await self.sweeper.servers_of(self.user_name)
+        except HubAPIError as e:
+            raise self.hub_down(e) from None
+        hub_prefix = self.hub_auth.hub_prefix or "/hub/"
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            PAGE.generate(
+                servers=servers,
+                notice=notice,
+                error=error,
+                xsrf=self.xsrf_token,
+                page_url=self.request.path,
+                hub_home=f"{hub_prefix}home",
+                extend_hours=self.extend_hours,
+                floor_hours=_floor_hours,
+                fmt=format_time,
+            )
+        )
+
+
+class _ApiHandler(_Handler):
+    """JSON in and out; errors as ``{"status", "message"}``; no redirect to a login page."""
+
+    def get_login_url(self) -> str:
+        raise web.HTTPError(403, "Log in to the hub first, or send your API token (Authorization: token ...).")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        message = self._reason
+        exc_info = kwargs.get("exc_info")
+        if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:
+            message = exc_info[1].log_message % exc_info[1].args if exc_info[1].args else exc_info[1].log_message
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    def body(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "The body must be JSON.") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "The body must be a JSON object.")
+        return data
+
+    def server_arg(self, data: dict[str, Any]) -> str:
+        server = data.get("server", "")
+        if not isinstance(server, str):
+            raise web.HTTPError(400, 'server must be a server name ("" for the default server).')
+        return server
+
+    def owner(self, data: dict[str, Any]) -> str:
+        """The user named in the body (default: the current one); only admins may name another."""
+        user = data.get("user", self.user_name)
+        if user != self.user_name and not self.is_admin:
+            raise web.HTTPError(400, "You can only change your own servers.")
+        return str(user)
+
+    def reply(self, data: dict[str, Any]) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(data))
+
+
+class WarningsHandler(_ApiHandler):
+    """The current user's warnings."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.reply({"warnings": [w.to_json() for w in self.sweeper.warnings_for(self.user_name)]})
+
+
+class ExtendHandler(_ApiHandler):
+    """Move a server's stop time later."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        data = self.body()
+        user, server = self.owner(data), self.server_arg(data)
+        try:
+            new = await self.sweeper.extend(user, server, data.get("hours"))
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        except HubAPIError as e:
+            raise self.hub_down(e) from None
+        self.reply({"user": user, "server": server, "stop_at": format_time(new)})
+
+
+class KeepAliveHandler(_ApiHandler):
+    """Record an idle server as used now."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        data = self.body()
+        user, server = self.owner(data), self.server_arg(data)
+        try:
+            await self.sweeper.keep_alive(user, server)
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        except HubAPIError as e:
+            raise self.hub_down(e) from None
+        self.reply({"user": user, "server": server})
+
+
+class StopHandler(_ApiHandler):
+    """An admin stops a server through the stop path (pre-stop hooks first), reason ``admin``."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        if not self.is_admin:
+            raise web.HTTPError(403, "Only admins can stop servers here.")
+        data = self.body()
+        user, server = data.get("user"), self.server_arg(data)
+        if not isinstance(user, str) or not user:
+            raise web.HTTPError(400, "user must be the name of the server's owner.")
+        self.log.info("Admin %s asks to stop server %s/%s", self.user_name, user, server)
+        outcome = await self.sweeper.stop_path.stop(user, server, "admin", f"by {self.user_name}")
+        if outcome == "gone":
+            raise web.HTTPError(404, f"{user} has no running server {server!r}.")
+        if outcome == "blocked":
+            raise web.HTTPError(409, "A pre-stop hook refused to let the server stop (see the log); try again.")
+        if outcome == "failed":
+            raise web.HTTPError(502, "The hub did not stop the server (see the culler's log).")
+        self.reply({"user": user, "server": server, "result": outcome})
+
+
+class MetricsHandler(web.RequestHandler):
+    """Prometheus text of the culler's registry."""
+
+    def initialize(self, sweeper: Sweeper) -> None:
+        self.sweeper = sweeper
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.sweeper.stop_path.registry))
+
+
+def _access_logger(log: logging.Logger) -> Any:
+    def log_request(handler: web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
+        request = handler.request
+        log.log(level, "%d %s %s %.1f ms", status, request.method, request.path, 1000 * request.request_time())
+
+    return log_request
+
+
+def make_app(
+    sweeper: Sweeper,
+    prefix: str,
+    *,
+    extend_hours: float = 2,
+    hub_auth: HubOAuth | None = None,
+    log: logging.Logger | None = None,
+) -> web.Application:
+    """The tornado application under ``prefix`` (``/services/dolab-culler/``); OAuth settings from the env."""
+    prefix = "/" + prefix.strip("/") + "/"
+    # The instance the OAuth callback handler uses too (it has no other way to get one).
+    hub_auth = hub_auth or HubOAuth.instance(cache_max_age=60)
+    args = {"sweeper": sweeper, "hub_auth": hub_auth, "extend_hours": extend_hours, "log": log or sweeper.log}
+    return web.Application(
+        [
+            (prefix.rstrip("/"), web.RedirectHandler, {"url": prefix}),
+            (prefix, PageHandler, args),
+            (prefix + "oauth_callback", HubOAuthCallbackHandler),
+            (prefix + "api/warnings", WarningsHandler, args),
+            (prefix + "api/extend", ExtendHandler, args),
+            (prefix + "api/keepalive", KeepAliveHandler, args),
+            (prefix + "api/stop", StopHandler, args),
+            (prefix + "metrics", MetricsHandler, {"sweeper": sweeper}),
+        ],
+        cookie_secret=secrets.token_bytes(32),
+        log_function=_access_logger(log or sweeper.log),
+    )
