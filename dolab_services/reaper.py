@@ -39,11 +39,12 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from traitlets import Bool, Float, Integer, Unicode, default
-from traitlets.config import Application, Config, LazyConfigValue
+from traitlets.config import Config, LazyConfigValue
 
 from dolab_spawner.backends.docker import DOLAB_LABEL, check_docker_hosts, engines
 from dolab_spawner.hubconfig import env_float
 
+from .app import ServiceApp
 from .hubclient import HubAPIError, HubClient
 
 __all__ = [
@@ -403,7 +404,7 @@ def reaper_service(
 # ----- the service -----------------------------------------------------------------------------------------
 
 
-class Reaper(Application):
+class Reaper(ServiceApp):
     """The ``dolab-reaper`` service: :func:`sweep` every ``interval_seconds``, or once."""
 
     name = "dolab-reaper"
@@ -438,19 +439,6 @@ class Reaper(Application):
         "remove": ({"Reaper": {"remove": True}}, "Force-remove orphans (default: only log them)."),
         "once": ({"Reaper": {"once": True}}, "Sweep once and exit."),
     }
-
-    @default("log_level")
-    def _default_log_level(self) -> int:
-        return logging.INFO
-
-    @default("log_format")
-    def _default_log_format(self) -> str:
-        # Like the hub's lines, which a managed service's output joins.
-        return "[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s] %(message)s"
-
-    @default("log_datefmt")
-    def _default_log_datefmt(self) -> str:
-        return "%Y-%m-%d %H:%M:%S"
 
     @default("docker_hosts")
     def _default_docker_hosts(self) -> str:

@@ -53,8 +53,9 @@ from urllib.parse import quote, urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Bool, Float, Integer, List, Unicode, default
-from traitlets.config import Application, Config, LazyConfigValue
+from traitlets.config import Config, LazyConfigValue
 
+from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
 from .policy import CullPolicy, Decision, ServerFacts, decide, needs_inspection
 from .stop import StopPath, describe, load_hooks
@@ -745,7 +746,7 @@ def load_policy(path: str) -> CullPolicy:
 # ----- the service -----------------------------------------------------------------------------------------
 
 
-class Culler(Application):
+class Culler(ServiceApp):
     """The ``dolab-culler`` service: sweeps every ``interval_seconds`` and serves its page and API."""
 
     name = SERVICE_NAME
@@ -809,18 +810,6 @@ class Culler(Application):
             return _env_number(os.environ, "DOLAB_MAX_RUN_HOURS", 168)
         except ValueError:
             return 168
-
-    @default("log_level")
-    def _default_log_level(self) -> int:
-        return logging.INFO
-
-    @default("log_format")
-    def _default_log_format(self) -> str:
-        return "[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s] %(message)s"
-
-    @default("log_datefmt")
-    def _default_log_datefmt(self) -> str:
-        return "%Y-%m-%d %H:%M:%S"
 
     def _check(self) -> tuple[CullPolicy, HubClient]:
         for name, value in (
