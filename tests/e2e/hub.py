@@ -65,6 +65,7 @@ class Hub:
             DOLAB_BIND_URL=self.url,
             DOLAB_HUB_PORT=str(free_port()),
             DOLAB_PROXY_API_PORT=str(free_port()),
+            DOLAB_CULLER_PORT=str(free_port()),
             DOLAB_CONFIG_DIR=str(self.overlay_dir),
             PYTHONUNBUFFERED="1",
         )
