@@ -57,7 +57,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -65,16 +64,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import Any
 from urllib.parse import quote
 
 import requests
+from _signals import interrupts_as_keyboard_interrupt, uninterrupted  # bench/_signals.py, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -135,6 +134,7 @@ STUB_SERVER = '''\
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 
 lock = threading.Lock()
 counts = {"kernels": 0, "other": 0}
@@ -707,32 +707,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 <= args.candidates <= args.users:
         parser.error("--candidates must be between 0 and --users")
     return args
-
-
-@contextmanager
-def interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does, so the cleanup runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Let the cleanup finish: a second Ctrl-C or SIGTERM during it is ignored."""
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
