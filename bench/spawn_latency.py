@@ -28,7 +28,6 @@ removed on exit, on an error, on Ctrl-C and on SIGTERM.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -44,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import docker
 import docker.errors
@@ -56,29 +55,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+from tests.e2e.hub import Hub, free_port  # noqa: E402
 from tests.e2e.stack import STACK_JSON, DockerStack  # noqa: E402
-
-
-class Hub(Protocol):
-    """What the bench uses of tests/e2e/hub.py's ``Hub`` (imported at run time: mypy does not check tests/)."""
-
-    root: Path
-    url: str
-    token: str
-    proc: Any
-    log_path: Path
-
-    def start(self, timeout: float = 60) -> Any: ...
-    def shutdown(self) -> None: ...
-    def log_tail(self, lines: int = 60) -> str: ...
-    def api(self, method: str, path: str, **kwargs: Any) -> requests.Response: ...
-    def user(self, name: str) -> dict[str, Any]: ...
-    def create_user(self, name: str) -> None: ...
-    def user_token(self, name: str) -> str: ...
-
-
-_e2e_hub = importlib.import_module("tests.e2e.hub")
-free_port = _e2e_hub.free_port
 
 USER = "bench"
 POLL_SECONDS = 0.05
@@ -418,7 +396,7 @@ def run_variant(
     hub_port = free_port()
     labels = {"dolab.test": "1", "dolab.bench": cleanup.run_label.split("=", 1)[1]}
     env = {"DOLAB_HUB_IP": "0.0.0.0", "DOLAB_HUB_PORT": str(hub_port)}
-    hub: Hub = _e2e_hub.Hub(root, overlay=overlay_for(variant, stack, root, hub_port, labels), env=env)
+    hub = Hub(root, overlay=overlay_for(variant, stack, root, hub_port, labels), env=env)
     cleanup.hubs.append(hub)
     try:
         hub.start()
