@@ -1,5 +1,5 @@
 """``python -m dolab_services.culler``: see :mod:`dolab_services.culler.service`."""
 
-from .service import main
+from .app import main
 
 main()

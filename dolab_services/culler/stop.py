@@ -16,7 +16,6 @@ server) asks the hub to stop it. Metrics, in the registry the caller passes (a p
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ from urllib.parse import quote
 from prometheus_client import CollectorRegistry, Counter
 
 from ..hubclient import HubAPIError, HubClient
+from .loader import load_object
 
 __all__ = ["STOP_REASONS", "PreStopHook", "StopOutcome", "StopPath", "load_hooks"]
 
@@ -40,20 +40,10 @@ StopOutcome = Literal["stopped", "gone", "blocked", "failed", "dry-run"]
 
 def load_hooks(specs: Iterable[str]) -> list[PreStopHook]:
     """The callables that ``module.path:name`` strings name; ValueError with a sentence for a bad one."""
-    hooks = []
-    for spec in specs:
-        module_name, sep, attr = spec.partition(":")
-        if not sep or not module_name or not attr:
-            raise ValueError(f"pre-stop hook {spec!r} must be written module.path:callable")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"pre-stop hook {spec!r}: cannot import {module_name} ({e})") from None
-        hook = getattr(module, attr, None)
-        if not callable(hook):
-            raise ValueError(f"pre-stop hook {spec!r}: {module_name} has no callable {attr}")
-        hooks.append(hook)
-    return hooks
+    return [
+        load_object(spec, what="pre-stop hook", kind="callable", malformed="must be written module.path:callable")
+        for spec in specs
+    ]
 
 
 def server_path(user: str, server: str) -> str:

@@ -38,7 +38,6 @@ RunPod pods' reported GPU use will be another source of this kind.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import math
@@ -49,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from .loader import load_object
 
 __all__ = [
     "LOCAL_HOST",
@@ -291,16 +292,8 @@ def load_telemetry(spec: str) -> TelemetrySource:
         if not path:
             raise ValueError(f"GPU telemetry source {spec!r} names no file; {allowed}")
         return FileTelemetry(path)
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr or not attr.isidentifier():
-        raise ValueError(f"GPU telemetry source {spec!r} is not understood; {allowed}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"GPU telemetry source {spec!r}: cannot import {module_name} ({e})") from e
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"GPU telemetry source {spec!r}: {module_name} has no class {attr}")
+    factory = load_object(spec, what="GPU telemetry source", kind="class", malformed=f"is not understood; {allowed}")
+    attr = spec.partition(":")[2]
     try:
         source = factory()
     except Exception as e:

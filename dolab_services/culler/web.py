@@ -32,7 +32,8 @@ from tornado import web
 from tornado.template import Template
 
 from ..hubclient import HubAPIError
-from .service import Sweeper, format_time
+from .sweeper import Sweeper
+from .times import format_time
 
 __all__ = ["make_app"]
 

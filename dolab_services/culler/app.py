@@ -1,0 +1,202 @@
+"""The ``dolab-culler`` service as a program: settings and their checks, the sweep loop, the page (:class:`Culler`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from traitlets import Bool, Float, Integer, List, Unicode, default
+
+from ..app import ServiceApp
+from ..hubclient import HubAPIError, HubClient
+from .extensions import ExtensionStore
+from .policy import CullPolicy
+from .registration import SERVICE_NAME, env_number, load_policy
+from .stop import StopPath, load_hooks
+from .sweeper import Sweeper
+from .telemetry import TelemetrySource, load_telemetry
+
+__all__ = ["Culler", "main"]
+
+
+class Culler(ServiceApp):
+    """The ``dolab-culler`` service: sweeps every ``interval_seconds`` and serves its page and API."""
+
+    name = SERVICE_NAME
+    description = "Keep running work alive; warn, then stop idle or expired servers; let users extend."
+
+    interval_seconds = Float(60, config=True, help="Seconds between two sweeps.")
+    concurrency = Integer(10, config=True, help="At most this many servers have their kernels read at once.")
+    policy_file = Unicode(
+        "",
+        config=True,
+        help="""A JSON file with the policy (``CullPolicy.from_config``: rules with idle_hours and max_age_hours
+        per profile, backend or GPU, warn_before_minutes, gpu_busy_percent, exempt_users, exempt_groups).
+        Empty: the built-in defaults (CPU 24 h idle, local GPU 1 h, RunPod 15 min, 10 min warning).""",
+    )
+    telemetry = Unicode(
+        "nvml",
+        config=True,
+        help='Where GPU use comes from: "nvml", "file:/abs/path.json" or "module.path:Class".',
+    )
+    max_run_hours = Float(
+        config=True,
+        help="The latest stop time users may extend to, in hours from now (0: no limit). "
+        "Default: $DOLAB_MAX_RUN_HOURS, else 168.",
+    )
+    pre_stop_hooks = List(
+        Unicode(),
+        config=True,
+        help="Async callables ``module.path:name`` called as hook(user, server, reason) before every stop, in "
+        "order; one that raises blocks that stop until the next sweep. Repeat the flag for several.",
+    )
+    hook_timeout_seconds = Float(600, config=True, help="How long one pre-stop hook may take (seconds).")
+    kernel_timeout_seconds = Float(10, config=True, help="How long reading a server's kernels may take (seconds).")
+    extensions_file = Unicode(
+        "", config=True, help="A JSON file keeping the stop times users extended to (empty: in memory only)."
+    )
+    extend_hours = Float(2, config=True, help="What the page's one-click button extends by (hours).")
+    dry_run = Bool(False, config=True, help="Decide and log, but stop nothing and record no activity.")
+    once = Bool(False, config=True, help="Sweep once and exit, without the web page (1 if the hub was unreadable).")
+
+    aliases = {
+        "interval": "Culler.interval_seconds",
+        "concurrency": "Culler.concurrency",
+        "policy": "Culler.policy_file",
+        "telemetry": "Culler.telemetry",
+        "max-run-hours": "Culler.max_run_hours",
+        "pre-stop-hook": "Culler.pre_stop_hooks",
+        "hook-timeout": "Culler.hook_timeout_seconds",
+        "kernel-timeout": "Culler.kernel_timeout_seconds",
+        "extensions-file": "Culler.extensions_file",
+        "extend-hours": "Culler.extend_hours",
+        "log-level": "Application.log_level",
+    }
+    flags = {
+        "dry-run": ({"Culler": {"dry_run": True}}, "Decide and log only: stop nothing, record no activity."),
+        "once": ({"Culler": {"once": True}}, "Sweep once and exit."),
+    }
+
+    @default("max_run_hours")
+    def _default_max_run_hours(self) -> float:
+        try:
+            return env_number(os.environ, "DOLAB_MAX_RUN_HOURS", 168)
+        except ValueError:
+            return 168
+
+    def _check(self) -> tuple[CullPolicy, HubClient]:
+        for name, value in (
+            ("--interval", self.interval_seconds),
+            ("--kernel-timeout", self.kernel_timeout_seconds),
+            ("--hook-timeout", self.hook_timeout_seconds),
+            ("--extend-hours", self.extend_hours),
+        ):
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value:g}")
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, not {self.concurrency}")
+        if self.max_run_hours < 0 or not math.isfinite(self.max_run_hours):
+            raise ValueError(f"--max-run-hours must be 0 (no limit) or a positive number, not {self.max_run_hours:g}")
+        policy = load_policy(self.policy_file) if self.policy_file else CullPolicy()
+        return policy, HubClient()
+
+    def start(self) -> None:
+        """Check the settings, then sweep and serve until stopped (or sweep once)."""
+        try:
+            policy, hub = self._check()
+            hooks = load_hooks(self.pre_stop_hooks)
+            telemetry = load_telemetry(self.telemetry)
+        except ValueError as e:
+            print(f"{SERVICE_NAME}: {e}", file=sys.stderr)
+            self.exit(2)
+        # The telemetry sources log under the package's name: through the same handler, in the same format.
+        package_log = logging.getLogger("dolab_services")
+        package_log.setLevel(self.log.level)
+        for handler in self.log.handlers:
+            package_log.addHandler(handler)
+        self.log.info(
+            "Sweeping every %g s%s; policy %s; GPU use from %s; %d pre-stop hook(s)",
+            self.interval_seconds,
+            " (dry run)" if self.dry_run else "",
+            self.policy_file or "built-in",
+            self.telemetry,
+            len(hooks),
+        )
+        self.exit(asyncio.run(self._run(policy, hub, hooks, telemetry)))
+
+    async def _run(self, policy: CullPolicy, hub: HubClient, hooks: list[Any], telemetry: TelemetrySource) -> int:
+        from .web import make_app  # the page needs jupyterhub's OAuth helpers, a one-off sweep does not
+
+        stop_path = StopPath(
+            hub, hooks, hook_timeout_seconds=self.hook_timeout_seconds, dry_run=self.dry_run, log=self.log
+        )
+        sweeper = Sweeper(
+            hub,
+            policy,
+            telemetry,
+            stop_path,
+            os.environ.get("JUPYTERHUB_API_TOKEN", ""),
+            concurrency=self.concurrency,
+            kernel_timeout_seconds=self.kernel_timeout_seconds,
+            max_run_hours=self.max_run_hours,
+            extensions=ExtensionStore(self.extensions_file or None, self.log),
+            dry_run=self.dry_run,
+            log=self.log,
+        )
+        server = None
+        try:
+            if self.once:
+                try:
+                    await sweeper.sweep()
+                except HubAPIError as e:
+                    self.log.error("Cannot list the hub's servers: %s", e)
+                    return 1
+                return 0
+            service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
+            if service_url:
+                where = urlsplit(service_url)
+                prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
+                app = make_app(sweeper, prefix, extend_hours=self.extend_hours, log=self.log)
+                try:
+                    server = app.listen(where.port or 80, where.hostname or "127.0.0.1", xheaders=True)
+                except OSError as e:
+                    # Culling is the part that protects the machine: it goes on without the page.
+                    self.log.error(
+                        "Cannot listen on %s (%s): the page and API are off, culling goes on. Is another "
+                        "service on that port? Set DOLAB_CULLER_PORT.",
+                        service_url,
+                        e.strerror or e,
+                    )
+                else:
+                    self.log.info("Page and API at %s (listening on %s)", prefix, service_url)
+            else:
+                self.log.warning("No JUPYTERHUB_SERVICE_URL: sweeping without the page and API")
+            while True:
+                began = time.monotonic()
+                try:
+                    await sweeper.sweep(wait_seconds=self.interval_seconds)
+                except HubAPIError as e:
+                    self.log.error("Cannot list the hub's servers, so nothing is done this sweep: %s", e)
+                except Exception:  # a bug in one sweep must not end the service
+                    self.log.exception("The sweep failed; trying again in %g s", self.interval_seconds)
+                await asyncio.sleep(max(0.0, self.interval_seconds - (time.monotonic() - began)))
+        finally:
+            if server is not None:
+                server.stop()
+            sweeper.close()
+            hub.close()
+            await telemetry.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dolab_services.culler``."""
+    app = Culler()
+    app.initialize(list(argv) if argv is not None else None)
+    app.start()

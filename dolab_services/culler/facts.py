@@ -1,0 +1,92 @@
+"""What the culler knows about one server: the facts in the hub's model, and its kernels read at its own address.
+
+:func:`server_facts` turns a hub user model's server (with ``state`` when the token may read it) into the policy's
+:class:`~.policy.ServerFacts`. :func:`read_busy_kernels` asks the server itself, at the ``server_url`` its spawner
+state records, with ``api/kernels?no_track_activity=1``: never through the proxy, which would count the read as
+the user's activity and so keep every server alive forever."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from .policy import ServerFacts
+from .times import parse_time
+
+__all__ = ["InspectionError", "read_busy_kernels", "server_facts", "server_slots"]
+
+
+def server_facts(
+    user: Mapping[str, Any], name: str, server: Mapping[str, Any], now: datetime, stop_at: datetime | None = None
+) -> ServerFacts:
+    """The policy's view of one server of a hub user model (``servers[name]``, with ``state`` when readable).
+
+    ``stop_at``, when given, is a stop time the user extended to here; otherwise ``user_options["stop_at"]``.
+    """
+    state = server.get("state") or {}
+    options = server.get("user_options") or {}
+    started = parse_time(server.get("started")) or parse_time(server.get("last_activity")) or now
+    groups = user.get("groups") or ()
+    return ServerFacts(
+        user=str(user.get("name", "")),
+        server=name,
+        started=started,
+        last_activity=parse_time(server.get("last_activity")),
+        profile=str(state.get("profile") or options.get("profile") or ""),
+        backend=str(state.get("backend") or ""),
+        gpus=len(server_slots(server)),
+        groups=tuple(str(g) for g in groups),
+        stop_at=stop_at or parse_time(options.get("stop_at")),
+    )
+
+
+def server_slots(server: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The GPU slot dicts in a server model's spawner state (none when it has no readable state)."""
+    slots = (server.get("state") or {}).get("slots")
+    return [s for s in slots if isinstance(s, Mapping)] if isinstance(slots, list) else []
+
+
+class InspectionError(Exception):
+    """A server's kernels could not be read; the message says why, in a few words."""
+
+
+async def read_busy_kernels(http: AsyncHTTPClient, server_url: str, token: str, timeout_seconds: float) -> int:
+    """How many kernels of the server at ``server_url`` (its own address, base URL included) are executing.
+
+    Reads ``api/kernels?no_track_activity=1`` with ``token``, directly, not through the proxy. Raises
+    :class:`InspectionError` on no answer, an error status or an answer that is not a kernel list.
+    """
+    if not server_url:
+        raise InspectionError("its state has no server_url")
+    url = server_url.rstrip("/") + "/api/kernels?no_track_activity=1"
+    request = HTTPRequest(
+        url,
+        headers={"Authorization": f"token {token}", "Accept": "application/json"},
+        connect_timeout=min(timeout_seconds, 5),
+        request_timeout=timeout_seconds,
+        follow_redirects=False,  # a redirect would carry the token elsewhere
+    )
+    try:
+        response = await asyncio.wait_for(http.fetch(request, raise_error=False), timeout_seconds + 1)
+    except (asyncio.TimeoutError, HTTPClientError):
+        raise InspectionError(f"no answer in {timeout_seconds:g} s") from None
+    except OSError as e:
+        raise InspectionError(f"no answer ({e.strerror or e})") from None
+    if response.code == 599:
+        error = response.error
+        reason = f"no answer in {timeout_seconds:g} s" if "Timeout" in str(error) else f"no answer ({error})"
+        raise InspectionError(reason)
+    if response.code != 200:
+        raise InspectionError(f"HTTP {response.code} from api/kernels")
+    try:
+        kernels = json.loads(response.body or b"")
+    except ValueError:
+        raise InspectionError("api/kernels did not answer JSON") from None
+    if not isinstance(kernels, list):
+        raise InspectionError("api/kernels did not answer a list")
+    return sum(1 for k in kernels if isinstance(k, Mapping) and k.get("execution_state") == "busy")
