@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 NODE_PREFIX := .dolab/node
 NPM_PROXY := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
+OIDC_DIR := .dolab/oidc
 
 .PHONY: run test test-parts lint typecheck pytest proxy clean help stack-up stack-down
 
@@ -45,6 +46,11 @@ test-parts:
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "Installing Debian's chromium for the browser tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@# The OpenID Connect provider of tests/auth (npm oidc-provider, pinned by tests/oidc/package-lock.json).
+	@cmp -s tests/oidc/package-lock.json $(OIDC_DIR)/package-lock.json && [ -d $(OIDC_DIR)/node_modules/oidc-provider ] || { \
+		echo "Installing oidc-provider (npm) into $(OIDC_DIR)"; mkdir -p $(OIDC_DIR) && \
+		cp tests/oidc/package.json tests/oidc/package-lock.json $(OIDC_DIR)/ && \
+		npm ci --silent --no-audit --no-fund --prefix $(OIDC_DIR); }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -17,8 +17,10 @@ from traitlets import TraitError
 from dolab_services.culler.service import culler_service
 from dolab_services.reaper import reaper_service
 from dolab_spawner import DoLabSpawner
+from dolab_spawner.auth.envconfig import configure_login
 from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
 from dolab_spawner.paths import default_data_dir
+from dolab_spawner.plans import PlanConfigError, load_plans_file
 
 env = os.environ
 here = Path(__file__).resolve().parent
@@ -52,7 +54,14 @@ c.SharedPasswordAuthenticator.user_password = user_password
 c.SharedPasswordAuthenticator.admin_password = admin_password
 c.Authenticator.admin_users = admin_users
 c.Authenticator.allow_all = True
-if new_user_password or new_admin_password:
+# DOLAB_AUTH=oidc|google|github logs in with the team's identity provider instead (README.md, "Logging in").
+try:
+    login_provider = configure_login(c, env, bind_url)
+except ConfigEnvError as e:
+    sys.exit(f"DO-LAB: bad configuration: {e}")
+if login_provider is not None:
+    print(f"DO-LAB: users log in with {login_provider} (DOLAB_AUTH)", file=sys.stderr)
+elif new_user_password or new_admin_password:
     print(
         "\n"
         "  DO-LAB first run: passwords generated (shown this once)\n"
@@ -84,6 +93,11 @@ if inventory is not None:
 if docker_hosts is not None:
     c.DoLabSpawner.docker_hosts = docker_hosts
 c.DoLabSpawner.gpu_ids = env_list(env, "DOLAB_GPU_IDS")
+if env.get("DOLAB_PLANS_FILE"):  # groups -> plans (profiles, quotas, run time, culling exemption)
+    try:
+        c.DoLabSpawner.plans = load_plans_file(env["DOLAB_PLANS_FILE"])
+    except PlanConfigError as e:
+        sys.exit(f"DO-LAB: bad configuration: {e}")
 c.LocalProcessBackend.log_dir = str(data_dir / "logs")
 
 # --- services --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .backends import BACKENDS, BackendMixin, backend_class, make_backend
 from .backends.base import apply_overrides
 from .backends.docker import check_docker_hosts, remote_slots
 from .paths import default_data_dir
+from .plans import Plan, PlanConfigError, PlanTable, parse_plans
 from .profiles import (
     OptionsError,
     Profile,
@@ -145,6 +146,16 @@ class DoLabSpawner(Spawner):
 
     nvml_timeout_seconds = Float(20, config=True, help="How long to wait for NVML when reading the GPUs.")
 
+    plans = Dict(
+        config=True,
+        help="""Plans: which profiles, quotas, run time and culling exemption each group's members get (see
+        ``dolab_spawner.plans``): ``{"plans": {name: {"profiles": [slugs] or "*", "quotas": {"gpu_hours": {"week":
+        40}, "usd": {"month": 200}}, "max_run_hours": 72, "cull_exempt": false}}, "groups": {group: plan or [plans]},
+        "default_plan": name}``. A user gets the combination of their JupyterHub groups' plans: the form shows only
+        the profiles it allows and any other is refused (403), REST included. Empty (default): no restriction.
+        """,
+    )
+
     quota_check = AnyTrait(
         None,
         allow_none=True,
@@ -179,6 +190,14 @@ class DoLabSpawner(Spawner):
             except ProfileConfigError as e:
                 raise TraitError(f"DoLabSpawner.profile_list: {e}") from None
         return value
+
+    @validate("plans")
+    def _validate_plans(self, proposal: dict) -> Any:
+        try:
+            parse_plans(proposal["value"])
+        except PlanConfigError as e:
+            raise TraitError(f"DoLabSpawner.plans: {e}") from None
+        return proposal["value"]
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> Any:
@@ -260,8 +279,57 @@ class DoLabSpawner(Spawner):
                     self.log.info("GPU inventory: %s", listed or "none")
         return pool.allocator.inventory
 
+    @property
+    def plan_table(self) -> PlanTable:
+        """The admin's plans, parsed (checked at start-up by ``check_config``)."""
+        return parse_plans(self.plans)
+
+    def user_plan(self) -> Plan:
+        """This user's plan: the combination of the plans of their JupyterHub groups."""
+        groups = [g.name for g in getattr(self.user, "groups", None) or []]
+        return self.plan_table.plan_for(groups)
+
+    def user_max_run_hours(self) -> float:
+        """The latest stop time this user may choose: the spawner's ``max_run_hours``, lowered by their plan's."""
+        plan_hours = self.user_plan().max_run_hours
+        if plan_hours is None:
+            return self.max_run_hours
+        return min(self.max_run_hours, plan_hours) if self.max_run_hours > 0 else plan_hours
+
     async def get_profiles(self) -> list[Profile]:
-        """The profiles this user may choose from now."""
+        """The profiles this user may choose from now: the configured ones their plan allows."""
+        profiles = await self.get_all_profiles()
+        plan = self.user_plan()
+        allowed = [p for p in profiles if plan.allows_profile(p.slug)]
+        if not allowed:
+            raise SpawnException(
+                "Your plan does not include any profile of this hub. Ask an administrator to add you to a group "
+                "with a plan.",
+                reason="plan",
+                status_code=403,
+            )
+        return allowed
+
+    async def check_plan(self, user_options: Any) -> None:
+        """Refuse (403, a sentence) a profile that exists but that the user's plan does not include."""
+        slug = user_options.get("profile") if isinstance(user_options, dict) else None
+        plan = self.user_plan()
+        if not isinstance(slug, str) or not slug or plan.allows_profile(slug):
+            return
+        profiles = await self.get_all_profiles()
+        profile = next((p for p in profiles if p.slug == slug), None)
+        if profile is None:
+            return  # an unknown profile: resolve_options says which ones exist
+        allowed = ", ".join(p.slug for p in profiles if plan.allows_profile(p.slug)) or "none"
+        raise SpawnException(
+            f"Your plan does not include the profile {profile.display_name!r} ({slug}). You can start: {allowed}. "
+            "Ask an administrator if you need it.",
+            reason="plan",
+            status_code=403,
+        )
+
+    async def get_all_profiles(self) -> list[Profile]:
+        """Every configured profile, before the user's plan filters them."""
         if callable(self.profile_list):
             raw = await maybe_future(self.profile_list(self))
             try:
@@ -291,6 +359,7 @@ class DoLabSpawner(Spawner):
         selected = previous.get("profile") if previous.get("profile") in {p.slug for p in profiles} else None
         if selected is None:
             selected = next((p.slug for p in profiles if p.default), profiles[0].slug)
+        max_run_hours = self.user_max_run_hours()
         cards = []
         for profile in profiles:
             free = total = 0
@@ -302,12 +371,10 @@ class DoLabSpawner(Spawner):
         now = datetime.now(timezone.utc)
         return _TEMPLATES.get_template("options_form.html").render(
             cards=cards,
-            max_run_hours=self.max_run_hours,
+            max_run_hours=max_run_hours,
             previous=previous,
             now_utc=now.strftime("%Y-%m-%dT%H:%M"),
-            latest_utc=(now + timedelta(hours=self.max_run_hours)).strftime("%Y-%m-%dT%H:%M")
-            if self.max_run_hours > 0
-            else "",
+            latest_utc=(now + timedelta(hours=max_run_hours)).strftime("%Y-%m-%dT%H:%M") if max_run_hours > 0 else "",
         )
 
     async def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
@@ -332,7 +399,11 @@ class DoLabSpawner(Spawner):
         elif mode == "at" and first("stop_at"):
             options["stop_at"] = _form_time_to_utc(first("stop_at"), first("tz_offset_minutes"))
         try:
-            selection = resolve_options(profiles, options, max_run_hours=self.max_run_hours)
+            await self.check_plan(options)
+        except SpawnException as e:
+            raise ValueError(e.message) from None
+        try:
+            selection = resolve_options(profiles, options, max_run_hours=self.user_max_run_hours())
         except OptionsError as e:
             raise ValueError(str(e)) from None
         return selection.user_options()
@@ -478,9 +549,14 @@ class DoLabSpawner(Spawner):
 
     async def _start(self) -> Any:
         self.emit(5, "Checking your options")
-        profiles = await self.get_profiles()
         try:
-            selection = resolve_options(profiles, self.user_options, max_run_hours=self.max_run_hours)
+            await self.check_plan(self.user_options)
+            profiles = await self.get_profiles()
+        except SpawnException:
+            self._restore_options()
+            raise
+        try:
+            selection = resolve_options(profiles, self.user_options, max_run_hours=self.user_max_run_hours())
         except OptionsError as e:
             self._restore_options()
             raise self._refuse(str(e), reason="invalid_options", status_code=400) from None
