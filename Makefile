@@ -8,7 +8,7 @@ NODE_PREFIX := .dolab/node
 NPM_PROXY := $(NODE_PREFIX)/node_modules/.bin/configurable-http-proxy
 OIDC_DIR := .dolab/oidc
 
-.PHONY: run test test-parts lint typecheck pytest proxy clean help stack-up stack-down
+.PHONY: run test test-parts lint typecheck pytest proxy clean help stack-up stack-down labextension
 
 help:
 	@echo "make run    start DO-LAB at http://127.0.0.1:8000 (creates .venv, installs DO-LAB and the proxy)"
@@ -38,7 +38,21 @@ proxy:
 		$(BIN)/pip install --quiet configurable-http-proxy; \
 	fi
 
-run: $(VENV)/.installed-run proxy
+# The culler's JupyterLab notice (dolab_services/culler/labextension, pinned by its package-lock.json), built
+# into the git-ignored dolab_services/culler/share/ that users' servers load; again only when its sources change.
+LABEXT := dolab_services/culler/labextension
+LABEXT_BUILT := dolab_services/culler/share/labextensions/dolab-culler-notice/package.json
+
+labextension: $(LABEXT_BUILT)
+
+$(LABEXT_BUILT): $(LABEXT)/package.json $(LABEXT)/package-lock.json $(LABEXT)/tsconfig.json $(wildcard $(LABEXT)/src/*.ts) | $(BIN)/python
+	@command -v npm >/dev/null 2>&1 || { echo "No npm: the culler's JupyterLab notice is not built (servers start without it)"; exit 0; }; \
+	echo "Building the culler's JupyterLab notice into dolab_services/culler/share"; \
+	core="$$($(BIN)/python -c 'import jupyterlab, os; print(os.path.join(os.path.dirname(jupyterlab.__file__), "staging"))')" && \
+	cd $(LABEXT) && npm ci --silent --no-audit --no-fund --ignore-scripts && JUPYTERLAB_CORE="$$core" npm run --silent build >/dev/null && \
+	touch ../share/labextensions/dolab-culler-notice/package.json
+
+run: $(VENV)/.installed-run proxy labextension
 	$(BIN)/jupyterhub -f jupyterhub_config.py
 
 # Parts the tests drive for real: Debian's Chromium for the browser tests.
@@ -67,7 +81,7 @@ stack-down:
 	$(BIN)/python tests/stack.py down
 
 # pytest between stack-up and stack-down; the stack comes down even when pytest fails, and pytest's status is kept.
-pytest: $(VENV)/.installed-test proxy test-parts
+pytest: $(VENV)/.installed-test proxy test-parts labextension
 	$(BIN)/python tests/stack.py up && { $(BIN)/pytest -ra; rc=$$?; $(BIN)/python tests/stack.py down; exit $$rc; }
 
 test: lint typecheck pytest

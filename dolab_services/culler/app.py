@@ -163,7 +163,9 @@ class Culler(ServiceApp):
             if service_url:
                 where = urlsplit(service_url)
                 prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-                app = make_app(sweeper, prefix, extend_hours=self.extend_hours, log=self.log)
+                # The JupyterLab notice polls as often as warnings can change, at most once a minute.
+                poll_seconds = min(60.0, self.interval_seconds)
+                app = make_app(sweeper, prefix, extend_hours=self.extend_hours, poll_seconds=poll_seconds, log=self.log)
                 try:
                     server = app.listen(where.port or 80, where.hostname or "127.0.0.1", xheaders=True)
                 except OSError as e:

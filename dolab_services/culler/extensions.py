@@ -19,7 +19,7 @@ from typing import Any
 from .stop import describe
 from .times import format_time, parse_time
 
-__all__ = ["ExtensionStore", "extended_stop_at"]
+__all__ = ["ExtensionStore", "extend_offer", "extended_stop_at", "headroom_hours"]
 
 
 class ExtensionStore:
@@ -96,3 +96,23 @@ def extended_stop_at(current: datetime | None, hours: Any, now: datetime, max_ru
             f"that is {math.floor(headroom * 100) / 100:g} more hours at most, not {hours:g}."
         )
     return new
+
+
+def headroom_hours(stop_at: datetime | None, now: datetime, max_run_hours: float) -> float | None:
+    """How many hours ``stop_at`` can still move later within ``max_run_hours`` from ``now`` (0: no limit, so
+    infinite); None when there is no stop time to move."""
+    if stop_at is None:
+        return None
+    if max_run_hours <= 0:
+        return math.inf
+    latest = now + timedelta(hours=max_run_hours)
+    return max(0.0, (latest - max(stop_at, now)).total_seconds() / 3600)
+
+
+def extend_offer(headroom: float | None, extend_hours: float) -> float:
+    """What a one-click "Extend" offers: ``extend_hours``, or what is left of ``headroom`` rounded down to a quarter
+    hour; 0 when nothing can be offered (no stop time, or the latest stop time allowed)."""
+    if headroom is None or headroom <= 0:
+        return 0.0
+    left = headroom if math.isinf(headroom) else math.floor(headroom * 4) / 4
+    return max(0.0, min(extend_hours, left))

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient
 
 from ..hubclient import HubAPIError, HubClient
-from .extensions import ExtensionStore, extended_stop_at
+from .extensions import ExtensionStore, extended_stop_at, headroom_hours
 from .facts import InspectionError, read_busy_kernels, server_facts, server_slots
 from .notices import CullWarning, ServerView, server_label
 from .policy import CullPolicy, Decision, ServerFacts, decide, needs_inspection
@@ -319,10 +318,7 @@ class Sweeper:
             if not isinstance(server, Mapping) or not server.get("ready"):
                 continue
             stop_at = self._stop_at(user, name, server)
-            headroom = None
-            if stop_at is not None:
-                latest = now + timedelta(hours=self.max_run_hours) if self.max_run_hours > 0 else None
-                headroom = (latest - max(stop_at, now)).total_seconds() / 3600 if latest else math.inf
+            headroom = headroom_hours(stop_at, now, self.max_run_hours)
             views.append(
                 ServerView(
                     name=name,

@@ -2,8 +2,10 @@
 
 - ``GET  {prefix}``: the user's running servers, their stop times and warnings, with one-click buttons "Extend
   by N hours" and, for an idle warning, "Keep it running" (forms POSTed back to the page);
+- ``GET  {prefix}lab-session``: a tiny page the JupyterLab notice loads in a hidden frame: the user, the XSRF
+  value for its API calls, how often to poll (see :class:`LabSessionHandler`);
 - ``GET  {prefix}api/warnings``: ``{"warnings": [{"server", "reason", "stop_at", "message"}, ...]}``, soonest
-  first, for the current user;
+  first, for the current user; a deadline warning adds ``extend_hours``, what one click extends by (0: none);
 - ``POST {prefix}api/extend``: ``{"server": name, "hours": n}``, answers ``{"server", "stop_at"}``; a 400 with a
   sentence beyond ``--max-run-hours`` from now, for a server the user does not run, or one with no stop time;
 - ``POST {prefix}api/keepalive``: ``{"server": name}``: record the server as used now (an idle warning goes);
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 from typing import Any
 
@@ -32,8 +33,9 @@ from tornado import web
 from tornado.template import Template
 
 from ..hubclient import HubAPIError
+from .extensions import extend_offer, headroom_hours
 from .sweeper import Sweeper
-from .times import format_time
+from .times import format_time, utcnow
 
 __all__ = ["make_app"]
 
@@ -72,7 +74,7 @@ the stop time you chose.</p>
 {% end %}
 {% if s.warning %}<p class="warning" data-reason="{{ s.warning.reason }}">{{ s.warning.message() }}</p>{% end %}
 {% if s.stop_at is not None %}
-  {% set hours = min(extend_hours, floor_hours(s.headroom_hours)) %}
+  {% set hours = offer(s.headroom_hours, extend_hours) %}
   {% if hours > 0 %}
 <form method="post" action="{{ page_url }}" class="extend">
 <input type="hidden" name="_xsrf" value="{{ xsrf }}">
@@ -101,20 +103,16 @@ the stop time you chose.</p>
 )
 
 
-def _floor_hours(hours: float | None) -> float:
-    """Hours rounded down to a quarter (what a button can offer); 0 when none."""
-    if hours is None or hours <= 0:
-        return 0.0
-    return math.inf if math.isinf(hours) else math.floor(hours * 4) / 4
-
-
 class _Handler(HubOAuthenticated, web.RequestHandler):
     """Identifies the user through the hub (asynchronously, before the method runs)."""
 
-    def initialize(self, sweeper: Sweeper, hub_auth: HubOAuth, extend_hours: float, log: logging.Logger) -> None:
+    def initialize(
+        self, sweeper: Sweeper, hub_auth: HubOAuth, extend_hours: float, poll_seconds: float, log: logging.Logger
+    ) -> None:
         self.sweeper = sweeper
         self.hub_auth = hub_auth
         self.extend_hours = extend_hours
+        self.poll_seconds = poll_seconds
         self.log = log
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -188,7 +186,7 @@ class PageHandler(_Handler):
                 page_url=self.request.path,
                 hub_home=f"{hub_prefix}home",
                 extend_hours=self.extend_hours,
-                floor_hours=_floor_hours,
+                offer=extend_offer,
                 fmt=format_time,
             )
         )
@@ -237,11 +235,41 @@ class _ApiHandler(_Handler):
 
 
 class WarningsHandler(_ApiHandler):
-    """The current user's warnings."""
+    """The current user's warnings; a deadline warning says how many hours one click extends by (0: none)."""
 
     @web.authenticated
     def get(self) -> None:
-        self.reply({"warnings": [w.to_json() for w in self.sweeper.warnings_for(self.user_name)]})
+        now, warnings = utcnow(), []
+        for warning in self.sweeper.warnings_for(self.user_name):
+            data = warning.to_json()
+            if warning.reason == "deadline":
+                headroom = headroom_hours(warning.stop_at, now, self.sweeper.max_run_hours)
+                data["extend_hours"] = extend_offer(headroom, self.extend_hours)
+            warnings.append(data)
+        self.reply({"warnings": warnings})
+
+
+class LabSessionHandler(_Handler):
+    """What the JupyterLab notice needs to call the API with the browser's login: a tiny page it loads in a hidden
+    frame (a navigation, so the hub's OAuth redirects are followed and the ``_xsrf`` cookie is set), holding the
+    user's name, the XSRF value to send as ``X-XSRFToken``, how often to poll and the page's address."""
+
+    @web.authenticated
+    def get(self) -> None:
+        xsrf = self.xsrf_token
+        session = {
+            "user": self.user_name,
+            "xsrf": xsrf.decode() if isinstance(xsrf, bytes) else str(xsrf),
+            "poll_seconds": self.poll_seconds,
+            "page": self.request.path.rsplit("/", 1)[0] + "/",
+        }
+        # "</" would end the script element early; JSON allows the escaped slash.
+        payload = json.dumps(session).replace("</", "<\\/")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            "<!doctype html>\n<title>DO-LAB culler session</title>\n"
+            f'<script type="application/json" id="dolab-culler-session">{payload}</script>\n'
+        )
 
 
 class ExtendHandler(_ApiHandler):
@@ -324,6 +352,7 @@ def make_app(
     prefix: str,
     *,
     extend_hours: float = 2,
+    poll_seconds: float = 60,
     hub_auth: HubOAuth | None = None,
     log: logging.Logger | None = None,
 ) -> web.Application:
@@ -331,12 +360,19 @@ def make_app(
     prefix = "/" + prefix.strip("/") + "/"
     # The instance the OAuth callback handler uses too (it has no other way to get one).
     hub_auth = hub_auth or HubOAuth.instance(cache_max_age=60)
-    args = {"sweeper": sweeper, "hub_auth": hub_auth, "extend_hours": extend_hours, "log": log or sweeper.log}
+    args = {
+        "sweeper": sweeper,
+        "hub_auth": hub_auth,
+        "extend_hours": extend_hours,
+        "poll_seconds": poll_seconds,
+        "log": log or sweeper.log,
+    }
     return web.Application(
         [
             (prefix.rstrip("/"), web.RedirectHandler, {"url": prefix}),
             (prefix, PageHandler, args),
             (prefix + "oauth_callback", HubOAuthCallbackHandler),
+            (prefix + "lab-session", LabSessionHandler, args),
             (prefix + "api/warnings", WarningsHandler, args),
             (prefix + "api/extend", ExtendHandler, args),
             (prefix + "api/keepalive", KeepAliveHandler, args),
