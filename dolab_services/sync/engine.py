@@ -1,0 +1,455 @@
+"""Backup and restore of one workspace to one :class:`~.store.ObjectStore`: incremental, content-addressed, crash-safe.
+
+Design
+    - File contents are immutable blobs named by their SHA-256 (``blobs/ab/ab12...``): a file that did not change,
+      or was renamed or copied, is never uploaded again, and a blob is never overwritten with other content.
+    - A snapshot is one manifest object (``snapshots/<utc id>.json.gz``, see :mod:`.manifest`) written **last**,
+      after every blob it names is stored. A sync that dies halfway leaves extra blobs and no manifest: every
+      earlier snapshot stays whole, and the next sync reuses the blobs it finds in use.
+    - A run that finds the same tree as the latest snapshot writes nothing at all.
+    - Restore points: the last ``keep_snapshots`` snapshots are kept; older manifests are deleted, then the blobs
+      no kept snapshot names (garbage collection runs only when a snapshot was dropped).
+    - Deletions: ``mirror`` (a snapshot is the workspace as it is; deleted files live on in older snapshots) or
+      ``keep`` (files deleted from the workspace are carried into every new snapshot).
+    - Change detection without reading: the local :class:`~.manifest.HashCache` (size, mtime, ctime, inode). No
+      cache (a new machine) means hashing everything once; uploads still only happen for new contents.
+    - Files are hashed and uploaded by a bounded thread pool, streamed (never held in memory). A file that changes
+      while it is read is tried again, then left as it was in the previous snapshot, with a log line.
+
+Workspace access goes through :mod:`.workspace` (no symlink followed, no path outside the root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from .manifest import (
+    BLOB_PREFIX,
+    SNAPSHOT_PREFIX,
+    FileRecord,
+    HashCache,
+    Manifest,
+    blob_key,
+    new_snapshot_id,
+    snapshot_id_of,
+    snapshot_key,
+    snapshot_time,
+)
+from .store import ObjectNotFound, ObjectStore, StoreError
+from .workspace import (
+    Excludes,
+    ScannedFile,
+    UnsafePath,
+    check_relpath,
+    fd_path,
+    open_dir,
+    open_file,
+    scan,
+)
+
+__all__ = ["BackupReport", "RestoreReport", "SnapshotInfo", "SyncEngine", "SyncPolicy"]
+
+log = logging.getLogger("dolab.sync")
+
+#: ``progress(done_bytes, total_bytes)``, called from worker threads.
+Progress = Callable[[int, int], None]
+
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    """How backups are made and kept."""
+
+    keep_snapshots: int = 10
+    deletions: Literal["mirror", "keep"] = "mirror"
+    excludes: Excludes = field(default_factory=Excludes)
+    workers: int = 8
+
+
+@dataclass
+class BackupReport:
+    """What one backup did. ``snapshot`` is the new snapshot's id, or None when nothing had changed."""
+
+    snapshot: str | None
+    previous: str | None
+    files: int = 0
+    total_bytes: int = 0
+    hashed_files: int = 0
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    dropped_snapshots: list[str] = field(default_factory=list)
+    deleted_blobs: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RestoreReport:
+    """What one restore wrote."""
+
+    snapshot: str
+    files: int = 0
+    bytes: int = 0
+    links: int = 0
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A restore point."""
+
+    id: str
+    created: datetime | None
+
+
+class SyncEngine:
+    """Back up a workspace to ``store``, list its snapshots, restore them, keep the last N."""
+
+    def __init__(self, store: ObjectStore, policy: SyncPolicy | None = None) -> None:
+        self.store = store
+        self.policy = policy or SyncPolicy()
+
+    # ----- snapshots -----------------------------------------------------------------------------------
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Every snapshot in the store, oldest first."""
+        ids = sorted(sid for sid in (snapshot_id_of(i.key) for i in self.store.list(SNAPSHOT_PREFIX)) if sid)
+        return [SnapshotInfo(sid, snapshot_time(sid)) for sid in ids]
+
+    def manifest(self, snapshot_id: str | None = None) -> Manifest:
+        """A snapshot's manifest (the latest when ``snapshot_id`` is None); StoreError when there is none."""
+        if snapshot_id is None:
+            snaps = self.snapshots()
+            if not snaps:
+                raise ObjectNotFound(f"There is no backup yet in {self.store.description}.")
+            snapshot_id = snaps[-1].id
+        if (
+            snapshot_id_of(snapshot_key(snapshot_id)) != snapshot_id
+            or not snapshot_id.replace("T", "").rstrip("Z").isdigit()
+        ):
+            raise ObjectNotFound(f"There is no restore point {snapshot_id!r}.")
+        try:
+            return Manifest.from_bytes(self.store.get_bytes(snapshot_key(snapshot_id)))
+        except ObjectNotFound:
+            raise ObjectNotFound(f"There is no restore point {snapshot_id!r}.") from None
+
+    # ----- backup --------------------------------------------------------------------------------------
+
+    def backup(self, workspace: Path, cache_path: Path | None = None, progress: Progress | None = None) -> BackupReport:
+        """Make a snapshot of ``workspace`` if anything changed since the latest one; then apply retention."""
+        started = time.monotonic()
+        snaps = self.snapshots()
+        previous = self.manifest(snaps[-1].id) if snaps else None
+        report = BackupReport(snapshot=None, previous=previous.snapshot if previous else None)
+        scanned = scan(workspace, self.policy.excludes)
+        report.skipped = list(scanned.skipped)
+        cache = HashCache(cache_path)
+        known = {f.sha256 for f in previous.files} if previous else set()
+        prev_by_path = {f.path: f for f in previous.files} if previous else {}
+
+        records: dict[str, FileRecord] = {}
+        new_cache: dict[str, tuple[int, int, int, int, str]] = {}
+        todo: list[ScannedFile] = []
+        for f in scanned.files:
+            sha = cache.lookup(f.path, f.size, f.mtime_ns, f.ctime_ns, f.ino)
+            if sha is not None:
+                records[f.path] = FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha)
+                new_cache[f.path] = (f.size, f.mtime_ns, f.ctime_ns, f.ino, sha)
+            else:
+                todo.append(f)
+
+        uploader = _Uploader(self.store, workspace, known, sum(f.size for f in todo), progress)
+        if todo:
+            with ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-sync") as pool:
+                # Blobs a sync that died left behind are reused: listed while the first files are hashed.
+                listing = pool.submit(uploader.list_stored)
+                futures: dict[Future, ScannedFile] = {pool.submit(uploader.process, f): f for f in todo}
+                done, _ = wait([listing, *futures], return_when=FIRST_EXCEPTION)
+                failed = next((fut for fut in done if fut.exception() is not None), None)
+                if failed is not None:
+                    uploader.cancelled = True
+                    for fut in futures:
+                        fut.cancel()
+                    raise failed.exception()  # type: ignore[misc]
+                for fut, f in futures.items():
+                    result = fut.result()
+                    if isinstance(result, str):  # vanished or kept changing: keep the old version if any
+                        report.skipped.append((f.path, result))
+                        if f.path in prev_by_path:
+                            records[f.path] = prev_by_path[f.path]
+                        continue
+                    rec, cache_entry = result
+                    records[f.path] = rec
+                    new_cache[f.path] = cache_entry
+        report.hashed_files = uploader.hashed
+        report.uploaded_files, report.uploaded_bytes = uploader.uploaded, uploader.uploaded_bytes
+
+        if self.policy.deletions == "keep" and previous is not None:
+            self._carry_deleted(previous, records, scanned.empty_dirs, {link.path for link in scanned.links})
+        manifest = Manifest(
+            snapshot="",
+            files=sorted(records.values(), key=lambda r: r.path),
+            links=sorted(scanned.links, key=lambda link: link.path),
+            dirs=sorted(scanned.empty_dirs),
+        )
+        report.files, report.total_bytes = len(manifest.files), manifest.total_bytes
+        if not manifest.same_content(previous):
+            manifest.snapshot = self._unused_id({s.id for s in snaps})
+            # Last: only now does the snapshot exist.
+            self.store.put_bytes(snapshot_key(manifest.snapshot), manifest.to_bytes())
+            report.snapshot = manifest.snapshot
+            snaps.append(SnapshotInfo(manifest.snapshot, snapshot_time(manifest.snapshot)))
+            log.info(
+                "Snapshot %s of %s: %d files, %d bytes; uploaded %d files, %d bytes",
+                manifest.snapshot,
+                self.store.description,
+                report.files,
+                report.total_bytes,
+                report.uploaded_files,
+                report.uploaded_bytes,
+            )
+        cache.save(new_cache)
+        report.dropped_snapshots, report.deleted_blobs = self._retain(snaps)
+        report.seconds = time.monotonic() - started
+        return report
+
+    @staticmethod
+    def _unused_id(taken: set[str]) -> str:
+        sid = new_snapshot_id()
+        while sid in taken:  # two syncs in the same microsecond, or a clock that went back
+            time.sleep(0.001)
+            sid = new_snapshot_id()
+        return sid
+
+    @staticmethod
+    def _carry_deleted(previous: Manifest, records: dict[str, FileRecord], dirs: list[str], links: set[str]) -> None:
+        present = set(records) | links
+        prefixes = {p.rsplit("/", 1)[0] for p in present if "/" in p} | set(dirs)
+        for rec in previous.files:
+            if rec.path in present:
+                continue
+            # A path now taken by a folder (or a file where a folder was) cannot come back as it was.
+            parents = {rec.path.rsplit("/", i)[0] for i in range(1, rec.path.count("/") + 1)}
+            if rec.path in prefixes or parents & present:
+                continue
+            records[rec.path] = rec
+
+    # ----- retention -----------------------------------------------------------------------------------
+
+    def _retain(self, snaps: list[SnapshotInfo]) -> tuple[list[str], int]:
+        keep = max(1, self.policy.keep_snapshots)
+        if len(snaps) <= keep:
+            return [], 0
+        dropped = [s.id for s in snaps[:-keep]]
+        self.store.delete(snapshot_key(sid) for sid in dropped)
+        deleted = self.collect_garbage([s.id for s in snaps[-keep:]])
+        log.info("Dropped %d old snapshot(s) of %s, %d unused blob(s)", len(dropped), self.store.description, deleted)
+        return dropped, deleted
+
+    def collect_garbage(self, kept: Iterable[str] | None = None) -> int:
+        """Delete the blobs no kept snapshot names (all snapshots in the store when ``kept`` is None)."""
+        ids = [s.id for s in self.snapshots()] if kept is None else list(kept)
+        live: set[str] = set()
+        for sid in ids:
+            live.update(f.sha256 for f in self.manifest(sid).files)
+        dead = [i.key for i in self.store.list(BLOB_PREFIX) if i.key.rsplit("/", 1)[-1] not in live]
+        self.store.delete(dead)
+        return len(dead)
+
+    # ----- restore -------------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        dest: Path,
+        snapshot_id: str | None = None,
+        paths: Iterable[str] | None = None,
+        progress: Progress | None = None,
+    ) -> RestoreReport:
+        """Write a snapshot (the latest by default), or only ``paths`` of it (files, or folders and all below),
+        into the directory ``dest``. Existing files are replaced; nothing else in ``dest`` is touched.
+
+        Raises StoreError (ObjectNotFound for a missing snapshot or a path the snapshot does not hold) and
+        UnsafePath for a path that is not clean or would go through a symlink in ``dest``.
+        """
+        manifest = self.manifest(snapshot_id)
+        files, links, dirs = manifest.files, manifest.links, manifest.dirs
+        if paths is not None:
+            wanted = [check_relpath(p.strip("/")) for p in paths]
+
+            def chosen(path: str) -> bool:
+                return any(path == w or path.startswith(w + "/") for w in wanted)
+
+            files = [f for f in files if chosen(f.path)]
+            links = [link for link in links if chosen(link.path)]
+            dirs = [d for d in dirs if chosen(d)]
+            if not (files or links or dirs):
+                raise ObjectNotFound(f"The restore point {manifest.snapshot} holds nothing at {', '.join(wanted)}.")
+        report = RestoreReport(manifest.snapshot)
+        total = sum(f.size for f in files)
+        done = [0]
+        lock = threading.Lock()
+        root_st = os.stat(dest)
+        owner = (root_st.st_uid, root_st.st_gid) if os.geteuid() == 0 else None
+
+        def one(rec: FileRecord) -> None:
+            _restore_file(self.store, dest, rec, owner)
+            with lock:
+                done[0] += rec.size
+                report.files += 1
+                report.bytes += rec.size
+                if progress is not None:
+                    progress(done[0], total)
+
+        for d in dirs:
+            with open_dir(dest, d, create=True, owner=owner):
+                pass
+        with ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-restore") as pool:
+            for fut in [pool.submit(one, f) for f in files]:
+                fut.result()
+        for link in links:
+            parent, _, name = link.path.rpartition("/")
+            with open_dir(dest, parent, create=True, owner=owner) as dfd:
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                except IsADirectoryError:
+                    log.warning("Restore keeps the folder %s where the backup has a link", link.path)
+                    continue
+                os.symlink(link.target, name, dir_fd=dfd)
+                report.links += 1
+        log.info(
+            "Restored %d files (%d bytes) of snapshot %s into %s", report.files, report.bytes, manifest.snapshot, dest
+        )
+        return report
+
+
+def _restore_file(store: ObjectStore, dest: Path, rec: FileRecord, owner: tuple[int, int] | None) -> None:
+    """Download one file next to its place under a random name, then rename it over the place."""
+    check_relpath(rec.path)
+    parent, _, name = rec.path.rpartition("/")
+    with open_dir(dest, parent, create=True, owner=owner) as dfd:
+        tmp = f".dolab-restore-{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            try:
+                store.get_file(blob_key(rec.sha256), fd_path(fd))
+            except ObjectNotFound:
+                raise StoreError(
+                    f"The backup of {rec.path} is missing its content; restore it from another restore point."
+                ) from None
+            os.fchmod(fd, rec.mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+
+
+class _Uploader:
+    """Hashes changed files and uploads contents the store does not have yet (shared by the pool's threads)."""
+
+    def __init__(
+        self, store: ObjectStore, root: Path, known: set[str], total_bytes: int, progress: Progress | None
+    ) -> None:
+        self.store = store
+        self.root = root
+        self.known = set(known)
+        self.claimed: set[str] = set()
+        self.lock = threading.Lock()
+        self.total_bytes = total_bytes
+        self.progress = progress
+        self.done_bytes = 0
+        self.hashed = self.uploaded = self.uploaded_bytes = 0
+        self.cancelled = False
+        self.listed = threading.Event()
+
+    def list_stored(self) -> None:
+        """Add every blob the store holds to the known ones (uploads wait for this)."""
+        try:
+            stored = {info.key.rsplit("/", 1)[-1] for info in self.store.list(BLOB_PREFIX)}
+            with self.lock:
+                self.known |= stored
+        finally:
+            self.listed.set()
+
+    def process(self, f: ScannedFile) -> tuple[FileRecord, tuple[int, int, int, int, str]] | str:
+        """The file's record and cache entry, or why it was left out (a sentence)."""
+        for _attempt in range(3):
+            if self.cancelled:
+                return "cancelled"
+            try:
+                with open_file(self.root, f.path) as fd:
+                    before = os.fstat(fd)
+                    sha = _hash_fd(fd)
+                    self.listed.wait()
+                    with self.lock:
+                        self.hashed += 1
+                        upload = sha not in self.known and sha not in self.claimed
+                        if upload:
+                            self.claimed.add(sha)
+                    if upload:
+                        try:
+                            self.store.put_file(blob_key(sha), fd_path(fd))
+                        except BaseException:
+                            with self.lock:
+                                self.claimed.discard(sha)
+                            raise
+                    after = os.fstat(fd)
+            except FileNotFoundError:
+                return "it was deleted during the sync"
+            except UnsafePath as e:
+                log.warning("Sync refuses %s: %s", f.path, e)
+                return str(e)
+            ident = (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+            if ident != (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
+                # Written while we read it: the blob may not match its name. Remove it and read again.
+                if upload:
+                    self.store.delete([blob_key(sha)])
+                    with self.lock:
+                        self.claimed.discard(sha)
+                continue
+            with self.lock:
+                if upload:
+                    self.known.add(sha)
+                    self.uploaded += 1
+                    self.uploaded_bytes += after.st_size
+                self.done_bytes += f.size
+                if self.progress is not None:
+                    self.progress(self.done_bytes, self.total_bytes)
+            mode = after.st_mode & 0o777
+            return (
+                FileRecord(f.path, after.st_size, after.st_mtime_ns, mode, sha),
+                (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino, sha),
+            )
+        log.warning("Sync leaves %s as it was: it kept changing while being read", f.path)
+        return "it kept changing while being read"
+
+
+def _hash_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while True:
+        chunk = os.pread(fd, _READ_CHUNK, offset)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+        offset += len(chunk)

@@ -1,0 +1,204 @@
+"""Snapshot manifests (what a backup holds) and the local hash cache (what need not be read again).
+
+A manifest is one gzipped JSON object per snapshot, stored as ``snapshots/<id>.json.gz``::
+
+    {"format": "dolab-sync", "version": 1, "snapshot": "20261126T083000123456Z", "created": "2026-11-26T08:30:00Z",
+     "files": [{"path": "notes/a.ipynb", "size": 1234, "mtime_ns": 1764145800000000000, "mode": 420,
+                "sha256": "<hex>"}, ...],
+     "links": [{"path": "latest", "target": "runs/42"}], "dirs": ["empty/folder"]}
+
+File contents are the blobs ``blobs/<sha256[:2]>/<sha256>``. Paths are relative and checked on read, so a
+tampered manifest cannot make a restore write outside its destination.
+
+The hash cache is local to the machine that syncs (``<cache dir>/<user>.json.gz``): per path, ``(size, mtime_ns,
+ctime_ns, inode, sha256)``. A file whose four identity fields all match is not read again. The ctime is the key
+to zero missed changes: it moves on every write and every ``utime`` (``cp -p``, ``tar x``) and no user can set it
+back, so a same-size rewrite with the old mtime, or a file restored with an older timestamp, is always hashed again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .store import StoreError
+from .workspace import LinkEntry, UnsafePath, check_relpath, link_stays_inside
+
+__all__ = [
+    "BLOB_PREFIX",
+    "SNAPSHOT_PREFIX",
+    "FileRecord",
+    "HashCache",
+    "Manifest",
+    "blob_key",
+    "new_snapshot_id",
+    "snapshot_id_of",
+    "snapshot_key",
+]
+
+BLOB_PREFIX = "blobs/"
+SNAPSHOT_PREFIX = "snapshots/"
+_SNAPSHOT_SUFFIX = ".json.gz"
+_FORMAT = "dolab-sync"
+
+
+def blob_key(sha256: str) -> str:
+    """Where the content with this hash is stored."""
+    return f"{BLOB_PREFIX}{sha256[:2]}/{sha256}"
+
+
+def snapshot_key(snapshot_id: str) -> str:
+    """Where the manifest of a snapshot is stored."""
+    return f"{SNAPSHOT_PREFIX}{snapshot_id}{_SNAPSHOT_SUFFIX}"
+
+
+def snapshot_id_of(key: str) -> str | None:
+    """The snapshot id of a manifest key, or None for any other key."""
+    if key.startswith(SNAPSHOT_PREFIX) and key.endswith(_SNAPSHOT_SUFFIX):
+        sid = key[len(SNAPSHOT_PREFIX) : -len(_SNAPSHOT_SUFFIX)]
+        if sid and "/" not in sid:
+            return sid
+    return None
+
+
+def new_snapshot_id(now: datetime | None = None) -> str:
+    """A sortable UTC id: ``YYYYmmddTHHMMSSffffffZ``."""
+    return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def snapshot_time(snapshot_id: str) -> datetime | None:
+    """When a snapshot was taken, from its id."""
+    try:
+        return datetime.strptime(snapshot_id, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a snapshot."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """The content of one snapshot."""
+
+    snapshot: str
+    files: list[FileRecord] = field(default_factory=list)
+    links: list[LinkEntry] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """The sum of the file sizes."""
+        return sum(f.size for f in self.files)
+
+    def same_content(self, other: Manifest | None) -> bool:
+        """Whether two snapshots hold the same tree (names, contents, modes, times)."""
+        return (
+            other is not None
+            and self.files == other.files
+            and self.links == other.links
+            and sorted(self.dirs) == sorted(other.dirs)
+        )
+
+    def to_bytes(self) -> bytes:
+        """The gzipped JSON stored as the snapshot's manifest."""
+        created = snapshot_time(self.snapshot)
+        doc = {
+            "format": _FORMAT,
+            "version": 1,
+            "snapshot": self.snapshot,
+            "created": created.isoformat().replace("+00:00", "Z") if created else "",
+            "files": [asdict(f) for f in self.files],
+            "links": [asdict(link) for link in self.links],
+            "dirs": list(self.dirs),
+        }
+        return gzip.compress(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode(), compresslevel=6)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse and check a stored manifest; StoreError with a sentence when it is damaged or unsafe."""
+        try:
+            doc = json.loads(gzip.decompress(data))
+            if doc.get("format") != _FORMAT or doc.get("version") != 1:
+                raise ValueError("unknown format")
+            files = [FileRecord(**_fields(f, FileRecord)) for f in doc["files"]]
+            links = [LinkEntry(str(x["path"]), str(x["target"])) for x in doc.get("links", [])]
+            dirs = [str(d) for d in doc.get("dirs", [])]
+            for f in files:
+                check_relpath(f.path)
+                if len(f.sha256) != 64 or any(c not in "0123456789abcdef" for c in f.sha256):
+                    raise ValueError(f"bad hash for {f.path!r}")
+            for link in links:
+                check_relpath(link.path)
+                if not link_stays_inside(link.path, link.target):
+                    raise UnsafePath(f"link {link.path!r} leads out of the workspace")
+            for d in dirs:
+                check_relpath(d)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            raise StoreError(f"A backup manifest is damaged ({e}); pick another restore point.") from e
+        return cls(str(doc["snapshot"]), files, links, dirs)
+
+
+def _fields(raw: Any, cls: type) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError("a file entry is not an object")
+    return {
+        "path": str(raw["path"]),
+        "size": int(raw["size"]),
+        "mtime_ns": int(raw["mtime_ns"]),
+        "mode": int(raw["mode"]) & 0o777,
+        "sha256": str(raw["sha256"]),
+    }
+
+
+class HashCache:
+    """path -> (size, mtime_ns, ctime_ns, inode, sha256), kept in a local file between syncs."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, tuple[int, int, int, int, str]] = {}
+        if path is not None:
+            try:
+                doc = json.loads(gzip.decompress(path.read_bytes()))
+                self.entries = {k: tuple(v) for k, v in doc.get("entries", {}).items()}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, EOFError):
+                self.entries = {}  # a damaged cache only costs hashing again
+
+    def lookup(self, path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int) -> str | None:
+        """The hash of an unchanged file, or None when it must be read."""
+        hit = self.entries.get(path)
+        if hit is not None and hit[:4] == (size, mtime_ns, ctime_ns, ino):
+            return hit[4]
+        return None
+
+    def save(self, entries: dict[str, tuple[int, int, int, int, str]]) -> None:
+        """Replace the cache with ``entries`` (written atomically)."""
+        self.entries = entries
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = gzip.compress(json.dumps({"version": 1, "entries": entries}).encode(), compresslevel=1)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cache-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise

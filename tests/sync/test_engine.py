@@ -1,0 +1,278 @@
+"""The sync engine against a real S3 server (moto_server): round trips, incremental runs, crashes, retention."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from dolab_services.sync.engine import SyncEngine, SyncPolicy
+from dolab_services.sync.manifest import BLOB_PREFIX, blob_key
+from dolab_services.sync.s3 import S3Store
+from dolab_services.sync.store import ObjectNotFound, StoreError
+from dolab_services.sync.workspace import Excludes
+
+from .conftest import CREDENTIALS, S3Server
+from .treeutil import MiB, big_file, describe, sample_workspace, without, write
+
+EXCLUDED = (".ipynb_checkpoints", "pkg/__pycache__")
+
+
+def count_requests(store: S3Store) -> collections.Counter:
+    """Every S3 operation the store's client sends from now on, by name."""
+    counts: collections.Counter = collections.Counter()
+
+    def seen(model, **kwargs):  # type: ignore[no-untyped-def]
+        counts[model.name] += 1
+
+    store.client.meta.events.register("before-call.s3", seen)
+    return counts
+
+
+WRITES = ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "DeleteObjects")
+
+
+@pytest.fixture
+def store(s3_server: S3Server, bucket: str) -> S3Store:
+    return s3_server.store(bucket, "backups/alice")
+
+
+def test_round_trip_with_a_200_mb_file(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    sample_workspace(ws)
+    big_file(ws / "models" / "weights.bin", 200 * MiB)
+    engine = SyncEngine(store)
+    counts = count_requests(store)
+
+    report = engine.backup(ws, cache_path=tmp_path / "cache.json.gz")
+
+    assert report.snapshot is not None
+    assert counts["CreateMultipartUpload"] == 1  # the 200 MB file, in parts
+    assert report.files == 8
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    engine.restore(restored)
+    # Excluded names stay behind; everything else comes back as it was (content, mode, mtime, links, empty folders).
+    assert describe(restored) == without(describe(ws), *EXCLUDED)
+    assert (restored / "latest.ipynb").is_symlink()
+
+
+def test_an_unchanged_rerun_moves_nothing(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    sample_workspace(ws)
+    engine = SyncEngine(store)
+    cache = tmp_path / "cache.json.gz"
+    first = engine.backup(ws, cache_path=cache)
+    counts = count_requests(store)
+
+    again = engine.backup(ws, cache_path=cache)
+
+    assert again.snapshot is None and again.previous == first.snapshot
+    assert again.hashed_files == 0 and again.uploaded_files == 0
+    assert not any(counts[op] for op in WRITES), counts
+    assert [s.id for s in engine.snapshots()] == [first.snapshot]
+
+
+def test_changes_are_found_even_with_the_same_size_and_an_older_time(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    old = time.time_ns() - 86_400 * 10**9
+    write(ws, "same-size.txt", "AAAA", mtime_ns=old)
+    write(ws, "restored.txt", "new version")
+    write(ws, "appended.txt", "line\n")
+    engine = SyncEngine(store)
+    cache = tmp_path / "cache.json.gz"
+    engine.backup(ws, cache_path=cache)
+
+    write(ws, "same-size.txt", "BBBB", mtime_ns=old)  # same size, same mtime: only the ctime tells
+    write(ws, "restored.txt", "old version", mtime_ns=old - 10**9)  # as `cp -p` / `tar x` of an older copy
+    with open(ws / "appended.txt", "a") as f:
+        f.write("more\n")
+    report = engine.backup(ws, cache_path=cache)
+
+    assert report.snapshot is not None and report.uploaded_files == 3
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out)
+    assert describe(out) == describe(ws)
+
+
+def test_renamed_and_copied_files_are_not_uploaded_again(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    write(ws, "a/data.bin", os.urandom(MiB))
+    engine = SyncEngine(store)
+    engine.backup(ws)
+    (ws / "a" / "data.bin").rename(ws / "b.bin")
+    shutil.copy(ws / "b.bin", ws / "c.bin")
+
+    report = engine.backup(ws)  # no cache at all: everything is hashed, nothing is uploaded
+
+    assert report.snapshot is not None and report.hashed_files == 2 and report.uploaded_files == 0
+
+
+class _FailingStore:
+    """A store that fails after ``good`` uploads: an injected crash in the middle of a sync."""
+
+    def __init__(self, inner: S3Store, good: int) -> None:
+        self.inner, self.good, self.description = inner, good, inner.description
+
+    def put_file(self, key: str, path: Path) -> None:
+        if self.good <= 0:
+            raise StoreError("The backup store failed (injected).")
+        self.good -= 1
+        self.inner.put_file(key, path)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)
+
+
+def test_a_failure_mid_sync_leaves_the_previous_snapshot_whole(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    for i in range(20):
+        write(ws, f"f{i}.txt", f"version 1 of {i}")
+    engine = SyncEngine(store, SyncPolicy(workers=1))
+    first = engine.backup(ws)
+    before = describe(ws)
+    for i in range(20):
+        write(ws, f"f{i}.txt", f"version 2 of {i}, longer")
+
+    with pytest.raises(StoreError, match="injected"):
+        SyncEngine(_FailingStore(store, good=5), SyncPolicy(workers=1)).backup(ws)  # type: ignore[arg-type]
+
+    assert [s.id for s in engine.snapshots()] == [first.snapshot]
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out)
+    assert describe(out) == before
+
+
+def test_a_killed_sync_leaves_the_previous_snapshot_whole(s3_server: S3Server, store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    for i in range(10):
+        write(ws, f"small{i}.txt", f"first {i}")
+    engine = SyncEngine(store)
+    first = engine.backup(ws)
+    before = describe(ws)
+    for i in range(40):
+        big_file(ws / f"big{i}.bin", 12 * MiB, seed=str(i))  # 40 uploads, one at a time: the kill lands among them
+    blobs_before = sum(1 for _ in store.list(BLOB_PREFIX))
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from dolab_services.sync.engine import SyncEngine, SyncPolicy
+        from dolab_services.sync.s3 import S3Store
+        store = S3Store({store.bucket!r}, {store.prefix!r}, endpoint_url={s3_server.endpoint_url!r}, **{CREDENTIALS!r})
+        SyncEngine(store, SyncPolicy(workers=1)).backup(Path({str(ws)!r}))
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while sum(1 for _ in store.list(BLOB_PREFIX)) < blobs_before + 3:  # some, not all, blobs are up
+            assert proc.poll() is None, "the sync finished before it could be killed"
+            assert time.monotonic() < deadline, "the sync uploaded nothing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+
+    assert [s.id for s in engine.snapshots()] == [first.snapshot]
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out)
+    assert describe(out) == before
+    # The next sync finishes the job and reuses what the killed one uploaded.
+    report = engine.backup(ws)
+    assert report.snapshot is not None and report.uploaded_files < 40
+
+
+def test_a_deleted_file_comes_back_from_an_older_snapshot(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    write(ws, "work/thesis.tex", "chapter 1")
+    write(ws, "work/other.txt", "other")
+    engine = SyncEngine(store)
+    first = engine.backup(ws)
+    (ws / "work" / "thesis.tex").unlink()
+    second = engine.backup(ws)
+    assert second.snapshot is not None
+    assert "work/thesis.tex" not in {f.path for f in engine.manifest().files}  # mirror: gone from the latest
+
+    with pytest.raises(ObjectNotFound, match="holds nothing"):
+        engine.restore(ws, paths=["work/thesis.tex"])
+    report = engine.restore(ws, snapshot_id=first.snapshot, paths=["work/thesis.tex"])
+
+    assert report.files == 1 and (ws / "work" / "thesis.tex").read_text() == "chapter 1"
+
+
+def test_keep_policy_carries_deleted_files_into_new_snapshots(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    write(ws, "a.txt", "a")
+    write(ws, "b.txt", "b")
+    engine = SyncEngine(store, SyncPolicy(deletions="keep"))
+    engine.backup(ws)
+    (ws / "a.txt").unlink()
+    write(ws, "c.txt", "c")
+    engine.backup(ws)
+    assert {f.path for f in engine.manifest().files} == {"a.txt", "b.txt", "c.txt"}
+
+
+def test_retention_keeps_the_last_n_and_collects_unused_blobs(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    engine = SyncEngine(store, SyncPolicy(keep_snapshots=2))
+    ids = []
+    for version in range(4):
+        write(ws, "doc.txt", f"version {version}")
+        ids.append(engine.backup(ws).snapshot)
+
+    assert [s.id for s in engine.snapshots()] == ids[-2:]
+    blobs = {i.key for i in store.list(BLOB_PREFIX)}
+    live = {blob_key(f.sha256) for sid in ids[-2:] for f in engine.manifest(sid).files}
+    assert blobs == live
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out, snapshot_id=ids[-2], paths=["doc.txt"])
+    assert (out / "doc.txt").read_text() == "version 2"
+
+
+def test_excludes_and_the_size_cap(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    write(ws, "keep.txt", "k")
+    write(ws, "scratch/tmp.dat", "t")
+    write(ws, "log.tmp", "l")
+    write(ws, "huge.bin", b"x" * 2000)
+    engine = SyncEngine(store, SyncPolicy(excludes=Excludes(globs=("*.tmp", "scratch/*"), max_file_bytes=1000)))
+    report = engine.backup(ws)
+    assert {f.path for f in engine.manifest().files} == {"keep.txt"}
+    assert ("huge.bin", "2000 bytes is over the 1000-byte cap") in report.skipped
+
+
+def test_one_users_store_never_sees_anothers(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    alice, bob = s3_server.store(bucket, "backups/alice"), s3_server.store(bucket, "backups/bob")
+    write(tmp_path / "a", "secret.txt", "alice's")
+    write(tmp_path / "b", "mine.txt", "bob's")
+    SyncEngine(alice).backup(tmp_path / "a")
+    SyncEngine(bob).backup(tmp_path / "b")
+
+    assert all(not i.key.startswith("..") for i in bob.list())
+    assert {f.path for f in SyncEngine(bob).manifest().files} == {"mine.txt"}
+    for bad in ("../alice/snapshots/x.json.gz", "/backups/alice", "blobs/../../alice"):
+        with pytest.raises(ValueError):
+            bob.get_bytes(bad)
+    # A prefix that merely starts like another's does not overlap it either.
+    assert not list(s3_server.store(bucket, "backups/ali").list())
+
+
+def test_store_errors_are_sentences(s3_server: S3Server, tmp_path: Path) -> None:
+    engine = SyncEngine(s3_server.store("no-such-bucket", "x"))
+    write(tmp_path, "a.txt", "a")
+    with pytest.raises(StoreError, match=r"^The backup bucket no-such-bucket does not exist\."):
+        engine.backup(tmp_path)
+    with pytest.raises(ObjectNotFound, match="There is no restore point"):
+        SyncEngine(s3_server.store(s3_server.new_bucket(), "x")).manifest("20200101T000000000000Z")
