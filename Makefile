@@ -65,6 +65,10 @@ test-parts:
 		echo "Installing oidc-provider (npm) into $(OIDC_DIR)"; mkdir -p $(OIDC_DIR) && \
 		cp tests/oidc/package.json tests/oidc/package-lock.json $(OIDC_DIR)/ && \
 		npm ci --silent --no-audit --no-fund --prefix $(OIDC_DIR); }
+	@# Debian's PostgreSQL for the monitor's ledger tests (tests/monitor/conftest.py starts and stops its own server).
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "Installing Debian's postgresql for the ledger tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
