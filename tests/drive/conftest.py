@@ -1,0 +1,29 @@
+"""The Google Drive emulator (tests/drive_emulator) as a process for the whole session, reset before each test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.drive_emulator import DriveEmulator, DriveEmulatorClient
+
+
+@pytest.fixture(scope="session")
+def drive_emulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DriveEmulatorClient]:
+    """One emulator on a free loopback port; its log is kept beside the test's temporary files."""
+    log_path: Path = tmp_path_factory.mktemp("drive-emulator") / "emulator.log"
+    emulator = DriveEmulator(log_path=log_path)
+    client = emulator.start()
+    try:
+        yield client
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def drive(drive_emulator_process: DriveEmulatorClient) -> DriveEmulatorClient:
+    """The emulator's control client, with an empty world (no accounts, files, faults or logged requests)."""
+    drive_emulator_process.reset()
+    return drive_emulator_process
