@@ -23,6 +23,8 @@ from jupyterhub.utils import maybe_future
 from traitlets import Any as AnyTrait
 from traitlets import Callable, Dict, Float, List, TraitError, Unicode, Union, default, observe, validate
 
+from dolab_services.culler.labnotice import LabNoticeTraits
+
 from .backends import BACKENDS, BackendMixin, backend_class, make_backend
 from .backends.base import apply_overrides
 from .backends.docker import check_docker_hosts, remote_slots
@@ -69,7 +71,7 @@ class _SlotPool:
         self.retry_at = 0.0
 
 
-class DoLabSpawner(Spawner):
+class DoLabSpawner(LabNoticeTraits, Spawner):
     """Profiles, GPU slots and backends behind one spawner.
 
     Extension points, in the order ``start()`` uses them: :meth:`get_profiles`, :meth:`check_quota`,

@@ -708,6 +708,7 @@ async def test_api_warnings_extend_and_stop(web: Any, lab: Lab) -> None:
     assert reply.status_code == 200
     (warning,) = reply.json()["warnings"]
     assert warning["reason"] == "deadline" and warning["stop_at"] == format_time(stop_at)
+    assert warning["extend_hours"] == 2, "what the notice's one click extends by"
     assert (await run("GET", "api/warnings", "root-token")).json() == {"warnings": []}
 
     reply = await run("POST", "api/extend", json={"server": "", "hours": 30})
@@ -726,6 +727,20 @@ async def test_api_warnings_extend_and_stop(web: Any, lab: Lab) -> None:
     reply = await run("POST", "api/stop", "root-token", json={"user": "alice", "server": ""})
     assert reply.status_code == 200 and reply.json()["result"] == "stopped"
     assert lab.stops() == ["alice"]
+
+
+async def test_lab_session_hands_the_notice_what_it_needs(web: Any) -> None:
+    run, _ = web
+    reply = await run("GET", "lab-session")
+    assert reply.status_code == 200 and reply.headers["Cache-Control"] == "no-store"
+    script = BeautifulSoup(reply.text, "html.parser").find("script", id="dolab-culler-session")
+    assert script is not None and script["type"] == "application/json"
+    session = json.loads(script.string)
+    assert session["user"] == "alice" and session["xsrf"]
+    assert session["poll_seconds"] == 60 and session["page"] == "/services/dolab-culler/"
+    # Loaded in a frame without the service's cookie, it sends the browser through the hub's login (OAuth).
+    login = await run("GET", "lab-session", "")
+    assert login.status_code == 302 and "/oauth2/authorize" in login.headers["Location"]
 
 
 async def test_api_needs_a_user_with_access(web: Any) -> None:

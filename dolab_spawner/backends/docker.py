@@ -34,6 +34,8 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
+from dolab_services.culler.labnotice import CONTAINER_DIR, NOTICE_NAME, LabNoticeTraits, built_notice
+
 from ..slots import LOCAL_HOST, GpuSlot
 from .base import BackendMixin, http_answers
 
@@ -228,7 +230,7 @@ def _is_gpu_driver_error(error: Exception) -> bool:
     return "could not select device driver" in str(error)
 
 
-class DockerBackend(BackendMixin, DockerSpawner):
+class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
     """A single-user server in a container (``backend: docker``)."""
 
     gpu_attach = Enum(
@@ -412,6 +414,13 @@ class DockerBackend(BackendMixin, DockerSpawner):
             return {name: {"bind": self.workspace_mount_path, "mode": "rw"}}
         return {self.workspace_dir: {"bind": self.workspace_mount_path, "mode": "rw"}}
 
+    def _notice_volume(self) -> dict[str, Any]:
+        """The culler's JupyterLab notice, read-only where every Jupyter looks (dolab_services.culler.labnotice);
+        only on this machine's engine, the one that can see this machine's files."""
+        if not self.lab_notice or self.host_name != LOCAL_HOST or not (share := built_notice(log=self.log)):
+            return {}
+        return {str(share / "labextensions" / NOTICE_NAME): {"bind": CONTAINER_DIR, "mode": "ro"}}
+
     def _prepare_workspace(self) -> None:
         if self._workspace_volume().get(self.workspace_dir) is None:
             return  # a named volume: the engine creates it
@@ -450,7 +459,7 @@ class DockerBackend(BackendMixin, DockerSpawner):
         self._admin_create_kwargs = self.extra_create_kwargs
         self.extra_host_config = lambda spawner: spawner._extra_host_config()
         self.extra_create_kwargs = lambda spawner: spawner._extra_create_kwargs()
-        self.volumes = {**self.volumes, **self._workspace_volume()}
+        self.volumes = {**self.volumes, **self._workspace_volume(), **self._notice_volume()}
         try:
             await self._set_hub_connect_url()
             self._prepare_workspace()

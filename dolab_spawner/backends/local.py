@@ -22,6 +22,8 @@ from pathlib import Path
 from jupyterhub.spawner import LocalProcessSpawner, SpawnException
 from traitlets import Bool, Float, Unicode, default
 
+from dolab_services.culler.labnotice import LabNoticeTraits, built_notice, with_jupyter_path
+
 from .base import BackendMixin, http_answers
 
 __all__ = ["LocalProcessBackend"]
@@ -32,7 +34,7 @@ def _default_singleuser() -> list[str]:
     return [str(beside_python)] if beside_python.exists() else ["jupyterhub-singleuser"]
 
 
-class LocalProcessBackend(BackendMixin, LocalProcessSpawner):
+class LocalProcessBackend(LabNoticeTraits, BackendMixin, LocalProcessSpawner):
     """A single-user server as a local process (``backend: local``)."""
 
     python_env = Unicode(
@@ -97,7 +99,7 @@ class LocalProcessBackend(BackendMixin, LocalProcessSpawner):
         return env
 
     def get_env(self) -> dict[str, str]:
-        """The environment, with the profile's Python environment first on PATH."""
+        """The environment, with the profile's Python environment first on PATH and the culler's notice."""
         env = super().get_env()
         if self.python_env:
             prefix = self.python_env
@@ -107,6 +109,9 @@ class LocalProcessBackend(BackendMixin, LocalProcessSpawner):
                 env.pop("VIRTUAL_ENV", None)
             else:
                 env["VIRTUAL_ENV"] = prefix
+        if self.lab_notice and (share := built_notice(log=self.log)):
+            # The culler's warnings inside JupyterLab (dolab_services.culler.labnotice).
+            env["JUPYTER_PATH"] = with_jupyter_path(env.get("JUPYTER_PATH", ""), str(share))
         return env
 
     def get_args(self) -> list[str]:

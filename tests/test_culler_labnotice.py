@@ -1,0 +1,172 @@
+"""The culler's JupyterLab notice: what reaches users' servers (JUPYTER_PATH, a read-only mount), the switch,
+the one log line when it is not built, and what one click on "Extend" offers.
+
+The notice itself runs in a real JupyterLab in tests/e2e/test_culler_notice.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from traitlets.config import Config
+
+from dolab_services.culler import labnotice
+from dolab_services.culler.extensions import extend_offer, headroom_hours
+from dolab_services.culler.labnotice import CONTAINER_DIR, NOTICE_NAME, built_notice, with_jupyter_path
+from dolab_spawner.backends.base import child_config
+from dolab_spawner.backends.docker import DockerBackend
+from dolab_spawner.backends.local import LocalProcessBackend
+from dolab_spawner.spawner import DoLabSpawner
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+H = timedelta(hours=1)
+SEP = os.pathsep
+
+
+@pytest.fixture
+def share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A built notice in a share directory of its own, which the backends use."""
+    folder = tmp_path / "share"
+    (folder / "labextensions" / NOTICE_NAME).mkdir(parents=True)
+    (folder / "labextensions" / NOTICE_NAME / "package.json").write_text("{}")
+    monkeypatch.setattr(labnotice, "SHARE_DIR", folder)
+    monkeypatch.setattr(labnotice, "_missing_reported", set())
+    return folder
+
+
+@pytest.fixture
+def unbuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "nothing-built"
+    monkeypatch.setattr(labnotice, "SHARE_DIR", folder)
+    monkeypatch.setattr(labnotice, "_missing_reported", set())
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("current", "expected"),
+    [
+        pytest.param("", "/n", id="unset"),
+        pytest.param("/admin", f"/admin{SEP}/n", id="after the admin's entry"),
+        pytest.param(f"/a{SEP}/n{SEP}/b", f"/a{SEP}/n{SEP}/b", id="already there"),
+        pytest.param(f"{SEP}/a{SEP}", f"/a{SEP}/n", id="empty entries dropped"),
+    ],
+)
+def test_with_jupyter_path(current: str, expected: str) -> None:
+    assert with_jupyter_path(current, "/n") == expected
+
+
+def test_built_notice_found(share: Path) -> None:
+    assert built_notice() == share
+
+
+def test_a_missing_build_is_logged_once_with_how_to_build_it(unbuilt: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("test.labnotice")
+    with caplog.at_level(logging.WARNING, logger="test.labnotice"):
+        assert built_notice(log=log) is None
+        assert built_notice(log=log) is None
+    (record,) = caplog.records
+    assert "make labextension" in record.getMessage() and "servers start without it" in record.getMessage()
+
+
+# ----- the local backend ------------------------------------------------------------------------------------
+
+
+def local_backend(config: Config | None = None, **traits: Any) -> LocalProcessBackend:
+    return LocalProcessBackend(
+        config=config or Config(),
+        hub=SimpleNamespace(public_host="", api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/"),
+        user=SimpleNamespace(name="alice", escaped_name="alice", url="/user/alice/"),
+        workspace_dir="/tmp/dolab-test-workspace",
+        **traits,
+    )
+
+
+def test_a_local_server_finds_the_notice_on_jupyter_path(share: Path) -> None:
+    config = Config()
+    config.LocalProcessBackend.environment = {"JUPYTER_PATH": "/admins/own"}
+    env = local_backend(config).get_env()
+    assert env["JUPYTER_PATH"] == f"/admins/own{SEP}{share}"
+
+
+def test_a_missing_build_leaves_the_server_as_it_was(unbuilt: Path) -> None:
+    assert "JUPYTER_PATH" not in local_backend().get_env()
+
+
+def test_lab_notice_off_from_dolabspawners_section(share: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = Config()
+    config.DoLabSpawner.lab_notice = False
+    with caplog.at_level(logging.WARNING):
+        spawner = DoLabSpawner(config=config)
+        backend = local_backend(child_config(config, LocalProcessBackend, DoLabSpawner))
+    assert spawner.lab_notice is False and backend.lab_notice is False
+    assert "not recognized" not in caplog.text
+    assert "JUPYTER_PATH" not in backend.get_env()
+
+
+def test_lab_notice_off_per_profile(share: Path) -> None:
+    assert "JUPYTER_PATH" not in local_backend(lab_notice=False).get_env()
+
+
+# ----- the docker backend -----------------------------------------------------------------------------------
+
+
+def test_a_container_on_this_machine_gets_the_notice_read_only(share: Path) -> None:
+    backend = DockerBackend(config=Config(), docker_host={"name": "local"})
+    source = str(share / "labextensions" / NOTICE_NAME)
+    assert backend._notice_volume() == {source: {"bind": CONTAINER_DIR, "mode": "ro"}}
+    assert CONTAINER_DIR.startswith("/usr/local/share/jupyter/labextensions/"), "a path every Jupyter searches"
+
+
+@pytest.mark.parametrize(
+    "traits",
+    [
+        pytest.param({"docker_host": {"name": "gpu-box", "url": "tcp://10.0.0.2:2376"}}, id="another machine"),
+        pytest.param({"docker_host": {"name": "local"}, "lab_notice": False}, id="switched off"),
+    ],
+)
+def test_no_notice_mount(share: Path, traits: dict[str, Any]) -> None:
+    assert DockerBackend(config=Config(), **traits)._notice_volume() == {}
+
+
+def test_no_mount_without_a_build(unbuilt: Path) -> None:
+    assert DockerBackend(config=Config(), docker_host={"name": "local"})._notice_volume() == {}
+
+
+# ----- what one click extends by ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "max_run_hours", "expected"),
+    [
+        pytest.param(None, 24, None, id="no stop time"),
+        pytest.param(NOW + H, 24, 23.0, id="within the limit"),
+        pytest.param(NOW - H, 24, 24.0, id="past stop time counts from now"),
+        pytest.param(NOW + 30 * H, 24, 0.0, id="beyond the limit"),
+        pytest.param(NOW + H, 0, math.inf, id="no limit"),
+    ],
+)
+def test_headroom_hours(stop_at: datetime | None, max_run_hours: float, expected: float | None) -> None:
+    assert headroom_hours(stop_at, NOW, max_run_hours) == expected
+
+
+@pytest.mark.parametrize(
+    ("headroom", "expected"),
+    [
+        pytest.param(None, 0.0, id="no stop time"),
+        pytest.param(0.0, 0.0, id="at the limit"),
+        pytest.param(-1.0, 0.0, id="past the limit"),
+        pytest.param(10.0, 2.0, id="the full click"),
+        pytest.param(math.inf, 2.0, id="no limit"),
+        pytest.param(1.6, 1.5, id="rounded down to a quarter"),
+        pytest.param(0.2, 0.0, id="less than a quarter"),
+    ],
+)
+def test_extend_offer(headroom: float | None, expected: float) -> None:
+    assert extend_offer(headroom, 2) == expected
