@@ -106,8 +106,9 @@ class DoLabOAuthenticator(OAuthenticator):
         self._refresh_locks: dict[str, asyncio.Lock] = {}
         self._expiry: dict[str, float] = {}
         self._refresher: asyncio.Task[None] | None = None
-        app = self.parent
-        if self.token_refresh_interval_seconds > 0 and hasattr(app, "users") and hasattr(app, "db"):
+        from jupyterhub.app import JupyterHub  # the hub imports the authenticator while it starts
+
+        if self.token_refresh_interval_seconds > 0 and isinstance(self.parent, JupyterHub):
             with contextlib.suppress(RuntimeError):  # no running loop: built outside the hub (tests, tools)
                 self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
