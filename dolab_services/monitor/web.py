@@ -1,0 +1,380 @@
+"""The monitor's page and JSON API, under the service's prefix (``/services/dolab-monitor/``).
+
+- ``GET {prefix}``: the user's servers with their GPU use over time (inline SVG plots), spend, remaining quota,
+  warnings and quota stops; admins also see every GPU with its holder and readings, every server and the totals.
+  Admins may look at one user's page with ``?user=NAME``.
+- ``GET {prefix}api/usage[?user=NAME]``: the same data as JSON (:meth:`~.sampler.Monitor.user_view`); only admins
+  may name another user (403 otherwise).
+- ``GET {prefix}api/overview``: admins only; every GPU, server, totals and warnings
+  (:meth:`~.sampler.Monitor.overview`).
+- ``GET {prefix}api/quota/NAME``: ``{"user", "allowed", "message", "limits", "warnings"}``: whether NAME may start a
+  GPU or paid server now, with a sentence. Answered to NAME themself, to admins, and to the monitor's own service
+  token, which is what :class:`~.quotacheck.MonitorQuotaCheck` sends from the hub process (compared in constant
+  time, without asking the hub).
+- ``GET {prefix}metrics``: Prometheus text (:mod:`.metrics`); no login, nothing secret.
+
+Everything else is behind the hub's OAuth (``HubOAuthenticated``): a browser logs in through the hub, a script sends
+``Authorization: token <the user's API token>``; users need ``access:services!service=dolab-monitor`` (the shipped
+config grants it through ``extra_user_scopes``). All requests here are reads (GET), so there is no XSRF to check.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from tornado import web
+from tornado.template import Template
+
+from ..hubclient import HubAPIError
+from .plots import bar_chart, line_chart
+from .sampler import Monitor
+
+__all__ = ["make_app"]
+
+PAGE = Template(
+    """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>GPU use and spend - DO-LAB</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+section.server { border: 1px solid #ccc; border-radius: 6px; padding: 0.5rem 1rem; margin: 1rem 0; }
+.warning { background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.5rem; }
+.exceeded { background: #fdecea; border-left: 4px solid #c62828; padding: 0.5rem; }
+.muted { color: #666; }
+</style>
+</head>
+<body>
+<h1>GPU use and spend{% if view["user"] != me %} of {{ view["user"] }}{% end %}</h1>
+<p><a href="{{ hub_home }}">Back to the hub</a>{% if view["last_tick"] %}
+<span class="muted">: readings of {{ view["last_tick"] }}</span>{% end %}</p>
+
+<section id="quota" data-allowed="{{ 'yes' if view['quota']['allowed'] else 'no' }}">
+<h2>Quota</h2>
+<p class="{{ '' if view['quota']['allowed'] else 'exceeded' }}">{{ view["quota"]["message"] }}</p>
+{% if view["quota"]["limits"] %}
+<table>
+<tr><th>limit</th><th>used</th><th>of</th><th>left</th><th>resets</th></tr>
+{% for s in view["quota"]["limits"] %}
+<tr data-metric="{{ s['metric'] }}" data-period="{{ s['period'] }}">
+<td>{{ units[s['metric']] }} per {{ s['period'] }}</td>
+<td class="num">{{ "%.2f" % s["used"] }}</td><td class="num">{{ "%g" % s["limit"] }}</td>
+<td class="num">{{ "%.2f" % s["remaining"] }}</td><td>{{ s["resets_at"] }}</td></tr>
+{% end %}
+</table>
+{% end %}
+{% for w in view["warnings"] %}<p class="warning" data-metric="{{ w['metric'] }}">{{ w["message"] }}</p>{% end %}
+{% for s in view["stops"] %}<p class="exceeded stop">Stopped {{ label(s["server"]) }} at {{ s["at"] }}
+for its quota ({{ s["detail"] }}): {{ s["outcome"] }}.</p>{% end %}
+</section>
+
+<section id="spend">
+<h2>Use and spend</h2>
+<table>
+<tr><th></th><th>GPU-hours</th><th>USD</th></tr>
+{% for period in ("day", "week", "month") %}
+<tr data-period="{{ period }}"><td>this {{ period }}</td>
+<td class="num">{{ "%.3f" % view["usage"][period]["gpu_hours"] }}</td>
+<td class="num">{{ "%.2f" % view["usage"][period]["usd"] }}</td></tr>
+{% end %}
+</table>
+{% raw daily_plot %}
+</section>
+
+<section id="servers">
+<h2>Running servers</h2>
+{% if not view["servers"] %}<p>You have no running server.</p>{% end %}
+{% for s in view["servers"] %}
+<section class="server" data-server="{{ s['server'] }}">
+<h3>{{ label(s["server"]) }}</h3>
+<p>Profile {{ s["profile"] or "(default)" }} on {{ s["backend"] or "?" }}, started {{ s["started"] }};
+{% if s["gpus"] %}{{ ", ".join("%d x %s" % (n, t) for t, n in s["gpus"].items()) }}{% else %}no GPU{% end %};
+{{ "%.2f" % s["usd_per_hour"] }} USD per hour.</p>
+{% if s["gpus"] %}{% raw plots[(s["user"], s["server"])] %}{% end %}
+</section>
+{% end %}
+</section>
+
+{% if overview %}
+<section id="admin">
+<h2>Every GPU</h2>
+<table>
+<tr><th>host</th><th>GPU</th><th>type</th><th>holder</th><th>use %</th><th>memory GB</th><th>temp C</th>
+<th>power W</th><th>processes</th></tr>
+{% for g in overview["gpus"] %}
+<tr class="gpu" data-uuid="{{ g['uuid'] }}"><td>{{ g["host"] }}</td>
+<td>{{ g["index"] if g["index"] is not None else "" }}</td><td>{{ g["name"] }}</td>
+<td class="holder">{{ g["holder"] or "free" }}</td><td class="num">{{ num(g.get("utilization_percent")) }}</td>
+<td class="num">{{ num(g.get("memory_used_gb")) }} / {{ num(g.get("memory_total_gb")) }}</td>
+<td class="num">{{ num(g.get("temperature_c")) }}</td><td class="num">{{ num(g.get("power_w")) }}</td>
+<td class="num">{{ len(g.get("processes") or []) }}
+{% if g["unattributed_processes"] %} (not a server's){% end %}</td></tr>
+{% end %}
+</table>
+<h2>Totals</h2>
+<p>{{ overview["totals"]["servers"] }} server(s) running, {{ overview["totals"]["gpus_held"] }} of
+{{ overview["totals"]["gpus"] }} GPU(s) held, {{ "%.2f" % overview["totals"]["usd_per_hour"] }} USD per hour now;
+this month {{ "%.2f" % overview["totals"]["month"]["gpu_hours"] }} GPU-hours and
+{{ "%.2f" % overview["totals"]["month"]["usd"] }} USD.</p>
+{% raw overview_plot %}
+<h2>Top users this month</h2>
+<table><tr><th>user</th><th>GPU-hours</th><th>USD</th></tr>
+{% for u in overview["top_users"] %}<tr><td><a href="?user={{ url_escape(u['user']) }}">{{ u["user"] }}</a></td>
+<td class="num">{{ "%.3f" % u["gpu_hours"] }}</td><td class="num">{{ "%.2f" % u["usd"] }}</td></tr>{% end %}
+</table>
+<h2>Every server</h2>
+<table><tr><th>server</th><th>backend</th><th>GPUs</th><th>use %</th><th>USD/h</th></tr>
+{% for s in overview["servers"] %}<tr><td>{{ s["user"] }}/{{ s["server"] }}</td><td>{{ s["backend"] }}</td>
+<td class="num">{{ sum(s["gpus"].values()) }}</td><td class="num">{{ num(s["utilization_percent"]) }}</td>
+<td class="num">{{ "%.2f" % s["usd_per_hour"] }}</td></tr>{% end %}
+</table>
+</section>
+{% end %}
+</body>
+</html>
+"""
+)
+UNITS = {"gpu_hours": "GPU-hours", "usd": "USD"}
+
+
+def _num(value: Any) -> str:
+    return "" if value is None else f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}"
+
+
+def _label(server: str) -> str:
+    return f"Server '{server}'" if server else "Default server"
+
+
+class _Handler(HubOAuthenticated, web.RequestHandler):
+    """Identifies the user through the hub (asynchronously, before the method runs)."""
+
+    def initialize(self, monitor: Monitor, hub_auth: HubOAuth, service_token: str, log: logging.Logger) -> None:
+        self.monitor = monitor
+        self.hub_auth = hub_auth
+        self.service_token = service_token
+        self.log = log
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if not isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
+
+    async def prepare(self) -> None:
+        await self.hub_auth.get_user(self, sync=False)
+
+    @property
+    def user_name(self) -> str:
+        return str(self.current_user["name"])
+
+    @property
+    def is_admin(self) -> bool:
+        return bool(self.current_user.get("admin"))
+
+    def target_user(self) -> str:
+        """``?user=`` (admins only) or the current user."""
+        user = self.get_query_argument("user", "") or self.user_name
+        if user != self.user_name and not self.is_admin:
+            raise web.HTTPError(403, "You can only see your own usage.")
+        return user
+
+    def hub_down(self, error: Exception) -> web.HTTPError:
+        """The answer when the hub or the ledger does not answer; details go to the log."""
+        self.log.error("The monitor cannot answer %s: %s", self.request.path, error or type(error).__name__)
+        return web.HTTPError(502, "The usage data cannot be read right now; try again in a minute.")
+
+
+class PageHandler(_Handler):
+    """The dashboard page."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        user = self.target_user()
+        try:
+            view = await self.monitor.user_view(user)
+            overview = await self.monitor.overview() if self.is_admin and user == self.user_name else None
+        except (HubAPIError, TimeoutError, OSError) as e:
+            raise self.hub_down(e) from None
+        except Exception as e:  # the database
+            raise self.hub_down(e) from None
+        plots = {
+            (s["user"], s["server"]): line_chart(
+                [(h["t"], h["utilization_percent"]) for h in s["history"]],
+                y_max=100,
+                title=f"GPU use of {_label(s['server']).lower()} (%)",
+            )
+            for s in view["servers"]
+        }
+        daily_plot = bar_chart(
+            [(d["day"], d["gpu_hours"]) for d in view["daily"]], unit=" GPU-h", title="GPU-hours per day, 30 days"
+        )
+        overview_plot = (
+            bar_chart([(d["day"], d["usd"]) for d in overview["daily"]], unit=" USD", title="Spend per day, all users")
+            if overview
+            else ""
+        )
+        hub_prefix = self.hub_auth.hub_prefix or "/hub/"
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            PAGE.generate(
+                view=view,
+                overview=overview,
+                me=self.user_name,
+                plots=plots,
+                daily_plot=daily_plot,
+                overview_plot=overview_plot,
+                hub_home=f"{hub_prefix}home",
+                units=UNITS,
+                label=_label,
+                num=_num,
+            )
+        )
+
+
+class _ApiHandler(_Handler):
+    """JSON out; errors as ``{"status", "message"}``; no redirect to a login page."""
+
+    def get_login_url(self) -> str:
+        raise web.HTTPError(403, "Log in to the hub first, or send your API token (Authorization: token ...).")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        message = self._reason
+        exc_info = kwargs.get("exc_info")
+        if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:
+            text = str(exc_info[1].log_message)
+            message = text % exc_info[1].args if exc_info[1].args else text
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    def reply(self, data: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(data))
+
+
+class UsageHandler(_ApiHandler):
+    """One user's data (the page's, as JSON)."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        user = self.target_user()
+        try:
+            self.reply(await self.monitor.user_view(user))
+        except Exception as e:
+            raise self.hub_down(e) from None
+
+
+class OverviewHandler(_ApiHandler):
+    """Admins: every GPU, server and the totals."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        if not self.is_admin:
+            raise web.HTTPError(403, "Only admins can see every GPU and server.")
+        try:
+            self.reply(await self.monitor.overview())
+        except Exception as e:
+            raise self.hub_down(e) from None
+
+
+class QuotaHandler(_ApiHandler):
+    """May this user start a GPU or paid server now? For the user, admins, and the hub's quota check."""
+
+    _service = False
+
+    async def prepare(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if (
+            self.service_token
+            and scheme.lower() in ("token", "bearer")
+            and hmac.compare_digest(token.strip().encode(), self.service_token.encode())
+        ):
+            self._service = True  # the hub's quota check: no round trip to the hub while it spawns
+            return
+        await super().prepare()
+
+    async def get(self, user: str) -> None:
+        if not self._service:
+            if not self.current_user:
+                self.get_login_url()
+            if user != self.user_name and not self.is_admin:
+                raise web.HTTPError(403, "You can only see your own quota.")
+        try:
+            status = await self.monitor.quota_status(user)
+        except HubAPIError as e:
+            if e.status == 404:
+                raise web.HTTPError(404, f"There is no user {user!r}.") from None
+            raise self.hub_down(e) from None
+        except Exception as e:
+            raise self.hub_down(e) from None
+        self.reply(
+            {
+                "user": user,
+                "allowed": not status.exceeded,
+                "message": status.refusal() or status.summary(),
+                "quota": status.quota.source,
+                "limits": [s.to_json() for s in status.limits],
+                "warnings": [w.to_json() for w in self.monitor.enforcer.warnings.get(user, [])],
+                "at": datetime.now(timezone.utc).isoformat(),
+            }
+        )
+
+
+class MetricsHandler(web.RequestHandler):
+    """Prometheus text of the monitor's registry."""
+
+    def initialize(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.monitor.metrics.registry))
+
+
+def _access_logger(log: logging.Logger) -> Any:
+    def log_request(handler: web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
+        request = handler.request
+        log.log(level, "%d %s %s %.1f ms", status, request.method, request.path, 1000 * request.request_time())
+
+    return log_request
+
+
+def make_app(
+    monitor: Monitor,
+    prefix: str,
+    *,
+    service_token: str = "",
+    hub_auth: HubOAuth | None = None,
+    log: logging.Logger | None = None,
+) -> web.Application:
+    """The tornado application under ``prefix``; OAuth settings from the environment the hub gives services."""
+    prefix = "/" + prefix.strip("/") + "/"
+    hub_auth = hub_auth or HubOAuth.instance(cache_max_age=60)
+    log = log or monitor.log
+    args = {"monitor": monitor, "hub_auth": hub_auth, "service_token": service_token, "log": log}
+    return web.Application(
+        [
+            (prefix.rstrip("/"), web.RedirectHandler, {"url": prefix}),
+            (prefix, PageHandler, args),
+            (prefix + "oauth_callback", HubOAuthCallbackHandler),
+            (prefix + "api/usage", UsageHandler, args),
+            (prefix + "api/overview", OverviewHandler, args),
+            (prefix + r"api/quota/([^/]+)", QuotaHandler, args),
+            (prefix + "metrics", MetricsHandler, {"monitor": monitor}),
+        ],
+        cookie_secret=secrets.token_bytes(32),
+        log_function=_access_logger(log),
+    )
