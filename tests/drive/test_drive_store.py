@@ -314,3 +314,14 @@ def test_target_from_config(drive: DriveEmulatorClient, key_file: Path) -> None:
     shared = DriveTarget(config=config).store_for("bob")
     shared.put_bytes("x", b"2")
     assert {f["title"]: f["owner"] for f in drive.files()}["bob"] == "dolab-backup@dolab-test.iam.gserviceaccount.com"
+
+
+def test_a_hung_server_times_out_and_is_retried(drive: DriveEmulatorClient, key_file: Path) -> None:
+    store = DriveStore("alice", ServiceAccountKey(key_file), fast(drive, timeout_seconds=1.0, max_retries=0))
+    store.put_bytes("x", b"1")
+    drive.add_fault(method="GET", path="^/drive/v2/files$", action="delay", delay_seconds=8)
+    with pytest.raises(StoreError, match=r"could not be reached while listing the backup \(TimeoutError\)"):
+        list(store.list())
+    patient = DriveStore("alice", ServiceAccountKey(key_file), fast(drive, timeout_seconds=1.0, max_retries=1))
+    drive.add_fault(method="GET", path="^/drive/v2/files$", action="delay", delay_seconds=8, skip=2)
+    assert [i.key for i in patient.list()] == ["x"]

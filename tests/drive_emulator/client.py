@@ -119,6 +119,7 @@ class DriveEmulatorClient:
         skip: int = 0,
         retry_after: int | None = None,
         action: str = "status",
+        delay_seconds: float = 0.0,
     ) -> None:
         """Fail the next ``times`` matching requests (after letting ``skip`` through); see ``state.Fault``."""
         self._call(
@@ -133,6 +134,7 @@ class DriveEmulatorClient:
                 "skip": skip,
                 "retry_after": retry_after,
                 "action": action,
+                "delay_seconds": delay_seconds,
             },
         )
 

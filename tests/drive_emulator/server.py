@@ -19,6 +19,7 @@ What it speaks (the wire protocol googleapiclient and pydrive2 use, with Google'
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -77,11 +78,14 @@ class BaseHandler(web.RequestHandler):
     def base_url(self) -> str:
         return f"{self.request.protocol}://{self.request.host}"
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         if self.request.path.startswith("/_emulator/"):
             return
         fault = self.world.take_fault(self.request.method or "", self.request.path, self.request.query)
         if fault is None:
+            return
+        if fault.action == "delay":
+            await asyncio.sleep(fault.delay_seconds)  # then answer normally (the client may have given up)
             return
         if fault.action == "drop_session":
             upload_id = self.get_query_argument("upload_id", "")

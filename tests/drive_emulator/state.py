@@ -109,7 +109,7 @@ class Fault:
 
     ``action`` is ``status`` (answer with ``status``, with ``Retry-After`` when ``retry_after`` is set) or
     ``drop_session`` (forget the resumable upload session the request addresses and answer 404, as Drive does
-    for an expired session).
+    for an expired session) or ``delay`` (answer normally after ``delay_seconds``: a hung server for timeouts).
     """
 
     status: int = 503
@@ -120,6 +120,7 @@ class Fault:
     skip: int = 0
     retry_after: int | None = None
     action: str = "status"
+    delay_seconds: float = 0.0
 
     def matches(self, method: str, path: str, query: str) -> bool:
         if self.method and self.method.upper() != method:
