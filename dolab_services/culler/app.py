@@ -129,7 +129,12 @@ class Culler(ServiceApp):
             self.telemetry,
             len(hooks),
         )
-        self.exit(asyncio.run(self._run(policy, hub, hooks, telemetry)))
+        try:
+            code = asyncio.run(self._run(policy, hub, hooks, telemetry))
+        except KeyboardInterrupt:  # the hub stops its services with SIGINT
+            self.log.info("Stopped")
+            code = 0
+        self.exit(code)
 
     async def _run(self, policy: CullPolicy, hub: HubClient, hooks: list[Any], telemetry: TelemetrySource) -> int:
         from .web import make_app  # the page needs jupyterhub's OAuth helpers, a one-off sweep does not

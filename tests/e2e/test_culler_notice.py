@@ -1,0 +1,142 @@
+"""The culler's warning where users work: a real hub, a real JupyterLab server (local backend) and Chromium.
+
+A server whose stop time is near shows the culler's notification in JupyterLab (the prebuilt extension that
+``make labextension`` builds and the local backend puts on JUPYTER_PATH). Clicking its "Extend" button moves
+the stop time, which the culler's API and page then report. The browser logs in to the hub only: the notice
+reaches the culler through the hub's OAuth and the service's XSRF check on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from bs4 import BeautifulSoup
+
+from dolab_services.culler.labnotice import NOTICE_NAME, SHARE_DIR
+
+from .hub import Hub, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+PREFIX = "/services/dolab-culler/"
+USER = "nora"
+#: The stop time is this far ahead, inside the warning window from the start, and far from a real stop.
+RUN_MINUTES = 10
+WARN_MINUTES = 15
+
+
+def parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def missing(what: str, how: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is missing: {how}")
+    pytest.skip(f"{what} is missing ({how})")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    if not (SHARE_DIR / "labextensions" / NOTICE_NAME / "package.json").is_file():
+        missing("The culler's JupyterLab notice", "`make labextension` builds it; `make test` does")
+    root = tmp_path_factory.mktemp("culler-notice")
+    policy = root / "policy.json"
+    # Never idle-stopped: the only warning is the deadline's, from the first sweep on.
+    policy.write_text(json.dumps({"rules": [{"idle_hours": None}], "warn_before_minutes": WARN_MINUTES}))
+    overlay = (
+        "c.DoLabSpawner.profile_list = [{'display_name': 'CPU only', 'slug': 'cpu', 'default': True}]\n"
+        "c.DoLabSpawner.gpu_inventory = []\n"
+        "c.DoLabSpawner.max_run_hours = 24\n"
+    )
+    env = {
+        "DOLAB_CULLER_INTERVAL": "2",
+        "DOLAB_CULLER_POLICY": str(policy),
+        "DOLAB_CULLER_TELEMETRY": f"file:{root / 'gpu.json'}",
+        "DOLAB_CULLER_PORT": str(free_port()),
+    }
+    hub = Hub(root, overlay=overlay, env=env).start()
+    try:
+        yield hub
+    finally:
+        hub.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.path.exists(CHROMIUM):
+        missing("Debian's chromium", "`make test` installs the chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield browser
+        browser.close()
+
+
+def culler(hub: Hub, token: str, path: str) -> requests.Response:
+    return requests.get(f"{hub.url}{PREFIX}{path}", headers={"Authorization": f"token {token}"}, timeout=30)
+
+
+def page_stop_time(hub: Hub, token: str) -> datetime:
+    """The stop time of the user's default server on the culler's page."""
+    section = BeautifulSoup(culler(hub, token, "").text, "html.parser").find("section", attrs={"data-server": ""})
+    assert section is not None, "the culler's page does not list the server"
+    return parse(section.find("time")["datetime"])
+
+
+def test_the_warning_shows_in_jupyterlab_and_extend_moves_the_stop_time(hub: Hub, browser: Any, tmp_path: Path):
+    hub.create_user(USER)
+    token = hub.user_token(USER)
+    reply = hub.start_server(USER, {"profile": "cpu", "run_hours": RUN_MINUTES / 60})
+    assert reply.status_code in (201, 202), reply.text
+    server = hub.wait_ready(USER)
+    old = parse(server["user_options"]["stop_at"])
+
+    password = (hub.data_dir / "shared-password").read_text().strip()
+    page = browser.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{hub.url}/hub/login?next=/hub/user/{USER}/lab")
+        page.fill("input[name=username]", USER)
+        page.fill("input[name=password]", password)
+        page.click("input[type=submit], button[type=submit]")
+        page.wait_for_url(f"**/user/{USER}/lab**", timeout=90_000)
+
+        # The notice: why and when, and the one-click extension the culler offers.
+        toast = page.locator(".Toastify__toast", has_text="This server stops at")
+        toast.wait_for(timeout=90_000)
+        assert "the stop time you chose" in toast.inner_text()
+        toast.get_by_role("button", name="Extend by 2 hours").click()
+        done = page.locator(".Toastify__toast", has_text="Extended: this server now stops at")
+        done.wait_for()
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"))
+        print(f"screenshot: {tmp_path / 'failure.png'}\n{hub.log_tail(40)}")
+        raise
+    finally:
+        page.close()
+
+    # The culler agrees: two hours later, and no warning left for the server.
+    assert page_stop_time(hub, token) - old == timedelta(hours=2)
+    assert culler(hub, token, "api/warnings").json() == {"warnings": []}
+    log = hub.log_path.read_text(errors="replace")
+    assert f"User {USER} extended server {USER}/ to" in log
+    assert "JupyterLab notice is not built" not in log
