@@ -181,8 +181,9 @@ class UsageLedger:
             marks = {
                 (user, server): (run, until)
                 for user, server, run, until in session.execute(
-                    select(Watermark.user_name, Watermark.server, Watermark.run_started, Watermark.accounted_until)
-                    .where(Watermark.user_name.in_(users))
+                    select(
+                        Watermark.user_name, Watermark.server, Watermark.run_started, Watermark.accounted_until
+                    ).where(Watermark.user_name.in_(users))
                 )
             }
             increments: dict[tuple[str, str, date, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])

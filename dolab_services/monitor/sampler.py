@@ -102,12 +102,15 @@ class Monitor:
 
     # ----- the tick ------------------------------------------------------------------------------------
 
-    async def tick(self) -> TickReport:
-        """One sampling tick. Raises :class:`~dolab_services.hubclient.HubAPIError` when the hub cannot be listed."""
+    async def tick(self, now: datetime | None = None) -> TickReport:
+        """One sampling tick (at ``now``, for tests; default: the current time).
+
+        Raises :class:`~dolab_services.hubclient.HubAPIError` when the hub cannot be listed (nothing is booked).
+        """
         wall, cpu = time.perf_counter(), time.process_time()
         report = TickReport()
         users = [user async for user in self.hub.users(state="active")]
-        now = _utcnow()
+        now = now or _utcnow()
         runs = server_runs(users, self.prices, now)
         report.servers = len(runs)
         readings = await self._read_gpus()
@@ -216,9 +219,11 @@ class Monitor:
         model = await self.hub.request("GET", f"/users/{quote(user, safe='')}")
         return [str(g) for g in (model or {}).get("groups") or ()]
 
-    async def quota_status(self, user: str, groups: Sequence[str] | None = None) -> QuotaStatus:
+    async def quota_status(
+        self, user: str, groups: Sequence[str] | None = None, now: datetime | None = None
+    ) -> QuotaStatus:
         """The user's quota against their usage now (read fresh from the ledger)."""
-        now = _utcnow()
+        now = now or _utcnow()
         if groups is None:
             groups = await self.groups_of(user)
         quota = self.quotas.for_user(user, groups)
@@ -273,10 +278,10 @@ class Monitor:
             "history": [{"t": t, "utilization_percent": u, "memory_used_gb": m} for t, u, m in series],
         }
 
-    async def user_view(self, user: str) -> dict[str, Any]:
+    async def user_view(self, user: str, now: datetime | None = None) -> dict[str, Any]:
         """Everything the page and ``api/usage`` show one user: servers, usage, spend, quota, warnings, stops."""
-        now = _utcnow()
-        status = await self.quota_status(user)
+        now = now or _utcnow()
+        status = await self.quota_status(user, now=now)
         usage = (await self.ledger.period_usage([user], now)).get(user) or {
             p: {"gpu_hours": 0.0, "usd": 0.0} for p in PERIODS
         }
@@ -298,9 +303,9 @@ class Monitor:
             "stops": [s.to_json() for s in self.enforcer.stops.get(user, [])],
         }
 
-    async def overview(self) -> dict[str, Any]:
+    async def overview(self, now: datetime | None = None) -> dict[str, Any]:
         """What the admin sees: every GPU and its holder, every server, totals, warnings."""
-        now = _utcnow()
+        now = now or _utcnow()
         usage = await self.ledger.period_usage(None, now)
         month = sorted(usage.items(), key=lambda kv: -kv[1]["month"]["usd"] - kv[1]["month"]["gpu_hours"])
         gpus = self._gpu_rows()

@@ -30,9 +30,19 @@ CONFIG = QuotaConfig.from_config(
     [
         ("alice", ["gpu-team"], {("gpu_hours", "day"): 2}, "user alice"),  # own entry wins over groups
         ("vip", ["gpu-team"], {}, "user vip"),  # an empty own entry: no limits at all
-        ("bob", ["gpu-team"], {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 30, ("usd", "month"): 100}, "group gpu-team"),
+        (
+            "bob",
+            ["gpu-team"],
+            {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 30, ("usd", "month"): 100},
+            "group gpu-team",
+        ),
         # two groups: only limits both set, at the larger value (students set no USD limit: none)
-        ("carol", ["students", "gpu-team"], {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 40}, "group gpu-team, students"),
+        (
+            "carol",
+            ["students", "gpu-team"],
+            {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 40},
+            "group gpu-team, students",
+        ),
         ("dave", ["gpu-team", "paid"], {("gpu_hours", "day"): 8, ("usd", "month"): 500}, "group gpu-team, paid"),
         ("erin", ["other"], {("gpu_hours", "day"): 1, ("usd", "month"): 0}, "default"),  # no group with a quota
         ("erin", [], {("gpu_hours", "day"): 1, ("usd", "month"): 0}, "default"),
