@@ -36,7 +36,7 @@ _PROVIDER_FAILURES = (HTTPClientError, OSError, TimeoutError, ValueError, TypeEr
 class DoLabLoginHandler(OAuthLoginHandler):
     """The redirect to the provider, after the provider's endpoints are known (OpenID discovery)."""
 
-    async def get(self) -> None:  # type: ignore[override]
+    async def get(self) -> None:
         await self.authenticator.ensure_discovered()
         super().get()
 
@@ -135,10 +135,10 @@ class DoLabOAuthenticator(OAuthenticator):
             if e.status_code < 500:
                 raise
             # oauthenticator's 500s ("Bad response: {token_info}") may carry tokens: log the status only.
-            self.log.error("Login failed: %s answered something unusable (%s)", self.login_service, e.status_code)
+            self.log.error("Login failed: %s answered something unusable (%s)", self.provider_name, e.status_code)
             raise provider_error(self.provider_name, "signing you in", ValueError()) from None
         except _PROVIDER_FAILURES as e:
-            self.log.error("Login failed: %s: %s", self.login_service, _describe(e))
+            self.log.error("Login failed: %s: %s", self.provider_name, _describe(e))
             raise provider_error(self.provider_name, "signing you in", e) from None
         if model:
             self._remember_expiry(model["name"], model.get("auth_state"))

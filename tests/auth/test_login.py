@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import shutil
 import sqlite3
 import time
@@ -54,10 +55,25 @@ PLANS = {
 #: The hub renews an access token this long before it expires, looking every second: with the provider's TTL of
 #: 90 s, a token is renewed about 10 s after it was issued.
 REFRESH_MARGIN = ACCESS_TOKEN_TTL - 10
+#: Two stand-ins for the Drive sync service, with the scopes the README gives it: every user, or one user only.
+SYNC_TOKEN = secrets.token_hex(16)
+SYNC_ANA_TOKEN = secrets.token_hex(16)
 OVERLAY = f"""
 c.DoLabAuthenticator.token_refresh_interval_seconds = 1
 c.DoLabAuthenticator.token_refresh_margin_seconds = {REFRESH_MARGIN}
 c.JupyterHub.load_roles.append({{"name": "dolab-test-groups", "scopes": ["read:groups"], "services": ["dolab-test"]}})
+c.JupyterHub.services.extend([
+    {{"name": "sync-probe", "api_token": {SYNC_TOKEN!r}, "display": False}},
+    {{"name": "sync-probe-ana", "api_token": {SYNC_ANA_TOKEN!r}, "display": False}},
+])
+c.JupyterHub.load_roles.extend([
+    {{"name": "sync-probe", "scopes": ["read:users:name", "admin:auth_state"], "services": ["sync-probe"]}},
+    {{
+        "name": "sync-probe-ana",
+        "scopes": ["read:users:name!user=ana", "admin:auth_state!user=ana"],
+        "services": ["sync-probe-ana"],
+    }},
+])
 """
 
 
@@ -233,6 +249,29 @@ def test_no_user_can_read_another_users_tokens(hub: Hub) -> None:
     for reply in replies:
         for token in (ana["access_token"], ana["refresh_token"], bob["access_token"], bob["refresh_token"]):
             assert token not in reply.text
+
+
+def test_the_sync_service_reads_tokens_with_admin_auth_state_only(hub: Hub) -> None:
+    def read(token: str, name: str) -> requests.Response:
+        return requests.get(f"{hub.url}/hub/api/users/{name}", headers={"Authorization": f"token {token}"}, timeout=30)
+
+    ana = auth_state(hub, "ana")
+    for reply in (read(SYNC_TOKEN, "ana"), read(SYNC_ANA_TOKEN, "ana")):
+        assert reply.status_code == 200, reply.text
+        state = reply.json()["auth_state"]
+        assert state["access_token"] and state["expires_at"] > time.time()
+        assert state["oauth_user"]["preferred_username"] == "ana"
+        assert set(reply.json()) == {"kind", "name", "admin", "user_info", "auth_state"}  # no servers, groups
+    assert read(SYNC_TOKEN, "bob").json()["auth_state"]["oauth_user"]["preferred_username"] == "bob"
+    # Filtered to one user, the other users do not exist for it.
+    refused = read(SYNC_ANA_TOKEN, "bob")
+    assert refused.status_code == 404 and ana["refresh_token"] not in refused.text
+    assert (
+        requests.get(
+            f"{hub.url}/hub/api/users", headers={"Authorization": f"token {SYNC_TOKEN}"}, timeout=30
+        ).status_code
+        == 403
+    )  # it cannot list users, only read those it is told about
 
 
 def test_tokens_never_reach_the_users_server(hub: Hub) -> None:
