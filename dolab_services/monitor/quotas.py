@@ -10,15 +10,18 @@ The configuration (the same shape the plans of the authenticator produce)::
     Q = {"gpu_hours": {"day": 8, "week": 30}, "usd": {"month": 200}}
 
 A ``Q`` sets any of the metrics ``gpu_hours`` and ``usd``, each for any of the periods ``day``, ``week`` and
-``month`` (UTC boundaries, weeks start on Monday: see :mod:`.periods`). A limit is a number >= 0; ``null`` or a
-missing key means "no limit". Every limit of the quota that applies holds at once.
+``month`` (UTC boundaries, weeks start on Monday: see :mod:`.periods`). A limit is a number >= 0; ``null`` (or
+infinity) says "explicitly no limit"; a missing key says nothing. Every limit of the quota that applies holds at
+once.
 
 Which quota applies to a user (:meth:`QuotaConfig.for_user`):
 
 1. the user's own entry under ``users``, whole, when there is one (an admin's exception wins over everything);
-2. else, when some of the user's groups have an entry, the most generous combination of those: a limit holds only
-   when *every* one of those groups sets it, at the largest value they set (a group without a USD limit lets
-   its members spend without one);
+2. else, when some of the user's groups have an entry, the most generous combination of those, limit by limit (the
+   rule of ``dolab_spawner.plans``): a group that does not name a metric and period has no say in it; ``null``
+   from any group means no limit; else the largest number named. Example: ``gpu-team`` ``{"gpu_hours": {"week":
+   30}, "usd": {"month": 100}}`` and ``students`` ``{"gpu_hours": {"week": 40}}`` give ``{"gpu_hours": {"week":
+   40}, "usd": {"month": 100}}``; adding ``staff`` ``{"usd": {"month": null}}`` lifts the USD limit;
 3. else ``default``; without one, the user has no quota.
 """
 
@@ -52,10 +55,14 @@ _PERIOD_WORDS = {"day": "today", "week": "this week", "month": "this month"}
 
 @dataclass(frozen=True)
 class Quota:
-    """Limits by ``(metric, period)``; an empty quota limits nothing. ``source`` says where it came from."""
+    """Limits by ``(metric, period)``; an empty quota limits nothing. ``source`` says where it came from.
+
+    ``unlimited`` holds the ``(metric, period)`` pairs the config explicitly left without a limit (``null``).
+    """
 
     limits: Mapping[tuple[Metric, Period], float] = field(default_factory=dict)
     source: str = ""
+    unlimited: frozenset[tuple[Metric, Period]] = frozenset()
 
     @classmethod
     def from_config(cls, data: Any, where: str) -> Quota:
@@ -65,6 +72,7 @@ class Quota:
         if not isinstance(data, Mapping):
             raise ValueError(f'{where} must be an object like {{"gpu_hours": {{"day": 8}}}}, not {data!r}')
         limits: dict[tuple[Metric, Period], float] = {}
+        unlimited: set[tuple[Metric, Period]] = set()
         for metric, periods in data.items():
             if metric not in METRICS:
                 raise ValueError(f"{where}: unknown metric {metric!r}; use {' or '.join(METRICS)}")
@@ -75,14 +83,15 @@ class Quota:
             for period, value in periods.items():
                 if period not in PERIODS:
                     raise ValueError(f"{where}.{metric}: unknown period {period!r}; use {', '.join(PERIODS)}")
-                if value is None:
+                if value is None or value == math.inf:
+                    unlimited.add((metric, period))
                     continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                     raise ValueError(f"{where}.{metric}.{period} must be a number, not {value!r}")
                 if value < 0:
                     raise ValueError(f"{where}.{metric}.{period} must be 0 or more, not {value!r}")
                 limits[(metric, period)] = float(value)
-        return cls(limits, where)
+        return cls(limits, where, frozenset(unlimited))
 
     def __bool__(self) -> bool:
         return bool(self.limits)
@@ -128,9 +137,13 @@ class QuotaConfig:
         entries = [(g, self.groups[g]) for g in sorted(set(groups)) if g in self.groups]
         if not entries:
             return self.default
-        keys = set.intersection(*(set(q.limits) for _, q in entries))
-        limits = {key: max(q.limits[key] for _, q in entries) for key in keys}
-        return Quota(limits, "group " + ", ".join(g for g, _ in entries))
+        lifted = frozenset().union(*(q.unlimited for _, q in entries))
+        limits: dict[tuple[Metric, Period], float] = {}
+        for _, quota in entries:
+            for key, value in quota.limits.items():
+                if key not in lifted:
+                    limits[key] = max(value, limits.get(key, value))
+        return Quota(limits, "group " + ", ".join(g for g, _ in entries), lifted)
 
 
 def format_amount(metric: Metric, value: float) -> str:

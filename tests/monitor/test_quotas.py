@@ -19,6 +19,7 @@ CONFIG = QuotaConfig.from_config(
             "gpu-team": {"gpu_hours": {"day": 8, "week": 30}, "usd": {"month": 100}},
             "students": {"gpu_hours": {"day": 4, "week": 40}},
             "paid": {"usd": {"month": 500}, "gpu_hours": {"day": 1}},
+            "staff": {"usd": {"month": None}},
         },
         "default": {"gpu_hours": {"day": 1}, "usd": {"month": 0}},
     }
@@ -36,18 +37,30 @@ CONFIG = QuotaConfig.from_config(
             {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 30, ("usd", "month"): 100},
             "group gpu-team",
         ),
-        # two groups: only limits both set, at the larger value (students set no USD limit: none)
+        # two groups: the largest of each limit; students name no USD limit, so they have no say in it
         (
             "carol",
             ["students", "gpu-team"],
-            {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 40},
+            {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 40, ("usd", "month"): 100},
             "group gpu-team, students",
         ),
-        ("dave", ["gpu-team", "paid"], {("gpu_hours", "day"): 8, ("usd", "month"): 500}, "group gpu-team, paid"),
+        # an explicit null lifts that limit (and only that one)
+        (
+            "sam",
+            ["staff", "gpu-team"],
+            {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 30},
+            "group gpu-team, staff",
+        ),
+        (
+            "dave",
+            ["gpu-team", "paid"],
+            {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 30, ("usd", "month"): 500},
+            "group gpu-team, paid",
+        ),
         ("erin", ["other"], {("gpu_hours", "day"): 1, ("usd", "month"): 0}, "default"),  # no group with a quota
         ("erin", [], {("gpu_hours", "day"): 1, ("usd", "month"): 0}, "default"),
     ],
-    ids=["own-entry", "own-empty", "one-group", "two-groups", "paid-group", "other-group", "no-group"],
+    ids=["own-entry", "own-empty", "one-group", "two-groups", "null-lifts", "paid-group", "other-group", "no-group"],
 )
 def test_which_quota_applies(user: str, groups: list[str], limits: dict[Any, float], source: str) -> None:
     quota = CONFIG.for_user(user, groups)
@@ -74,9 +87,9 @@ def test_without_default_a_user_without_entry_has_no_quota() -> None:
         ({"default": {"usd": {"day": "5"}}}, "default.usd.day must be a number"),
         ({"default": {"usd": {"day": True}}}, "default.usd.day must be a number"),
         ({"default": {"usd": 5}}, "default.usd must be an object"),
-        ({"default": {"usd": {"day": math.inf}}}, "default.usd.day must be a number"),
+        ({"default": {"usd": {"day": math.nan}}}, "default.usd.day must be a number"),
     ],
-    ids=["list", "typo-key", "users-list", "typo-metric", "bad-period", "negative", "string", "bool", "flat", "inf"],
+    ids=["list", "typo-key", "users-list", "typo-metric", "bad-period", "negative", "string", "bool", "flat", "nan"],
 )
 def test_bad_config_is_refused_with_a_sentence(config: Any, message: str) -> None:
     with pytest.raises(ValueError) as e:
@@ -85,8 +98,9 @@ def test_bad_config_is_refused_with_a_sentence(config: Any, message: str) -> Non
 
 
 def test_null_limits_mean_no_limit() -> None:
-    quota = Quota.from_config({"usd": {"day": None, "week": 3}, "gpu_hours": None}, "q")
+    quota = Quota.from_config({"usd": {"day": None, "week": 3, "month": math.inf}, "gpu_hours": None}, "q")
     assert dict(quota.limits) == {("usd", "week"): 3.0}
+    assert quota.unlimited == {("usd", "day"), ("usd", "month")}
 
 
 @pytest.mark.parametrize(
