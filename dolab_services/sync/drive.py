@@ -151,10 +151,18 @@ def _quote(value: str) -> str:
 
 
 def _http_error(exc: BaseException) -> errors.HttpError | None:
+    """The HTTP error behind ``exc``: itself, the one pydrive2 wrapped, or the one pydrive2 failed to wrap
+    (its ApiRequestError raises ValueError on a body that is not JSON, such as a proxy's HTML 502 page)."""
     if isinstance(exc, errors.HttpError):
         return exc
     if isinstance(exc, ApiRequestError) and exc.args and isinstance(exc.args[0], errors.HttpError):
         return exc.args[0]
+    if isinstance(exc, ValueError):
+        context = exc.__context__
+        for _ in range(5):
+            if context is None or isinstance(context, errors.HttpError):
+                return context
+            context = context.__context__
     return None
 
 
@@ -265,8 +273,6 @@ class DriveStore:
                     scopes=[self.settings.scope],
                 )
         except (OSError, ValueError, KeyError, InvalidConfigError) as e:
-            if isinstance(e, StoreError):
-                raise
             raise StoreError(
                 "The Google Drive service account key could not be read; an admin must check the key file "
                 "configured for the sync service."
@@ -468,7 +474,9 @@ class DriveStore:
             if key.startswith(prefix):
                 yield ObjectInfo(key=key, size=entry.size)
         with self._lock:
-            self._entries, self._duplicates = seen, duplicates
+            # Keys cached but not seen were deleted elsewhere or put meanwhile: a stale id is found out on use.
+            self._entries = {**self._entries, **seen}
+            self._duplicates = duplicates
             self._listed = True
 
     def put_file(self, key: str, path: Path) -> None:
@@ -605,7 +613,7 @@ class DriveStore:
             for _ in self.list():  # one listing instead of a query per key
                 pass
         for key in keys:
-            entry = self._lookup(key, trust_listing=True)
+            entry = self._lookup(key, fresh=not self._listed, trust_listing=True)  # fresh: find duplicates too
             with self._lock:
                 ids = ([entry.id] if entry else []) + self._duplicates.pop(key, [])
                 self._entries.pop(key, None)

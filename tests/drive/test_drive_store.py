@@ -162,6 +162,7 @@ def test_rate_limits_and_server_errors_are_retried(drive: DriveEmulatorClient, k
     drive.add_fault(503, method="POST", path="^/upload/", times=2)
     drive.add_fault(500, method="PUT", path="^/upload/", query="upload_id", skip=1, times=1)
     drive.add_fault(502, method="GET", path="^/drive/v2/files/", times=1)
+    drive.add_fault(502, method="GET", path="^/drive/v2/files$", skip=2, html=True)  # not JSON: pydrive2 chokes
     data = os.urandom(3 * MIB + 5)
     source = tmp_path / "d.bin"
     source.write_bytes(data)
@@ -173,6 +174,7 @@ def test_rate_limits_and_server_errors_are_retried(drive: DriveEmulatorClient, k
     assert statuses.count(("POST", "upload", 503)) == 2
     assert ("PUT", "upload", 500) in statuses
     assert ("GET", "drive", 502) in statuses
+    assert any(r["path"] == "/drive/v2/files" and r["status"] == 502 for r in drive.requests())
     # After the failed chunk the client asked Drive how far it got (bytes */N) and went on from there.
     assert any(r["content_range"] == f"bytes */{len(data)}" for r in drive.requests())
 

@@ -120,6 +120,7 @@ class DriveEmulatorClient:
         retry_after: int | None = None,
         action: str = "status",
         delay_seconds: float = 0.0,
+        html: bool = False,
     ) -> None:
         """Fail the next ``times`` matching requests (after letting ``skip`` through); see ``state.Fault``."""
         self._call(
@@ -135,6 +136,7 @@ class DriveEmulatorClient:
                 "retry_after": retry_after,
                 "action": action,
                 "delay_seconds": delay_seconds,
+                "html": html,
             },
         )
 

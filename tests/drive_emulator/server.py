@@ -91,6 +91,11 @@ class BaseHandler(web.RequestHandler):
             upload_id = self.get_query_argument("upload_id", "")
             self.world.sessions.pop(upload_id, None)
             raise DriveError(404, "notFound", "Upload session not found or expired.")
+        if fault.html:
+            self.set_status(fault.status)
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            self.finish(f"<html><body><h1>{fault.status}.</h1> That's an error.</body></html>")
+            return
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         reason = "rateLimitExceeded" if fault.status == 429 else "backendError"
         raise DriveError(fault.status, reason, f"Injected fault {fault.status}", headers)

@@ -121,6 +121,7 @@ class Fault:
     retry_after: int | None = None
     action: str = "status"
     delay_seconds: float = 0.0
+    html: bool = False  # answer ``status`` with an HTML page, as a proxy or Google's front end sometimes does
 
     def matches(self, method: str, path: str, query: str) -> bool:
         if self.method and self.method.upper() != method:
