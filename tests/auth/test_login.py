@@ -311,3 +311,19 @@ def test_a_failing_provider_gives_a_login_error_page(
     finally:
         oidc.set_mode("ok")
     assert hub.api("GET", "/users/dave").status_code == 404  # no half-made user
+
+
+def test_the_hub_refuses_to_start_without_a_crypt_key(oidc: OidcProvider, tmp_path: Path) -> None:
+    hub = Hub(tmp_path)
+    hub.env.update(
+        DOLAB_AUTH="oidc",
+        DOLAB_OIDC_ISSUER=oidc.url,
+        DOLAB_OIDC_CLIENT_ID="dolab",
+        DOLAB_OIDC_CLIENT_SECRET="secret",
+    )
+    with pytest.raises(RuntimeError, match="the hub exited") as e:
+        hub.start(timeout=60)
+    assert (
+        "DO-LAB: bad configuration: a login provider keeps each user's tokens in encrypted auth_state, so "
+        "JUPYTERHUB_CRYPT_KEY must be set" in str(e.value)
+    )
