@@ -113,6 +113,15 @@ def test_pydrive2_service_account_file_lifecycle(drive: DriveEmulatorClient, key
     assert (tmp_path / "out.bin").read_bytes() == binary
     assert any(r["method"] == "PUT" and r["path"] == f"/upload/drive/v2/files/{note['id']}" for r in drive.requests())
 
+    # Metadata-only changes go through files.patch; about.get names the account's root folder.
+    note["title"] = "renamed.txt"
+    note.Upload()
+    assert any(r["method"] == "PATCH" for r in drive.requests())
+    renamed = gd.ListFile({"q": "title = 'renamed.txt'"}).GetList()
+    assert [f["id"] for f in renamed] == [note["id"]]
+    assert folder["parents"][0]["id"] == gd.GetAbout()["rootFolderId"]
+    query = f"title = 'renamed.txt' and '{folder['id']}' in parents and trashed = false"
+
     note.Trash()
     assert gd.ListFile({"q": query}).GetList() == []
     note.UnTrash()
