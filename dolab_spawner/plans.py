@@ -281,6 +281,7 @@ def plan_for(groups: Iterable[str], table: PlanTable | Mapping[str, Any] | None 
 
     ``table`` is a :class:`PlanTable` or the raw config; None reads the file named by ``DOLAB_PLANS_FILE`` (re-read
     when it changes; no variable: :data:`UNRESTRICTED`). This is how services (culler, monitor) read plans.
+    Raises :class:`PlanConfigError` when the file is missing or invalid.
     """
     global _env_table
     if isinstance(table, PlanTable):
@@ -290,7 +291,10 @@ def plan_for(groups: Iterable[str], table: PlanTable | Mapping[str, Any] | None 
     path = os.environ.get("DOLAB_PLANS_FILE", "")
     if not path:
         return UNRESTRICTED
-    mtime = os.stat(path).st_mtime
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError as e:
+        raise PlanConfigError(f"the plans file {path} cannot be read: {e.strerror or e}") from None
     if _env_table is None or _env_table[:2] != (path, mtime):
         _env_table = (path, mtime, parse_plans(load_plans_file(path)))
     return _env_table[2].plan_for(groups)

@@ -141,6 +141,9 @@ def test_plan_for_reads_the_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not plan_for(["students"]).allows_profile("a100")
     assert plan_for(["researchers"], CONFIG) == plan_for(["researchers"])
     assert plan_for(["researchers"], TABLE) == plan_for(["researchers"])
+    monkeypatch.setenv("DOLAB_PLANS_FILE", str(tmp_path / "gone.json"))
+    with pytest.raises(PlanConfigError, match="cannot be read"):
+        plan_for(["students"])
     monkeypatch.delenv("DOLAB_PLANS_FILE")
     assert plan_for(["students"]) is UNRESTRICTED
 
