@@ -231,8 +231,8 @@ class DriveStore:
 
     def _authenticate(self) -> GoogleAuth:
         creds = self.credentials
-        try:
-            if isinstance(creds, ServiceAccountKey):
+        if isinstance(creds, ServiceAccountKey):
+            try:
                 auth = GoogleAuth(
                     settings={
                         "client_config_backend": "service",
@@ -245,38 +245,38 @@ class DriveStore:
                     http_timeout=self.settings.timeout_seconds,
                 )
                 auth.ServiceAuth()  # reads the key; no request yet (the first API call fetches a token)
-            else:
-                if not creds.refresh_token:
-                    raise StoreError(self._auth_sentence())
-                auth = GoogleAuth(
-                    settings={
-                        "client_config_backend": "settings",
-                        "client_config": {
-                            "client_id": creds.client_id,
-                            "client_secret": creds.client_secret,
-                            "token_uri": creds.token_uri,
-                        },
-                        "oauth_scope": [self.settings.scope],
-                        "get_refresh_token": True,
+            except (OSError, ValueError, KeyError, InvalidConfigError) as e:
+                raise StoreError(
+                    "The Google Drive service account key could not be read; an admin must check the key file "
+                    "configured for the sync service."
+                ) from e
+        else:
+            if not creds.refresh_token:
+                raise StoreError(self._auth_sentence())
+            auth = GoogleAuth(
+                settings={
+                    "client_config_backend": "settings",
+                    "client_config": {
+                        "client_id": creds.client_id,
+                        "client_secret": creds.client_secret,
+                        "token_uri": creds.token_uri,
                     },
-                    http_timeout=self.settings.timeout_seconds,
-                )
-                expiry = creds.expires_at.astimezone(timezone.utc).replace(tzinfo=None) if creds.expires_at else None
-                auth.credentials = OAuth2Credentials(
-                    access_token=creds.access_token,
-                    client_id=creds.client_id,
-                    client_secret=creds.client_secret,
-                    refresh_token=creds.refresh_token,
-                    token_expiry=expiry,
-                    token_uri=creds.token_uri,
-                    user_agent="dolab-sync",
-                    scopes=[self.settings.scope],
-                )
-        except (OSError, ValueError, KeyError, InvalidConfigError) as e:
-            raise StoreError(
-                "The Google Drive service account key could not be read; an admin must check the key file "
-                "configured for the sync service."
-            ) from e
+                    "oauth_scope": [self.settings.scope],
+                    "get_refresh_token": True,
+                },
+                http_timeout=self.settings.timeout_seconds,
+            )
+            expiry = creds.expires_at.astimezone(timezone.utc).replace(tzinfo=None) if creds.expires_at else None
+            auth.credentials = OAuth2Credentials(
+                access_token=creds.access_token,
+                client_id=creds.client_id,
+                client_secret=creds.client_secret,
+                refresh_token=creds.refresh_token,
+                token_expiry=expiry,
+                token_uri=creds.token_uri,
+                user_agent="dolab-sync",
+                scopes=[self.settings.scope],
+            )
         auth.http = auth.credentials.authorize(self._new_http())
         auth.service = self._build_service(auth.http)
         return auth
