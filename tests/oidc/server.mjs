@@ -166,4 +166,9 @@ const server = http.createServer(async (req, res) => {
   }
 });
 server.listen(port, '127.0.0.1', () => console.log(`oidc-provider listening on ${issuer}`));
-for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => server.close(() => process.exit(0)));
+for (const sig of ['SIGTERM', 'SIGINT']) {
+  process.on(sig, () => {
+    server.close(() => process.exit(0));
+    server.closeAllConnections();
+  });
+}
