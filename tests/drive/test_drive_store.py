@@ -327,3 +327,17 @@ def test_a_hung_server_times_out_and_is_retried(drive: DriveEmulatorClient, key_
     patient = DriveStore("alice", ServiceAccountKey(key_file), fast(drive, timeout_seconds=1.0, max_retries=1))
     drive.add_fault(method="GET", path="^/drive/v2/files$", action="delay", delay_seconds=8, skip=2)
     assert [i.key for i in patient.list()] == ["x"]
+
+
+def test_a_lost_reply_to_the_last_chunk_makes_no_duplicate(
+    drive: DriveEmulatorClient, key_file: Path, tmp_path: Path
+) -> None:
+    store = DriveStore("alice", ServiceAccountKey(key_file), fast(drive, timeout_seconds=1.0))
+    data = os.urandom(3 * MIB)
+    source = tmp_path / "d.bin"
+    source.write_bytes(data)
+    drive.add_fault(method="PUT", path="^/upload/", query="upload_id", skip=2, action="delay", delay_seconds=4)
+    store.put_file("blobs/ff/d", source)
+    assert store.get_bytes("blobs/ff/d") == data
+    assert [f["title"] for f in drive.files()].count("blobs/ff/d") == 1
+    assert any(r["content_range"] == f"bytes */{len(data)}" for r in drive.requests())

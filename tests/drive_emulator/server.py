@@ -584,7 +584,7 @@ class UploadHandler(BaseHandler):
             raise DriveError(400, "invalid", f"Invalid Value: uploadType={upload_type}")
         self.finish_upload(email, target.id if target else None, metadata, data, media_type)
 
-    def finish_upload(self, email: str, file_id: str | None, metadata: dict, data: bytes, media_type: str) -> None:
+    def finish_upload(self, email: str, file_id: str | None, metadata: dict, data: bytes, media_type: str) -> DriveFile:
         if file_id is None:
             f = self.create_file(email, metadata, data, media_type)
         else:
@@ -592,12 +592,20 @@ class UploadHandler(BaseHandler):
             self.apply_metadata(email, f, metadata)
             f.set_content(data)
         self.send_json(self.resource(f, email))
+        return f
 
     def session_chunk(self) -> None:
         session = self.world.sessions.get(self.get_query_argument("upload_id", ""))
         if session is None:
             raise DriveError(404, "notFound", "Upload session not found or expired.")
         self.email = session.email
+        if session.result_id is not None:
+            # A finished session keeps answering with the file, as Drive does (the client may have lost the reply).
+            finished = self.world.files.get(session.result_id)
+            if finished is None:
+                raise DriveError(404, "notFound", "Upload session not found or expired.")
+            self.send_json(self.resource(finished, session.email))
+            return
         header = self.request.headers.get("Content-Range")
         body = self.request.body or b""
         if header and header.strip().startswith("bytes */"):
@@ -627,10 +635,10 @@ class UploadHandler(BaseHandler):
         if session.total is not None and len(session.received) > session.total:
             raise DriveError(400, "invalid", "More bytes received than the declared upload size.")
         if session.total is not None and len(session.received) == session.total:
-            del self.world.sessions[session.id]
-            self.finish_upload(
-                session.email, session.file_id, session.metadata, bytes(session.received), session.content_type
-            )
+            data = bytes(session.received)
+            session.received = bytearray()
+            f = self.finish_upload(session.email, session.file_id, session.metadata, data, session.content_type)
+            session.result_id = f.id
             return
         self.resume_incomplete(session)
 
@@ -668,7 +676,11 @@ class ControlHandler(BaseHandler):
             )
         elif what == "sessions":
             self.send_json(
-                [{"id": s.id, "email": s.email, "received": len(s.received)} for s in self.world.sessions.values()]
+                [
+                    {"id": s.id, "email": s.email, "received": len(s.received)}
+                    for s in self.world.sessions.values()
+                    if s.result_id is None
+                ]
             )
         elif what == "health":
             self.send_json({"ok": True})

@@ -101,6 +101,7 @@ class UploadSession:
     content_type: str
     total: int | None
     received: bytearray = field(default_factory=bytearray)
+    result_id: str | None = None  # the file made when the last byte arrived
 
 
 @dataclass
