@@ -17,7 +17,9 @@ a script sends ``Authorization: token <the user's API token>``. Users need ``acc
 (the shipped config grants it to every user). XSRF: a cookie-authenticated POST is accepted only with the
 session's ``_xsrf`` value (a form field, or the ``X-XSRFToken`` header); JupyterHub's ``HubOAuth`` checks it before
 it accepts the cookie, so no global ``xsrf_cookies`` setting is needed (it would refuse token-authenticated API
-calls, which need none).
+calls, which need none). JupyterHub 6.1 asks for it on a script's ``fetch`` GET too (only page navigations are
+exempt), which is why the JupyterLab notice first loads ``lab-session`` in a frame: a navigation, so the OAuth
+redirects run and the ``_xsrf`` cookie is set, and the page hands over the value to send.
 """
 
 from __future__ import annotations
