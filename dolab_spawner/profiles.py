@@ -44,6 +44,7 @@ __all__ = [
     "Profile",
     "ProfileConfigError",
     "ProfileOption",
+    "RunPodOffer",
     "Selection",
     "default_profiles",
     "format_stop_at",
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 #: user_options keys that are not profile options.
-RESERVED_KEYS = ("profile", "gpus", "run_hours", "stop_at")
+RESERVED_KEYS = ("profile", "gpus", "run_hours", "stop_at", "gpu_type", "max_price_per_hour")
 
 _PROFILE_KEYS = {
     "slug",
@@ -66,7 +67,19 @@ _PROFILE_KEYS = {
     "gpu_type",
     "spawner_override",
     "profile_options",
+    "runpod",
 }
+_RUNPOD_KEYS = {
+    "gpu_types",
+    "cloud_type",
+    "image",
+    "container_disk_gb",
+    "volume_gb",
+    "volume_mount_path",
+    "network_volume_id",
+    "max_price_per_hour",
+}
+_CLOUD_TYPES = ("secure", "community", "all")
 _OPTION_KEYS = {"display_name", "choices"}
 _CHOICE_KEYS = {"display_name", "description", "default", "spawner_override"}
 _OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -112,6 +125,21 @@ class ProfileOption:
 
 
 @dataclass(frozen=True)
+class RunPodOffer:
+    """What a ``backend: runpod`` profile rents: GPU types in order of preference, where, from which image."""
+
+    gpu_types: tuple[str, ...]
+    image: str
+    cloud_type: str = "secure"  # secure, community or all
+    container_disk_gb: int = 20
+    volume_gb: int = 0
+    volume_mount_path: str = "/workspace"
+    network_volume_id: str = ""
+    #: USD per hour for the whole pod (all its GPUs); 0: no maximum.
+    max_price_per_hour: float = 0.0
+
+
+@dataclass(frozen=True)
 class Profile:
     """What a user can start: a backend, a number of GPUs of a type, and trait overrides."""
 
@@ -126,6 +154,8 @@ class Profile:
     options: tuple[ProfileOption, ...] = ()
     #: Match ``gpu_type`` as the whole GPU name (generated profiles: "RTX 4090" must not take a "RTX 4090 D").
     gpu_exact: bool = False
+    #: For ``backend: runpod``: what to rent.
+    runpod: RunPodOffer | None = None
 
     def option(self, name: str) -> ProfileOption | None:
         """The option called ``name``, or None."""
@@ -134,7 +164,10 @@ class Profile:
     @property
     def allowed_keys(self) -> list[str]:
         """The user_options keys this profile accepts."""
-        return ["profile", *(o.name for o in self.options), "gpus", "run_hours", "stop_at"]
+        keys = ["profile", *(o.name for o in self.options), "gpus", "run_hours", "stop_at"]
+        if self.runpod is not None:
+            keys += ["gpu_type", "max_price_per_hour"]
+        return keys
 
 
 @dataclass(frozen=True)
@@ -146,6 +179,24 @@ class Selection:
     gpus: int
     stop_at: datetime | None
     run_hours: float | None = None
+    #: RunPod profiles: the GPU type the user picked (tried first), and their own price cap (USD per pod-hour).
+    gpu_type: str | None = None
+    max_price_per_hour: float | None = None
+
+    @property
+    def gpu_types(self) -> tuple[str, ...]:
+        """RunPod profiles: the GPU types to try, in order (the user's pick first, then the profile's fallbacks)."""
+        offered = self.profile.runpod.gpu_types if self.profile.runpod else ()
+        if self.gpu_type:
+            return (self.gpu_type, *(g for g in offered if g != self.gpu_type))
+        return offered
+
+    @property
+    def price_cap_per_hour(self) -> float:
+        """The highest price per pod-hour to accept (the user's cap, else the profile's; 0: none)."""
+        if self.max_price_per_hour is not None:
+            return self.max_price_per_hour
+        return self.profile.runpod.max_price_per_hour if self.profile.runpod else 0.0
 
     @property
     def spawner_override(self) -> dict[str, Any]:
@@ -169,6 +220,10 @@ class Selection:
             options["run_hours"] = self.run_hours
         if self.stop_at is not None:
             options["stop_at"] = format_stop_at(self.stop_at)
+        if self.gpu_type is not None:
+            options["gpu_type"] = self.gpu_type
+        if self.max_price_per_hour is not None:
+            options["max_price_per_hour"] = self.max_price_per_hour
         return options
 
 
@@ -250,6 +305,52 @@ def _parse_option(name: Any, raw: Any, where: str, allowed_overrides: Collection
     return ProfileOption(name=name, display_name=display, choices=tuple(choices))
 
 
+def _number(value: Any, where: str, key: str, minimum: float = 0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ProfileConfigError(f"{where}: {key} must be a number of at least {minimum:g}, not {value!r}")
+    return value
+
+
+def _parse_runpod(raw: Any, where: str) -> RunPodOffer:
+    where = f"{where}, runpod"
+    if not isinstance(raw, Mapping):
+        raise ProfileConfigError(f"{where}: must be a dict with gpu_types and image")
+    _unknown_keys(raw, _RUNPOD_KEYS, where)
+    gpu_types = raw.get("gpu_types")
+    if isinstance(gpu_types, str):
+        gpu_types = [gpu_types]
+    if (
+        not isinstance(gpu_types, (list, tuple))
+        or not gpu_types
+        or not all(isinstance(g, str) and g.strip() for g in gpu_types)
+        or len(set(gpu_types)) != len(gpu_types)
+    ):
+        raise ProfileConfigError(
+            f"{where}: gpu_types must be a list of RunPod GPU type ids in order of preference, each once, such as"
+            ' ["NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3"]'
+        )
+    cloud_type = raw.get("cloud_type", "secure")
+    if cloud_type not in _CLOUD_TYPES:
+        raise ProfileConfigError(f"{where}: cloud_type must be one of {', '.join(_CLOUD_TYPES)}, not {cloud_type!r}")
+    disk = _number(raw.get("container_disk_gb", 20), where, "container_disk_gb", 1)
+    volume = _number(raw.get("volume_gb", 0), where, "volume_gb")
+    if int(disk) != disk or int(volume) != volume:
+        raise ProfileConfigError(f"{where}: container_disk_gb and volume_gb must be whole numbers of GB")
+    mount = _text(raw.get("volume_mount_path", "/workspace"), where, "volume_mount_path", required=True)
+    if not mount.startswith("/"):
+        raise ProfileConfigError(f"{where}: volume_mount_path must be an absolute path, not {mount!r}")
+    return RunPodOffer(
+        gpu_types=tuple(gpu_types),
+        image=_text(raw.get("image"), where, "image", required=True),
+        cloud_type=cloud_type,
+        container_disk_gb=int(disk),
+        volume_gb=int(volume),
+        volume_mount_path=mount,
+        network_volume_id=_text(raw.get("network_volume_id"), where, "network_volume_id"),
+        max_price_per_hour=float(_number(raw.get("max_price_per_hour", 0), where, "max_price_per_hour")),
+    )
+
+
 def parse_profile_list(
     raw: Any,
     backends: Collection[str] = ("local",),
@@ -284,6 +385,17 @@ def parse_profile_list(
         gpu_type = _text(entry.get("gpu_type"), where, "gpu_type")
         if gpu_type and not gpus:
             raise ProfileConfigError(f"{where}: gpu_type is set but gpus is 0; set gpus to 1 or more")
+        runpod = None
+        if backend == "runpod":
+            runpod = _parse_runpod(entry.get("runpod"), where)
+            if gpu_type:
+                raise ProfileConfigError(
+                    f"{where}: a runpod profile lists its GPU types in runpod.gpu_types, not in gpu_type"
+                )
+            if not gpus:
+                raise ProfileConfigError(f"{where}: a runpod profile needs gpus (the GPU count per pod) of 1 or more")
+        elif "runpod" in entry:
+            raise ProfileConfigError(f"{where}: runpod settings are only for backend: runpod")
         allowed = None if allowed_overrides is None else allowed_overrides.get(backend, ())
         raw_options = entry.get("profile_options") or {}
         if not isinstance(raw_options, Mapping):
@@ -299,6 +411,7 @@ def parse_profile_list(
                 gpu_type=gpu_type,
                 spawner_override=_overrides(entry.get("spawner_override"), where, allowed),
                 options=tuple(_parse_option(n, o, where, allowed) for n, o in raw_options.items()),
+                runpod=runpod,
             )
         )
     slugs = [p.slug for p in profiles]
@@ -421,6 +534,34 @@ def _pick_stop_at(
     return stop_at, None
 
 
+def _pick_runpod(profile: Profile, options: Mapping[str, Any]) -> tuple[str | None, float | None]:
+    """A RunPod profile's ``gpu_type`` (one of its GPU types) and ``max_price_per_hour`` (up to its maximum)."""
+    assert profile.runpod is not None
+    offer = profile.runpod
+    gpu_type = options.get("gpu_type")
+    if gpu_type is None or gpu_type == "":
+        gpu_type = None
+    elif not isinstance(gpu_type, str) or gpu_type not in offer.gpu_types:
+        raise OptionsError(
+            f"{gpu_type!r} is not a GPU type of profile {profile.slug!r}; choose one of: {', '.join(offer.gpu_types)}."
+        )
+    price = options.get("max_price_per_hour")
+    if price is None or price == "":
+        return gpu_type, None
+    if isinstance(price, str):
+        try:
+            price = float(price)
+        except ValueError:
+            raise OptionsError(f"max_price_per_hour must be a number of USD per hour, not {price!r}") from None
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price <= 0:
+        raise OptionsError(f"max_price_per_hour must be a number of USD per hour above 0, not {price!r}")
+    if offer.max_price_per_hour and price > offer.max_price_per_hour:
+        raise OptionsError(
+            f"You can pay at most ${offer.max_price_per_hour:g} per hour with profile {profile.slug!r}, not ${price:g}."
+        )
+    return gpu_type, float(price)
+
+
 def resolve_options(
     profiles: list[Profile],
     user_options: Any,
@@ -460,4 +601,13 @@ def resolve_options(
         choices[option.name] = choice
     gpus = _pick_gpus(profile, user_options.get("gpus"))
     stop_at, run_hours = _pick_stop_at(user_options, now, max_run_hours)
-    return Selection(profile=profile, choices=choices, gpus=gpus, stop_at=stop_at, run_hours=run_hours)
+    gpu_type, max_price = _pick_runpod(profile, user_options) if profile.runpod else (None, None)
+    return Selection(
+        profile=profile,
+        choices=choices,
+        gpus=gpus,
+        stop_at=stop_at,
+        run_hours=run_hours,
+        gpu_type=gpu_type,
+        max_price_per_hour=max_price,
+    )

@@ -28,6 +28,7 @@ from dolab_services.culler.labnotice import LabNoticeTraits
 from .backends import BACKENDS, BackendMixin, backend_class, make_backend
 from .backends.base import apply_overrides
 from .backends.docker import check_docker_hosts, remote_slots
+from .backends.runpod import pod_request
 from .paths import default_data_dir
 from .plans import Plan, PlanConfigError, PlanTable, parse_plans
 from .profiles import (
@@ -88,7 +89,8 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         ``default`` (bool), ``backend`` (``local`` or ``docker``), ``gpus`` (count, default 0), ``gpu_type`` (matched on
         whole words of the GPU name, e.g. ``"A100"``), ``spawner_override`` (trait -> value, set on the
         spawner and the backend; dicts merge) and ``profile_options`` (name -> ``{display_name, choices:
-        {slug: {display_name, description, default, spawner_override}}}``).
+        {slug: {display_name, description, default, spawner_override}}}``). ``backend: runpod`` profiles add
+        ``runpod`` (``gpu_types``, ``cloud_type``, ``image``, disks, ``max_price_per_hour``; see the README).
 
         A callable ``f(spawner)`` (may be async) returning such a list is evaluated at each form render and
         start. Empty (default): "CPU only" plus one one-GPU profile per GPU model found.
@@ -203,8 +205,26 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> Any:
-        # DO-LAB reads user_options itself, in start(); this only quiets the hub's "unhandled options" warning.
-        return lambda spawner, user_options: None
+        # DO-LAB reads user_options itself, in start(); this hook only sets what the hub reads before start() runs.
+        return self._apply_hub_traits
+
+    async def _apply_hub_traits(self, spawner: Spawner, user_options: Any) -> None:
+        """Before ``start()``: the chosen profile's ``start_timeout``/``http_timeout`` (a RunPod pod needs minutes).
+
+        The hub reads ``start_timeout`` before ``start()`` runs, so start() alone would set it one start too late.
+        Bad options change nothing here: ``start()`` refuses them with a sentence.
+        """
+        try:
+            selection = resolve_options(await self.get_profiles(), user_options)
+        except Exception:
+            return
+        timeouts: dict[str, float] = {}
+        cls = backend_class(selection.profile.backend)
+        if cls.hub_timeouts is not BackendMixin.hub_timeouts:
+            backend = make_backend(self, cls)
+            apply_overrides(backend, selection.spawner_override)
+            timeouts = backend.hub_timeouts()
+        self._apply_own_overrides({**timeouts, **selection.spawner_override})
 
     @default("docker_hosts")
     def _default_docker_hosts(self) -> list[dict[str, Any]]:
@@ -369,7 +389,10 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
                 free, total = self.allocator.availability(
                     profile.gpu_type, profile.gpu_exact, self.backend_hosts(profile.backend)
                 )
-            cards.append({"profile": profile, "free": free, "total": total, "selected": profile.slug == selected})
+            card = {"profile": profile, "free": free, "total": total, "selected": profile.slug == selected}
+            if profile.runpod is not None:
+                card["prices"] = await self._runpod_prices(profile)
+            cards.append(card)
         now = datetime.now(timezone.utc)
         return _TEMPLATES.get_template("options_form.html").render(
             cards=cards,
@@ -395,6 +418,8 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
                 options[option.name] = value
         if first(f"gpus-{slug}"):
             options["gpus"] = first(f"gpus-{slug}")
+        if first(f"gpu_type-{slug}"):
+            options["gpu_type"] = first(f"gpu_type-{slug}")
         mode = first("stop_mode")
         if mode == "hours":
             options["run_hours"] = first("run_hours")
@@ -514,12 +539,26 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         """The machines a backend can run servers on: this one for ``local``, the engines for ``docker``."""
         if backend == "docker":
             return [h["name"] for h in self.docker_hosts]
+        if backend == "runpod":
+            return ["runpod"]
         return [LOCAL_HOST]
+
+    async def _runpod_prices(self, profile: Profile) -> list[dict[str, Any]]:
+        """The form's live price per pod-hour of each GPU type a RunPod profile offers (cached by the adapter)."""
+        assert profile.runpod is not None
+        backend = make_backend(self, backend_class("runpod"))
+        try:
+            return await backend.offered_prices(list(profile.runpod.gpu_types), profile.gpus, profile.runpod.cloud_type)
+        except Exception:
+            self.log.exception("Could not read RunPod prices for the form")
+            return [{"id": g, "name": g, "price": None} for g in profile.runpod.gpu_types]
 
     def _build_backend(self, backend: str, host: str, slots: list[dict[str, Any]]) -> BackendMixin:
         traits: dict[str, Any] = {"gpu_slots": slots, "workspace_dir": self._workspace_dir()}
         if backend == "docker":
             traits["docker_host"] = next((h for h in self.docker_hosts if h["name"] == host), {"name": host})
+            traits["progress_callback"] = self.emit
+        if backend == "runpod":
             traits["progress_callback"] = self.emit
         return make_backend(self, backend_class(backend), **traits)
 
@@ -527,6 +566,8 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         """Build the backend for a selection, on the machine of its slots, with the profile's overrides."""
         backend = self._build_backend(selection.profile.backend, self.host_name, [s.to_dict() for s in slots])
         apply_overrides(backend, selection.spawner_override)
+        if selection.profile.runpod is not None:
+            backend.pod_request = pod_request(selection)
         return backend
 
     def _apply_own_overrides(self, overrides: dict[str, Any]) -> None:
@@ -570,7 +611,8 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         if self.orm_spawner is not None:
             self.orm_spawner.user_options = normalized
 
-        slots = self._allocate(selection) if selection.gpus else []
+        uses_slots = backend_class(selection.profile.backend).uses_gpu_slots
+        slots = self._allocate(selection) if selection.gpus and uses_slots else []
         self.profile_slug = selection.profile.slug
         self.backend_name = selection.profile.backend
         self.slot_dicts = [s.to_dict() for s in slots]
@@ -580,8 +622,8 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         for slot in slots:
             self.emit(15, f"Reserved GPU {slot.index} ({slot.name})")
         try:
-            self._apply_own_overrides(selection.spawner_override)
             self._backend = self.make_backend(selection, slots)
+            self._apply_own_overrides({**self._backend.hub_timeouts(), **selection.spawner_override})
             self.emit(30, f"Starting your server ({selection.profile.display_name})")
             url = await self._backend.start()
             if self._backend.api_token != self.api_token:
@@ -631,6 +673,10 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
                 stop_at=self.stop_at,
                 backend_state=self._backend.get_state() if self._backend is not None else {},
             )
+            cost = getattr(self._backend, "cost_per_hour_usd", 0.0)
+            if cost:
+                # What the server costs while it runs, USD per hour (RunPod: the pod's rate); the monitor reads it.
+                state["cost_per_hour_usd"] = cost
             if self.server is not None and self.server.port:
                 # The server's own address: services read it directly, not through the proxy, which would count
                 # every request as the user's activity.

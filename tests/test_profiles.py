@@ -172,8 +172,8 @@ def test_allowed_overrides_accepts_known_traits() -> None:
 
 
 def test_other_backend_when_known() -> None:
-    (profile,) = parse_profile_list([{"display_name": "Pod", "backend": "runpod"}], backends=("local", "runpod"))
-    assert profile.backend == "runpod"
+    (profile,) = parse_profile_list([{"display_name": "Pod", "backend": "kubernetes"}], backends=("local", "kubernetes"))
+    assert profile.backend == "kubernetes"
 
 
 @pytest.mark.parametrize(

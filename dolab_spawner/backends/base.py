@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from jupyterhub.spawner import Spawner
 from traitlets import Dict, HasTraits, List, Unicode
@@ -87,6 +87,13 @@ class BackendMixin(_MixinBase):  # type: ignore[valid-type,misc]
     gpu_slots: List[dict] = List(help="The GPUs this server holds, as GpuSlot dicts (set by DoLabSpawner).")
     workspace_dir = Unicode(help="The user's workspace on this host (set by DoLabSpawner).")
     extra_env = Dict(help="Variables DoLabSpawner adds last, over `environment` (GPU pinning).")
+
+    #: Whether this backend's servers hold GPU slots of DoLabSpawner's allocator (RunPod rents its own GPUs).
+    uses_gpu_slots: ClassVar[bool] = True
+
+    def hub_timeouts(self) -> dict[str, float]:
+        """``start_timeout``/``http_timeout`` the hub should use for this backend's servers (empty: the spawner's)."""
+        return {}
 
     @property
     def slots(self) -> list[GpuSlot]:

@@ -1,0 +1,560 @@
+"""The runpod backend: one RunPod pod per server, rented only while the server runs (``backend: runpod``).
+
+A profile names GPU types in order of preference, a GPU count, a cloud type, an image and disks, and a maximum
+price per hour (see :class:`~dolab_spawner.profiles.RunPodOffer`). ``start()`` tries each GPU type (and for cloud
+type ``all``, the secure then the community cloud) at or below the price cap until RunPod has capacity, then polls
+the pod with backoff until it runs with its HTTP port listed, and returns the proxy URL of that port. Whatever
+happens, a start that fails or is cancelled terminates the pod it created: no pod keeps billing.
+
+The pod runs ``jupyterhub-singleuser`` with the hub's ``JUPYTERHUB_*`` variables, the API URL at
+``hub_connect_url`` (a public https address the pod can reach) and the server's own token; nothing of the hub's
+environment (the RunPod key least of all) goes in. All RunPod calls go through :mod:`.runpod_api`.
+
+Pods are named ``<pod_name_prefix><escaped user>[--<server>]``, so a pod created before a hub crash is found
+again by name, and the reaper (``dolab_services.runpod_reaper``) can tell which pods no server owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import string
+import time
+from typing import Any
+
+from escapism import escape as escape_name
+from jupyterhub.spawner import Spawner, SpawnException
+from traitlets import Any as AnyTrait
+from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
+
+from ..profiles import Selection
+from .base import BackendMixin
+from .runpod_api import (
+    BadApiKey,
+    GpuType,
+    NoCapacity,
+    PodSpec,
+    RunPodApi,
+    RunPodError,
+    TransientError,
+    UnknownGpuType,
+    shared_api,
+)
+
+__all__ = ["RunPodBackend", "pod_name", "pod_request"]
+
+_CLOUDS = {"secure": ("SECURE",), "community": ("COMMUNITY",), "all": ("SECURE", "COMMUNITY")}
+_SAFE = set(string.ascii_lowercase + string.digits)
+#: Variables GPU pinning sets for local GPUs; a pod's GPUs are all its own.
+_LOCAL_GPU_VARS = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
+
+
+def pod_name(prefix: str, username: str, server_name: str = "") -> str:
+    """The deterministic pod name of a server: ``<prefix><escaped user>[--<server>]``.
+
+    The escaped user name holds only ``[a-z0-9-]`` with ``-`` always followed by two hex digits, so ``--`` cannot
+    occur in it and the server name is unambiguous.
+    """
+    name = prefix + escape_name(username, safe=_SAFE, escape_char="-")
+    return f"{name}--{server_name}" if server_name else name
+
+
+def pod_request(selection: Selection) -> dict[str, Any]:
+    """What a validated selection of a ``backend: runpod`` profile asks RunPod for (RunPodBackend.pod_request)."""
+    offer = selection.profile.runpod
+    if offer is None:
+        raise ValueError(f"profile {selection.profile.slug!r} is not a runpod profile")
+    return {
+        "profile": selection.profile.slug,
+        "gpu_types": list(selection.gpu_types),
+        "gpu_count": selection.gpus,
+        "cloud_type": offer.cloud_type,
+        "image": offer.image,
+        "container_disk_gb": offer.container_disk_gb,
+        "volume_gb": offer.volume_gb,
+        "volume_mount_path": offer.volume_mount_path,
+        "network_volume_id": offer.network_volume_id,
+        "max_price_per_hour": selection.price_cap_per_hour,
+    }
+
+
+def _cloud_word(cloud: str) -> str:
+    return cloud.lower()
+
+
+class RunPodBackend(BackendMixin, Spawner):
+    """A single-user server in a RunPod pod (``backend: runpod``)."""
+
+    #: RunPod GPUs are rented per pod, not taken from the hub's GPU slots.
+    uses_gpu_slots = False
+
+    api_key = Unicode(
+        config=True,
+        help="""The RunPod API key. Default: the hub's ``RUNPOD_API_KEY`` environment variable. It stays in the hub:
+        never in a pod's environment, the form, the logs or the browser.""",
+    )
+
+    proxy_url_template = Unicode(
+        "https://{pod_id}-{port}.proxy.runpod.net",
+        config=True,
+        help="""The URL the hub's proxy uses to reach a pod's HTTP port. Fields: ``{pod_id}``, ``{port}`` (the port
+        in the pod), and from the pod's runtime ``{ip}`` and ``{public_port}``. Default: RunPod's HTTP proxy (its
+        edge gives up on a response after 100 s). Tests point it at the emulator: ``http://{ip}:{public_port}``.""",
+    )
+
+    http_port = Integer(8888, config=True, help="The port jupyterhub-singleuser listens on inside the pod.")
+
+    singleuser_command = List(
+        Unicode(),
+        default_value=["jupyterhub-singleuser"],
+        config=True,
+        help="The pod's start command (its ``dockerArgs``), found on the image's PATH; the spawner's ``args`` follow.",
+    )
+
+    pod_name_prefix = Unicode(
+        "dolab-",
+        config=True,
+        help="""Prefix of every pod name (``<prefix><user>[--<server>]``). Give each hub sharing a RunPod account its
+        own prefix: the reaper treats every pod with this prefix that no server owns as a leftover.""",
+    )
+
+    stop_action = Enum(
+        ["terminate", "stop"],
+        "terminate",
+        config=True,
+        help="""What stopping a server does to its pod: ``terminate`` (default; the pod and its disks are gone, no
+        cost) or ``stop`` (the volume is kept and billed for storage; the next start creates a new pod).""",
+    )
+
+    pod_start_timeout_seconds = Float(
+        1200,
+        config=True,
+        help="""How long a RunPod start may take before it is given up and the pod terminated (seconds; the hub's
+        ``start_timeout`` for RunPod profiles). Pods pull their image first: large images take minutes.""",
+    )
+
+    pod_http_timeout_seconds = Float(
+        900,
+        config=True,
+        help="How long the hub waits for a started pod's server to answer (seconds; ``http_timeout`` for RunPod).",
+    )
+
+    poll_interval_seconds = Float(1.0, config=True, help="First wait between two looks at a starting pod (seconds).")
+
+    poll_max_interval_seconds = Float(
+        10.0, config=True, help="Longest wait between two looks at a starting pod; waits grow by half each time."
+    )
+
+    api_timeout_seconds = Float(40, config=True, help="Longest wait for one RunPod API call (seconds).")
+
+    api_retries = Integer(
+        3, config=True, help="Retries of a RunPod call that was rate-limited, failed on the server, or timed out."
+    )
+
+    api_backoff_seconds = Float(1.0, config=True, help="First wait before a retry (seconds); it doubles each time.")
+
+    api_threads = Integer(4, config=True, help="Threads running RunPod SDK calls (shared by every server of the hub).")
+
+    price_ttl_seconds = Float(300, config=True, help="How long GPU prices are reused before RunPod is asked again.")
+
+    # Set by DoLabSpawner.
+    pod_request = Dict(help="What to rent: the selection's GPU types in order, count, cloud, image, price cap...")
+    progress_callback: Any = AnyTrait(None, allow_none=True, help="DoLabSpawner.emit, for progress events.")
+
+    # State.
+    pod_id = Unicode("")
+    gpu_type_id = Unicode("")
+    cloud_type = Unicode("")
+    cost_per_hour_usd = Float(0.0)
+    gpu_count = Integer(0)
+
+    @default("api_key")
+    def _default_api_key(self) -> str:
+        return os.environ.get("RUNPOD_API_KEY", "")
+
+    @default("env_keep")
+    def _default_env_keep(self) -> list[str]:
+        return []  # a remote pod gets nothing of the hub's environment
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        return "0.0.0.0"
+
+    @default("port")
+    def _default_port(self) -> int:
+        return int(self.http_port)
+
+    @property
+    def api(self) -> RunPodApi:
+        """The hub-wide RunPod adapter for this key and these settings."""
+        return shared_api(
+            self.api_key,
+            pool_size=self.api_threads,
+            call_timeout_seconds=self.api_timeout_seconds,
+            retries=self.api_retries,
+            backoff_seconds=self.api_backoff_seconds,
+            price_ttl_seconds=self.price_ttl_seconds,
+        )
+
+    @property
+    def pod_name(self) -> str:
+        """This server's pod name."""
+        return pod_name(self.pod_name_prefix, self.user.name, self.name)
+
+    def hub_timeouts(self) -> dict[str, float]:
+        """``start_timeout`` and ``http_timeout`` the hub should use for this backend."""
+        return {"start_timeout": self.pod_start_timeout_seconds, "http_timeout": self.pod_http_timeout_seconds}
+
+    def _emit(self, progress: int, message: str) -> None:
+        self.log.info("%s: %s", self._log_name, message)
+        if self.progress_callback is not None:
+            self.progress_callback(progress, message)
+
+    # ----- what the pod gets ---------------------------------------------------------------------------
+
+    def get_env(self) -> dict[str, str]:
+        """The hub's JUPYTERHUB_* variables (API URL at ``hub_connect_url``), the admin's ``environment``, the
+        server's own token; no local GPU pinning (the pod's GPUs are all its own)."""
+        env = super().get_env()
+        for name in _LOCAL_GPU_VARS:
+            env.pop(name, None)
+        env["DOLAB_GPUS"] = ",".join([self.gpu_type_id] * max(self.gpu_count, 1)) if self.gpu_type_id else ""
+        return env
+
+    def docker_args(self) -> str:
+        """The pod's start command, one shell-quoted string (RunPod's ``dockerArgs``)."""
+        return shlex.join([*self.singleuser_command, *self.get_args()])
+
+    def pod_spec(self, gpu_type_id: str, cloud_type: str) -> PodSpec:
+        """What to ask RunPod for one attempt."""
+        request = self.pod_request
+        self.gpu_type_id = gpu_type_id
+        self.gpu_count = int(request.get("gpu_count", 1))
+        return PodSpec(
+            name=self.pod_name,
+            image=request["image"],
+            gpu_type_id=gpu_type_id,
+            gpu_count=self.gpu_count,
+            cloud_type=cloud_type,
+            container_disk_gb=int(request.get("container_disk_gb", 20)),
+            volume_gb=int(request.get("volume_gb", 0)),
+            volume_mount_path=request.get("volume_mount_path", "/workspace"),
+            network_volume_id=request.get("network_volume_id", ""),
+            ports=f"{self.http_port}/http",
+            env=self.get_env(),
+            docker_args=self.docker_args(),
+        )
+
+    # ----- start ---------------------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Rent a pod (GPU types and clouds in order, within the price cap) and wait until its server port is up."""
+        if not self.api_key:
+            self.log.error("RunPod profile started but no RunPod API key is configured (RUNPOD_API_KEY)")
+            raise SpawnException(
+                "RunPod profiles are not set up on this hub. Please tell an administrator.",
+                reason="runpod_config",
+                status_code=503,
+            )
+        self.port = int(self.http_port)
+        try:
+            await self._terminate_leftover()
+            await self._create()
+            return await self._wait_running()
+        except BaseException:
+            # Failed, or cancelled by the hub's start_timeout: no pod may keep billing. Shielded, so a second
+            # cancellation cannot interrupt the cleanup.
+            await asyncio.shield(asyncio.ensure_future(self._cleanup_failed_start()))
+            raise
+
+    async def _terminate_leftover(self) -> None:
+        """A pod of this name from an earlier start (the hub crashed during it) carries an old token: remove it."""
+        try:
+            leftover = await self.api.find_pod(self.pod_name)
+        except RunPodError as e:
+            raise self._api_failure(e, "looking for an earlier pod") from None
+        if leftover is not None:
+            self.log.warning("Terminating leftover pod %s (%s) before a new start", leftover.id, leftover.name)
+            await self.api.terminate_pod(leftover.id)
+
+    async def _offers(self) -> list[tuple[GpuType, str, float]]:
+        """(GPU type, cloud, price per pod-hour) to try, in order; the refused ones are said in progress events."""
+        request = self.pod_request
+        count = int(request.get("gpu_count", 1))
+        cap = float(request.get("max_price_per_hour") or 0)
+        offers, refused = [], []
+        for gpu_id in request["gpu_types"]:
+            try:
+                gpu = await self.api.gpu_type(gpu_id, count)
+            except UnknownGpuType:
+                self.log.error("RunPod does not know the GPU type %r of profile %s", gpu_id, request.get("profile"))
+                refused.append(f"{gpu_id} (unknown to RunPod)")
+                continue
+            except RunPodError as e:
+                raise self._api_failure(e, "reading GPU prices") from None
+            for cloud in _CLOUDS[request.get("cloud_type", "secure")]:
+                price = gpu.price(cloud)
+                if price is None:
+                    continue
+                total = round(price * count, 4)
+                if cap and total > cap:
+                    refused.append(f"{gpu.display_name} on {_cloud_word(cloud)} cloud (${total:.2f}/h)")
+                    continue
+                offers.append((gpu, cloud, total))
+        if not offers:
+            cap_text = f" at or below ${cap:.2f} per hour" if cap else ""
+            raise SpawnException(
+                f"No GPU of this profile is offered{cap_text} right now ({'; '.join(refused) or 'none offered'}). "
+                "Raise your maximum price or pick another profile.",
+                reason="runpod_price",
+                status_code=409,
+            )
+        return offers
+
+    async def _create(self) -> None:
+        offers = await self._offers()
+        tried: list[str] = []
+        for i, (gpu, cloud, price) in enumerate(offers):
+            what = f"{gpu.display_name} on {_cloud_word(cloud)} cloud"
+            if i == 0:
+                self._emit(35, f"Requesting {what} (${price:.2f}/h)")
+            else:
+                self._emit(35 + i, f"No capacity for {tried[-1]}, trying {what} (${price:.2f}/h)")
+            try:
+                self.pod_id = await self.api.create_pod(self.pod_spec(gpu.id, cloud))
+            except NoCapacity:
+                self.log.info("RunPod has no capacity for %s for %s", what, self._log_name)
+                tried.append(what)
+                continue
+            except RunPodError as e:
+                raise self._api_failure(e, "creating the pod") from None
+            self.cloud_type = cloud
+            self.cost_per_hour_usd = price
+            self.log.info(
+                "Pod %s (%s) created for %s: %d x %s on %s cloud, $%.2f/h",
+                self.pod_id,
+                self.pod_name,
+                self._log_name,
+                self.gpu_count,
+                gpu.id,
+                cloud,
+                price,
+            )
+            self._emit(50, "Pod scheduled, pulling image")
+            return
+        raise SpawnException(
+            f"RunPod has no capacity for this profile right now. Tried: {', '.join(tried)}. "
+            "Try again in a few minutes or pick another profile.",
+            reason="runpod_capacity",
+            status_code=503,
+        )
+
+    async def _wait_running(self) -> str:
+        """Poll with backoff until the pod runs with its HTTP port listed; returns the proxy URL of that port."""
+        interval = self.poll_interval_seconds
+        started = time.monotonic()
+        announced = False
+        while True:
+            try:
+                pod = await self.api.get_pod(self.pod_id)
+            except TransientError as e:
+                # Retried already; the pod may be fine: keep waiting (start_timeout bounds it all).
+                self.log.warning("Polling pod %s failed (%s); still waiting", self.pod_id, e)
+                await asyncio.sleep(interval)
+                continue
+            except RunPodError as e:
+                raise self._api_failure(e, "waiting for the pod") from None
+            if pod is None:
+                raise SpawnException(
+                    "Your RunPod pod disappeared while starting. Please try again.",
+                    reason="runpod_vanished",
+                    status_code=503,
+                )
+            if pod.desired_status not in ("RUNNING", "CREATED", "RESTARTING"):
+                raise SpawnException(
+                    f"Your RunPod pod stopped while starting (status {pod.desired_status}). Please try again.",
+                    reason="runpod_exited",
+                    status_code=503,
+                )
+            if pod.cost_per_hr:
+                self.cost_per_hour_usd = pod.cost_per_hr
+            port = pod.port(self.http_port)
+            if port is not None:
+                self._emit(80, "Server starting")
+                url = self.proxy_url_template.format(
+                    pod_id=pod.id, port=self.http_port, ip=port.ip, public_port=port.public_port
+                )
+                self.log.info(
+                    "Pod %s of %s runs after %.1f s; server at %s",
+                    pod.id,
+                    self._log_name,
+                    time.monotonic() - started,
+                    url,
+                )
+                return url
+            if pod.running and not announced:
+                self._emit(70, "Pod running, waiting for its server port")
+                announced = True
+            self.log.debug("Pod %s not running yet; next look in %.1f s", self.pod_id, interval)
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, self.poll_max_interval_seconds)
+
+    async def _cleanup_failed_start(self) -> None:
+        """Terminate what this start created (by id, or by name when it was cancelled before the reply)."""
+        try:
+            if not self.pod_id:
+                found = await self.api.find_pod(self.pod_name)
+                self.pod_id = found.id if found else ""
+            if self.pod_id:
+                await self.api.terminate_pod(self.pod_id)
+                self.log.info("Pod %s of %s terminated after a failed start", self.pod_id, self._log_name)
+        except Exception:
+            self.log.exception(
+                "Could not terminate pod %s (%s) after a failed start; the RunPod reaper will find it",
+                self.pod_id or "?",
+                self.pod_name,
+            )
+        finally:
+            self.pod_id = ""
+            self.cost_per_hour_usd = 0.0
+
+    def _api_failure(self, error: RunPodError, doing: str) -> SpawnException:
+        """A sentence for the user; the details (never the key) go to the log for the admin."""
+        if isinstance(error, BadApiKey):
+            self.log.error("RunPod refused the hub's API key while %s: %s. Check RUNPOD_API_KEY.", doing, error)
+            return SpawnException(
+                "RunPod is not available right now (the hub's RunPod account was refused). "
+                "Please tell an administrator.",
+                reason="runpod_key",
+                status_code=503,
+            )
+        if isinstance(error, TransientError):
+            self.log.warning("RunPod failed while %s for %s after retries: %s", doing, self._log_name, error)
+            return SpawnException(
+                "RunPod is not answering properly right now. Please try again in a few minutes.",
+                reason="runpod_unavailable",
+                status_code=503,
+            )
+        self.log.error("RunPod error while %s for %s: %s", doing, self._log_name, error)
+        return SpawnException(
+            "RunPod refused to start your pod. Please try again, or tell an administrator if it keeps failing.",
+            reason="runpod_error",
+            status_code=503,
+        )
+
+    # ----- poll / stop ---------------------------------------------------------------------------------
+
+    async def _adopt_by_name(self) -> None:
+        """A server without a pod id in its state: find its pod by the deterministic name."""
+        if self.pod_id:
+            return
+        found = await self.api.find_pod(self.pod_name)
+        if found is not None:
+            self.log.info("Adopting pod %s of %s by its name %s", found.id, self._log_name, found.name)
+            self.pod_id = found.id
+            self.cost_per_hour_usd = found.cost_per_hr
+
+    async def poll(self) -> int | None:
+        """None while the pod runs (or RunPod cannot say right now); 0 once it is EXITED or gone."""
+        try:
+            await self._adopt_by_name()
+            if not self.pod_id:
+                return 0
+            pod = await self.api.get_pod(self.pod_id)
+        except (TransientError, BadApiKey) as e:
+            # Never forget a running (billing) pod because the API hiccuped: ask again at the next poll.
+            self.log.warning("Could not poll pod %s of %s: %s", self.pod_id or "?", self._log_name, e)
+            return None
+        except RunPodError as e:
+            self.log.warning("Could not poll pod %s of %s: %s", self.pod_id, self._log_name, e)
+            return None
+        if pod is None:
+            self.log.info("Pod %s of %s is gone", self.pod_id, self._log_name)
+            return 0
+        if pod.desired_status == "EXITED" or pod.desired_status in ("TERMINATED", "DEAD"):
+            self.log.info("Pod %s of %s is %s", pod.id, self._log_name, pod.desired_status)
+            return 0
+        if pod.cost_per_hr:
+            self.cost_per_hour_usd = pod.cost_per_hr
+        return None
+
+    async def stop(self, now: bool = False) -> None:
+        """Terminate the pod (or stop it, keeping its volume, with ``stop_action = "stop"``); idempotent."""
+        await self._adopt_by_name()
+        if not self.pod_id:
+            return
+        if self.stop_action == "stop":
+            await self.suspend()
+            return
+        try:
+            await self.api.terminate_pod(self.pod_id)
+        except RunPodError as e:
+            self.log.error("Could not terminate pod %s of %s: %s", self.pod_id, self._log_name, e)
+            raise
+        self.log.info("Pod %s of %s terminated", self.pod_id, self._log_name)
+
+    async def suspend(self) -> None:
+        """Stop the pod keeping its disk (billed for storage only), e.g. when the workspace sync before a stop
+        failed and terminating would lose work. Idempotent."""
+        await self._adopt_by_name()
+        if not self.pod_id:
+            return
+        pod = await self.api.get_pod(self.pod_id)
+        if pod is None or pod.desired_status == "EXITED":
+            return
+        await self.api.stop_pod(self.pod_id)
+        self.log.info("Pod %s of %s stopped (disk kept)", self.pod_id, self._log_name)
+
+    # ----- the form ------------------------------------------------------------------------------------
+
+    async def offered_prices(self, gpu_types: list[str], gpu_count: int, cloud_type: str) -> list[dict[str, Any]]:
+        """Live prices for the form: per GPU type, its name and price per pod-hour in the profile's cloud(s)."""
+        if not self.api_key:
+            return [{"id": g, "name": g, "price": None} for g in gpu_types]
+        found = await self.api.gpu_types(list(gpu_types))
+        rows = []
+        for gpu_id in gpu_types:
+            gpu = found.get(gpu_id)
+            prices = [gpu.price(c) for c in _CLOUDS[cloud_type]] if gpu else []
+            offered = [p for p in prices if p]
+            rows.append(
+                {
+                    "id": gpu_id,
+                    "name": gpu.display_name if gpu else gpu_id,
+                    "price": round(min(offered) * gpu_count, 2) if offered else None,
+                }
+            )
+        return rows
+
+    # ----- state ---------------------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        """The pod id (the hub re-adopts the pod with it), its name, GPU, cloud and price per hour."""
+        state = super().get_state()
+        if self.pod_id:
+            state.update(
+                pod_id=self.pod_id,
+                pod_name=self.pod_name,
+                gpu_type_id=self.gpu_type_id,
+                gpu_count=self.gpu_count,
+                cloud_type=self.cloud_type,
+                cost_per_hour_usd=self.cost_per_hour_usd,
+            )
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Rebuild from a saved state (hub restart)."""
+        super().load_state(state)
+        self.pod_id = state.get("pod_id", "")
+        self.gpu_type_id = state.get("gpu_type_id", "")
+        self.gpu_count = int(state.get("gpu_count", 0))
+        self.cloud_type = state.get("cloud_type", "")
+        self.cost_per_hour_usd = float(state.get("cost_per_hour_usd", 0.0))
+
+    def clear_state(self) -> None:
+        """Forget the pod (after a stop)."""
+        super().clear_state()
+        self.pod_id = self.gpu_type_id = self.cloud_type = ""
+        self.gpu_count = 0
+        self.cost_per_hour_usd = 0.0

@@ -1,0 +1,321 @@
+"""End to end: RunPod profiles on a real hub and proxy, the RunPod emulator, pods as containers on the real engine.
+
+The hub talks to the emulator through the real runpod SDK (``RUNPOD_API_BASE_URL``); each pod's HTTP port is
+published on 127.0.0.1 and reached with the proxy URL template ``http://{ip}:{public_port}``. The pod reaches the hub
+API at the engine's bridge address (``hub_connect_url``), as a real pod reaches a hub's public https address.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import pytest
+import requests
+
+from tests.e2e.hub import Hub, free_port
+from tests.e2e.jupyter import run_in_kernel
+from tests.e2e.stack import DockerStack, docker_stack
+from tests.runpod_emulator.client import PROXY_URL_TEMPLATE, EmulatorProcess
+from tests.runpod_emulator.server import LABEL
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker]
+
+A100 = "NVIDIA A100 80GB PCIe"
+H100 = "NVIDIA H100 80GB HBM3"
+LEAK_CANARY = "dolab-canary-secret-5c2e"
+
+
+def runpod_profile(slug: str, **overrides: Any) -> dict[str, Any]:
+    runpod = {
+        "gpu_types": [A100, H100],
+        "cloud_type": "secure",
+        "image": "dolab-singleuser-test:latest",
+        "container_disk_gb": 20,
+        "max_price_per_hour": 5,
+    }
+    runpod.update(overrides.pop("runpod", {}))
+    profile = {"display_name": f"RunPod {slug}", "slug": slug, "backend": "runpod", "gpus": 1, "runpod": runpod}
+    return {**profile, **overrides}
+
+
+@pytest.fixture(scope="module")
+def stack() -> DockerStack:
+    return docker_stack()
+
+
+@pytest.fixture(scope="module")
+def hub(stack: DockerStack, emulator: EmulatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    root = tmp_path_factory.mktemp("runpod-hub")
+    hub_port = free_port()
+    profiles = [
+        {"display_name": "CPU", "slug": "cpu", "default": True},
+        runpod_profile("pod"),
+        # A short start timeout, to see a start given up by the hub end with no pod.
+        runpod_profile("quick", spawner_override={"pod_start_timeout_seconds": 6}),
+        # Another account key (the hub's is right): RunPod refuses it.
+        runpod_profile("badkey", spawner_override={"api_key": "not-the-key"}),
+    ]
+    overlay = f"""
+c.DoLabSpawner.profile_list = {profiles!r}
+c.RunPodBackend.hub_connect_url = "http://{stack.bridge_ip}:{hub_port}"
+c.RunPodBackend.proxy_url_template = {PROXY_URL_TEMPLATE!r}
+c.RunPodBackend.poll_interval_seconds = 0.2
+c.RunPodBackend.poll_max_interval_seconds = 1
+c.RunPodBackend.api_backoff_seconds = 0.1
+c.RunPodBackend.api_retries = 2
+c.RunPodBackend.price_ttl_seconds = 0
+"""
+    env = {
+        "DOLAB_HUB_IP": "0.0.0.0",
+        "DOLAB_HUB_PORT": str(hub_port),
+        "RUNPOD_API_BASE_URL": emulator.url,
+        "RUNPOD_API_KEY": emulator.api_key,
+        "AWS_SECRET_ACCESS_KEY": LEAK_CANARY,
+    }
+    hub = Hub(root, overlay=overlay, env=env).start()
+    yield hub
+    hub.shutdown()
+
+
+@pytest.fixture
+def em(emulator: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    emulator.reset()
+    yield emulator
+    emulator.reset()
+
+
+def engine_containers(stack: DockerStack, emulator: EmulatorProcess) -> list[Any]:
+    client = docker.DockerClient(base_url=stack.docker_host, timeout=30)
+    return client.containers.list(all=True, filters={"label": f"{LABEL}={emulator.instance}"})
+
+
+def wait_gone(hub: Hub, user: str, timeout: float = 60) -> None:
+    """Wait until the hub no longer lists the user's server (a failed spawn ends like that)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "" not in hub.user(user).get("servers", {}):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"{user}'s server still listed:\n{hub.log_tail()}")
+
+
+def failed_start(hub: Hub, user: str, options: dict[str, Any]) -> str:
+    """Start, expect a failure, return its message (from the reply, else from the progress stream)."""
+    hub.create_user(user)
+    reply = hub.start_server(user, options)
+    if reply.status_code >= 400:
+        wait_gone(hub, user)
+        return str(reply.json()["message"])
+    assert reply.status_code == 202, reply.text
+    events = hub.progress_events(user, timeout=120)
+    wait_gone(hub, user)
+    assert events and events[-1].get("failed"), events
+    return str(events[-1]["message"])
+
+
+def no_pod_left(em: EmulatorProcess, stack: DockerStack) -> None:
+    assert em.pods() == []
+    assert engine_containers(stack, em) == []
+
+
+def test_a_user_works_in_a_pod_through_the_proxy_then_stop_terminates_it(
+    hub: Hub, em: EmulatorProcess, stack: DockerStack
+) -> None:
+    hub.create_user("rita")
+    reply = hub.start_server("rita", {"profile": "pod"})
+    assert reply.status_code in (201, 202), reply.text
+    events = hub.progress_events("rita", timeout=120) if reply.status_code == 202 else []
+    server = hub.wait_ready("rita", timeout=120)
+    state = server["state"]
+    (pod,) = em.pods()
+    assert state["backend"] == "runpod" and state["backend_state"]["pod_id"] == pod["id"]
+    assert state["cost_per_hour_usd"] == pytest.approx(1.64)  # A100 on the secure cloud, one GPU
+    assert state["slots"] == []
+    assert pod["name"] == "dolab-rita" and pod["cloud"] == "SECURE" and pod["gpuCount"] == 1
+    messages = [e["message"] for e in events]
+    if events:
+        assert any("Requesting A100 PCIe on secure cloud" in m for m in messages), messages
+        assert "Pod scheduled, pulling image" in messages
+
+    # The pod has the hub's variables, its own token, and nothing else of the hub's environment.
+    env = pod["env"]
+    assert env["JUPYTERHUB_API_URL"] == f"http://{stack.bridge_ip}:{hub.env['DOLAB_HUB_PORT']}/hub/api"
+    assert env["JUPYTERHUB_API_TOKEN"] and env["JUPYTERHUB_USER"] == "rita"
+    assert not any(em.api_key in v or LEAK_CANARY in v for v in env.values())
+    assert "PATH" not in env and "CUDA_VISIBLE_DEVICES" not in env
+    assert pod["dockerArgs"] == "jupyterhub-singleuser"
+
+    token = hub.user_token("rita")
+    api = requests.get(f"{hub.url}/user/rita/api", headers={"Authorization": f"token {token}"}, timeout=30)
+    assert api.status_code == 200 and "version" in api.json()
+    assert run_in_kernel(hub.url, "rita", token, "print(6 * 7)").strip() == "42"
+    # The key never reaches the browser: the form shows prices, not secrets.
+    form = hub.api("GET", "/users/rita").json()
+    assert em.api_key not in str(form)
+
+    hub.stop_server("rita")
+    no_pod_left(em, stack)
+
+
+def test_no_capacity_falls_back_to_the_next_gpu_type(hub: Hub, em: EmulatorProcess, stack: DockerStack) -> None:
+    em.faults(no_capacity=[[A100, "SECURE"]])
+    hub.create_user("fred")
+    reply = hub.start_server("fred", {"profile": "pod"})
+    assert reply.status_code in (201, 202), reply.text
+    events = hub.progress_events("fred", timeout=120) if reply.status_code == 202 else []
+    state = hub.wait_ready("fred", timeout=120)["state"]
+    (pod,) = em.pods()
+    assert pod["machine"]["gpuDisplayName"] == H100
+    assert state["backend_state"]["gpu_type_id"] == H100
+    assert state["cost_per_hour_usd"] == pytest.approx(2.99)
+    if events:
+        assert any(
+            "No capacity for A100 PCIe on secure cloud, trying H100 SXM on secure cloud" in e["message"] for e in events
+        )
+    creates = [r for r in em.requests() if r["fields"] == ["podFindAndDeployOnDemand"]]
+    assert [A100 in r["query"] for r in creates] == [True, False]
+    hub.stop_server("fred")
+    no_pod_left(em, stack)
+
+
+def test_a_hub_restart_keeps_the_pod(hub: Hub, em: EmulatorProcess, stack: DockerStack) -> None:
+    hub.create_user("hana")
+    assert hub.start_server("hana", {"profile": "pod"}).status_code in (201, 202)
+    hub.wait_ready("hana", timeout=120)
+    (before,) = em.pods()
+    hub.restart()
+    server = hub.wait_ready("hana", timeout=60)
+    (after,) = em.pods()
+    assert after["id"] == before["id"] == server["state"]["backend_state"]["pod_id"]
+    assert after["containerId"] == before["containerId"] and after["boots"] == 1
+    token = hub.user_token("hana")
+    assert requests.get(f"{hub.url}/user/hana/api", headers={"Authorization": f"token {token}"}, timeout=30).ok
+    hub.stop_server("hana")
+    no_pod_left(em, stack)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"profile": "pod", "max_price_per_hour": 9.5}, "You can pay at most $5 per hour"),
+        ({"profile": "pod", "gpu_type": "NVIDIA Tesla V100"}, "is not a GPU type of profile 'pod'"),
+        ({"profile": "pod", "max_price_per_hour": "lots"}, "max_price_per_hour must be a number"),
+    ],
+    ids=["price above the maximum", "unknown GPU type", "price not a number"],
+)
+def test_bad_user_options_are_refused_before_any_runpod_call(
+    hub: Hub, em: EmulatorProcess, options: dict[str, Any], expected: str
+) -> None:
+    hub.create_user("bart")
+    reply = hub.start_server("bart", options)
+    assert reply.status_code == 400, reply.text
+    assert expected in reply.json()["message"]
+    assert em.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("profile", "faults", "expected"),
+    [
+        pytest.param(
+            "pod",
+            {"no_capacity": [[A100, "SECURE"], [H100, "SECURE"]]},
+            "no capacity for this profile right now. Tried: A100 PCIe on secure cloud, H100 SXM on secure cloud",
+            id="no capacity anywhere",
+        ),
+        pytest.param(
+            "pod",
+            {
+                "replies": [
+                    {
+                        "field": "podFindAndDeployOnDemand",
+                        "times": 10,
+                        "status": 429,
+                        "body": "<html>Too Many Requests</html>",
+                        "content_type": "text/html",
+                    }
+                ]
+            },
+            "RunPod is not answering properly right now",
+            id="429 with an HTML page",
+        ),
+        pytest.param(
+            "pod",
+            {
+                "replies": [
+                    {
+                        "field": "podFindAndDeployOnDemand",
+                        "times": 10,
+                        "status": 502,
+                        "body": "bad gateway",
+                        "content_type": "text/plain",
+                    }
+                ]
+            },
+            "RunPod is not answering properly right now",
+            id="502 not JSON",
+        ),
+        pytest.param(
+            "pod",
+            {
+                "replies": [
+                    {
+                        "field": "gpuTypes",
+                        "times": 10,
+                        "status": 500,
+                        "body": '{"errors": [{"message": "Something went wrong. Please try again later."}]}',
+                    }
+                ]
+            },
+            "RunPod is not answering properly right now",
+            id="500 with a JSON error",
+        ),
+        pytest.param("badkey", {}, "the hub's RunPod account was refused", id="bad API key"),
+        pytest.param("quick", {"boot_seconds": 60}, "", id="boot slower than the start timeout"),
+        pytest.param(
+            "quick",
+            {"boot_seconds": 1, "replies": [{"field": "pod", "times": 1000, "status": 503, "body": "unavailable"}]},
+            "",
+            id="polls fail until the start timeout",
+        ),
+    ],
+)
+def test_each_failure_ends_with_no_pod_left(
+    hub: Hub, em: EmulatorProcess, stack: DockerStack, profile: str, faults: dict[str, Any], expected: str
+) -> None:
+    em.faults(**faults)
+    message = failed_start(hub, "fay", {"profile": profile})
+    assert expected in message, message
+    em.reset()  # the polls' faults must not hide the pods from the check
+    no_pod_left(em, stack)
+
+
+def test_a_pod_that_vanishes_while_starting_fails_the_start(hub: Hub, em: EmulatorProcess, stack: DockerStack) -> None:
+    em.faults(boot_seconds=4)
+    hub.create_user("vera")
+    reply = hub.start_server("vera", {"profile": "pod"})
+    deadline = time.monotonic() + 30
+    while not em.pods() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (pod,) = em.pods()
+    em.vanish(pod["id"])
+    if reply.status_code == 202:
+        events = hub.progress_events("vera", timeout=60)
+        assert "disappeared while starting" in events[-1]["message"]
+    wait_gone(hub, "vera")
+    no_pod_left(em, stack)
+
+
+def test_a_pod_that_vanishes_while_running_is_seen_as_stopped(
+    hub: Hub, em: EmulatorProcess, stack: DockerStack
+) -> None:
+    hub.create_user("otto")
+    assert hub.start_server("otto", {"profile": "pod"}).status_code in (201, 202)
+    hub.wait_ready("otto", timeout=120)
+    (pod,) = em.pods()
+    em.vanish(pod["id"])
+    # The hub polls before a stop: the server is found stopped and forgotten, and stopping it again is harmless.
+    hub.stop_server("otto")
+    no_pod_left(em, stack)
