@@ -16,6 +16,7 @@ from traitlets import TraitError
 
 from dolab_services.culler.service import culler_service
 from dolab_services.reaper import reaper_service
+from dolab_services.sync.registration import sync_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.auth.envconfig import configure_login
 from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
@@ -112,6 +113,20 @@ c.JupyterHub.load_roles = [
         "services": ["dolab-cli"],
     }
 ]
+
+# --- workspace backups: only when DOLAB_SYNC_S3_BUCKET names a bucket (README.md, "Workspace backup") ---------
+# The dolab-sync service (periodic backups, restore API), a final backup before a server is destroyed, and a restore
+# into a new, empty workspace. Storage credentials go to the service's environment only.
+try:
+    sync = sync_service(env, c.DoLabSpawner.workspace_root, str(data_dir), sys.executable)
+except ValueError as e:
+    sys.exit(f"DO-LAB: bad configuration: {e}")
+if sync is not None:
+    c.JupyterHub.services = [*c.JupyterHub.services, sync.service]
+    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.role]
+    c.JupyterHub.extra_user_scopes = {sync.user_scope}  # the culler's section below adds its own to these
+    c.DoLabSpawner.pre_destroy_hooks = [sync.pre_destroy_hook]
+    c.DoLabSpawner.pre_start_hooks = [sync.pre_start_hook]
 
 # --- overlays, then a check of the result ----------------------------------------------------------------
 overlay_dir = Path(env.get("DOLAB_CONFIG_DIR", here / "jupyterhub_config.d"))

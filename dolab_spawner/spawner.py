@@ -8,6 +8,7 @@ everything needed to find the server again after a hub restart.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import string
 import time
@@ -169,12 +170,36 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         """,
     )
 
+    pre_start_hooks = List(
+        Union([Callable(), Unicode()]),
+        config=True,
+        help="""Called in order by ``start()`` after the options are checked and the slots taken, just before the
+        backend starts the server: ``hook(spawner)`` (may be async) or ``"module:callable"`` strings. Progress
+        goes to the spawn page through ``spawner.emit(percent, message)``; an exception fails the start. The sync
+        service's restore of a new workspace plugs in here (``dolab_services.sync.hooks:restore_new_workspace``).
+        """,
+    )
+
+    pre_destroy_hooks = List(
+        Union([Callable(), Unicode()]),
+        config=True,
+        help="""Called in order by ``stop()`` before the backend destroys the server: ``hook(spawner, reason)``
+        (may be async; ``reason`` is ``"stop"``) or ``"module:callable"`` strings. The sync service's final backup
+        plugs in here (``dolab_services.sync.hooks:final_sync``). When one raises, the server is stopped but its
+        storage kept (the backend's ``suspend()`` where it has one: docker stops the container without removing
+        it), the reason is logged as an error and kept in the server's state (``kept``) until its next start.
+        """,
+    )
+
     # What the state records (and so what survives a hub restart).
     profile_slug = Unicode("")
     backend_name = Unicode("")
     host_name = Unicode("")
     slot_dicts: List[dict] = List()
     stop_at = Unicode("")
+    #: Why the last stop kept the server's storage (a pre-destroy hook failed), and when; "" when it did not.
+    kept_reason = Unicode("")
+    kept_at = Unicode("")
 
     _pool: ClassVar[_SlotPool] = _SlotPool()
     _backend: BackendMixin | None = None
@@ -591,6 +616,7 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
             self._progress_done()
 
     async def _start(self) -> Any:
+        self.kept_reason = self.kept_at = ""
         self.emit(5, "Checking your options")
         try:
             await self.check_plan(self.user_options)
@@ -624,6 +650,8 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         try:
             self._backend = self.make_backend(selection, slots)
             self._apply_own_overrides({**self._backend.hub_timeouts(), **selection.spawner_override})
+            for hook in self.pre_start_hooks:
+                await maybe_future(_load_hook(hook)(self))
             self.emit(30, f"Starting your server ({selection.profile.display_name})")
             url = await self._backend.start()
             if self._backend.api_token != self.api_token:
@@ -647,12 +675,48 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         return status
 
     async def stop(self, now: bool = False) -> None:
-        """Stop the backend's server (idempotent) and free its slots."""
+        """Run the pre-destroy hooks, then stop the backend's server (idempotent) and free its slots.
+
+        When a hook fails the storage is kept: the backend's ``suspend()`` where it has one, else its ``stop()``
+        (a local or bind-mounted workspace outlives its server anyway).
+        """
         try:
             if self._backend is not None:
-                await self._backend.stop(now=now)
+                failure = await self._run_pre_destroy_hooks("stop")
+                suspend = getattr(self._backend, "suspend", None)
+                if failure and callable(suspend):
+                    await suspend()
+                else:
+                    await self._backend.stop(now=now)
         finally:
             self._release("stopped")
+
+    async def _run_pre_destroy_hooks(self, reason: str) -> str:
+        """Run ``pre_destroy_hooks``; the first failure (a sentence) is logged, kept in the state and returned."""
+        for hook in self.pre_destroy_hooks:
+            try:
+                await maybe_future(_load_hook(hook)(self, reason))
+            except Exception as e:
+                why = str(e) or type(e).__name__
+                self.kept_reason = why
+                self.kept_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+                self.log.error(
+                    "Server %s stopped but its storage kept: pre-destroy hook %s failed: %s", self._log_name, hook, why
+                )
+                self.log.debug("Pre-destroy hook %s failed", hook, exc_info=True)
+                return why
+        return ""
+
+    def host_workspace(self) -> str:
+        """The server's workspace folder when it is one on this machine (local backend, docker with a bind mount
+        on the local engine), else "" (a named volume, a remote machine)."""
+        if self.backend_name == "local":
+            return self._workspace_dir()
+        if self.backend_name == "docker" and self.host_name == LOCAL_HOST:
+            host = next((h for h in self.docker_hosts if h["name"] == LOCAL_HOST), {})
+            if host.get("workspace", "bind") == "bind":
+                return self._workspace_dir()
+        return ""
 
     def _release(self, why: str) -> None:
         released = self.allocator.release(self.owner)
@@ -677,15 +741,22 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
             if cost:
                 # What the server costs while it runs, USD per hour (RunPod: the pod's rate); the monitor reads it.
                 state["cost_per_hour_usd"] = cost
+            if self.host_workspace():
+                state["workspace"] = self.host_workspace()  # the sync service backs it up
             if self.server is not None and self.server.port:
                 # The server's own address: services read it directly, not through the proxy, which would count
                 # every request as the user's activity.
                 state["server_url"] = self.server.url
+        if self.kept_reason:
+            # Survives clear_state() after the stop, so the user's and admin's tools can say why.
+            state["kept"] = {"reason": self.kept_reason, "at": self.kept_at}
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Rebuild the backend and re-claim the slots of a server that is still running."""
         super().load_state(state)
+        kept = state.get("kept") or {}
+        self.kept_reason, self.kept_at = str(kept.get("reason", "")), str(kept.get("at", ""))
         backend = state.get("backend")
         if not backend or backend not in BACKENDS:
             return
@@ -722,6 +793,20 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
     def stop_at_datetime(self) -> datetime | None:
         """The user's hard deadline, if they chose one."""
         return parse_stop_at(self.stop_at) if self.stop_at else None
+
+
+def _load_hook(hook: Any) -> Any:
+    """A hook itself, or the callable a ``module.path:name`` string names."""
+    if callable(hook):
+        return hook
+    module_name, _, attr = str(hook).partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise RuntimeError(f"hook {hook!r} cannot be loaded ({e}); write it as module.path:callable") from e
+    if not callable(found):
+        raise RuntimeError(f"hook {hook!r} is not callable")
+    return found
 
 
 def _form_time_to_utc(local: str, offset_minutes: str) -> str:

@@ -285,7 +285,7 @@ class SyncEngine:
         manifest = self.manifest(snapshot_id)
         files, links, dirs = manifest.files, manifest.links, manifest.dirs
         if paths is not None:
-            wanted = [check_relpath(p.strip("/")) for p in paths]
+            wanted = [check_relpath(p.rstrip("/")) for p in paths]
 
             def chosen(path: str) -> bool:
                 return any(path == w or path.startswith(w + "/") for w in wanted)

@@ -585,6 +585,17 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
             )
             self.clear_state()
 
+    async def suspend(self) -> None:
+        """Stop the container without removing it: what DoLabSpawner does instead of ``stop()`` when a pre-destroy
+        hook (the final backup) failed, so nothing in the container is lost. The next start replaces it."""
+        if not self.object_id:
+            return
+        self.log.warning("Keeping container %s of %s: stopped, not removed", self.object_name, self._log_name)
+        try:
+            await self.stop_object()
+        except (docker.errors.DockerException, requests.RequestException, OSError) as e:
+            self.log.error("Docker engine %s did not stop %s: %s", self.host_name, self.object_name, e)
+
     def get_state(self) -> dict[str, Any]:
         """DockerSpawner's state plus the engine it runs on."""
         state = super().get_state()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from dolab_services.sync.engine import SyncEngine, SyncPolicy
-from dolab_services.sync.manifest import BLOB_PREFIX, blob_key
+from dolab_services.sync.manifest import BLOB_PREFIX, FileRecord, Manifest, blob_key, snapshot_key
 from dolab_services.sync.s3 import S3Store
 from dolab_services.sync.store import ObjectNotFound, StoreError
-from dolab_services.sync.workspace import Excludes
+from dolab_services.sync.workspace import Excludes, UnsafePath, open_file
 
 from .conftest import CREDENTIALS, S3Server
 from .treeutil import MiB, big_file, describe, sample_workspace, without, write
@@ -276,3 +276,71 @@ def test_store_errors_are_sentences(s3_server: S3Server, tmp_path: Path) -> None
         engine.backup(tmp_path)
     with pytest.raises(ObjectNotFound, match="There is no restore point"):
         SyncEngine(s3_server.store(s3_server.new_bucket(), "x")).manifest("20200101T000000000000Z")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../outside", "/etc/passwd", "a/../../b", "a//b", "./a", "", "a/\0"],
+    ids=["parent", "absolute", "climbs", "empty-part", "dot", "empty", "nul"],
+)
+def test_paths_that_leave_the_workspace_are_refused(store: S3Store, tmp_path: Path, path: str) -> None:
+    write(tmp_path / "ws", "a.txt", "a")
+    engine = SyncEngine(store)
+    engine.backup(tmp_path / "ws")
+    with pytest.raises(UnsafePath):
+        engine.restore(tmp_path, paths=[path])
+
+
+def test_a_tampered_manifest_cannot_write_outside(store: S3Store, tmp_path: Path) -> None:
+    write(tmp_path / "ws", "a.txt", "a")
+    engine = SyncEngine(store)
+    sid = engine.backup(tmp_path / "ws").snapshot
+    assert sid is not None
+    manifest = engine.manifest(sid)
+    evil = Manifest(sid, [FileRecord("../escaped.txt", 1, 0, 0o644, manifest.files[0].sha256)])
+    store.put_bytes(snapshot_key(sid), evil.to_bytes())
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(StoreError, match="damaged"):
+        engine.restore(dest)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_symlinks_never_lead_out_of_the_workspace(store: S3Store, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write(outside, "secret.txt", "host secret")
+    ws = tmp_path / "ws"
+    write(ws, "mine.txt", "mine")
+    os.symlink(outside / "secret.txt", ws / "abs-link")
+    os.symlink("../outside/secret.txt", ws / "rel-link")
+    os.symlink(str(outside), ws / "dir-link")
+    os.symlink("mine.txt", ws / "ok-link")
+    engine = SyncEngine(store)
+
+    report = engine.backup(ws)
+
+    manifest = engine.manifest()
+    assert [f.path for f in manifest.files] == ["mine.txt"]
+    assert [(link.path, link.target) for link in manifest.links] == [("ok-link", "mine.txt")]
+    assert {p for p, _ in report.skipped} == {"abs-link", "rel-link", "dir-link"}
+    # A restore never writes through a symlink planted in the destination either.
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    os.symlink(str(outside), dest / "sub")
+    write(ws, "sub/file.txt", "x")
+    engine.backup(ws)
+    with pytest.raises(UnsafePath):
+        engine.restore(dest, paths=["sub/file.txt"])
+    assert not (outside / "file.txt").exists()
+
+
+def test_a_folder_swapped_for_a_symlink_is_not_read(tmp_path: Path) -> None:
+    """The race a user could try while a sync runs: the file's folder becomes a link to the host's files."""
+    outside = tmp_path / "outside"
+    write(outside, "f.txt", "host")
+    ws = tmp_path / "ws"
+    write(ws, "d/f.txt", "mine")
+    shutil.rmtree(ws / "d")
+    os.symlink(str(outside), ws / "d")
+    with pytest.raises(UnsafePath), open_file(ws, "d/f.txt"):
+        pass

@@ -1,0 +1,164 @@
+"""The sync service's core: every user's backups, one user at a time, off the event loop.
+
+:class:`Backups` runs the blocking engine (boto3, file I/O) on a bounded thread pool, one operation per user at a
+time (a lock per user, so a periodic backup, a restore and an API request never interleave), each bounded by a
+timeout. It only ever builds a store for the user it is asked about (:meth:`SyncSettings.store_for`), so nothing
+here can reach another user's prefix. :meth:`Backups.sweep` backs up every running server whose spawner state
+names a workspace folder on this machine (``state["workspace"]``, set by DoLabSpawner for the local backend and
+for docker servers with a bind-mounted workspace on the local engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..hubclient import HubClient
+from .config import SyncSettings, user_prefix
+from .engine import BackupReport, RestoreReport, SyncEngine
+from .store import StoreError
+from .workspace import UnsafePath, check_relpath, open_dir
+
+__all__ = ["Backups", "NoWorkspace"]
+
+T = TypeVar("T")
+
+
+class NoWorkspace(Exception):
+    """The user has no workspace folder on this machine (yet)."""
+
+
+class Backups:
+    """Back up, list and restore users' workspaces (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: SyncSettings,
+        workspace_root: Path,
+        cache_dir: Path,
+        *,
+        concurrency: int = 2,
+        timeout_seconds: float = 3600,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.settings = settings
+        self.workspace_root = workspace_root
+        self.cache_dir = cache_dir
+        self.timeout_seconds = timeout_seconds
+        self.log = log or logging.getLogger("dolab.sync")
+        self.pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="dolab-sync")
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def close(self) -> None:
+        """Let running operations finish, start no new ones."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def workspace_of(self, user: str) -> Path:
+        """The user's workspace folder (as DoLabSpawner names it)."""
+        return self.workspace_root / user_prefix(user)
+
+    async def _run(self, user: str, work: Callable[[SyncEngine], T]) -> T:
+        lock = self._locks.setdefault(user, asyncio.Lock())
+        async with lock:
+
+            def run() -> T:
+                store = self.settings.store_for(user)
+                try:
+                    return work(SyncEngine(store, self.settings.policy()))
+                finally:
+                    store.close()
+
+            return await asyncio.wait_for(asyncio.wrap_future(self.pool.submit(run)), self.timeout_seconds)
+
+    async def backup(self, user: str, workspace: Path | None = None) -> BackupReport:
+        """Back up ``workspace`` (default: the user's folder) now."""
+        folder = workspace or self.workspace_of(user)
+        if not folder.is_dir():
+            raise NoWorkspace(f"{user} has no workspace here yet; start a server first.")
+        cache = self.cache_dir / f"{user_prefix(user)}.json.gz"
+        report = await self._run(user, lambda engine: engine.backup(folder, cache_path=cache))
+        if report.snapshot:
+            self.log.info(
+                "Backed up %s: snapshot %s, %d of %d files uploaded (%d bytes) in %.1f s",
+                user,
+                report.snapshot,
+                report.uploaded_files,
+                report.files,
+                report.uploaded_bytes,
+                report.seconds,
+            )
+        else:
+            self.log.debug("Backup of %s: unchanged since %s", user, report.previous)
+        return report
+
+    async def snapshots(self, user: str) -> list[dict[str, Any]]:
+        """The user's restore points, newest first."""
+        snaps = await self._run(user, lambda engine: engine.snapshots())
+        return [
+            {"id": s.id, "created": s.created.isoformat().replace("+00:00", "Z") if s.created else None}
+            for s in reversed(snaps)
+        ]
+
+    async def snapshot(self, user: str, snapshot_id: str) -> dict[str, Any]:
+        """One restore point's content."""
+        manifest = await self._run(user, lambda engine: engine.manifest(snapshot_id))
+        return {
+            "id": manifest.snapshot,
+            "files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in manifest.files],
+            "links": [{"path": link.path, "target": link.target} for link in manifest.links],
+            "dirs": list(manifest.dirs),
+            "total_bytes": manifest.total_bytes,
+        }
+
+    async def restore(
+        self, user: str, snapshot_id: str | None, paths: Iterable[str] | None, into: str = ""
+    ) -> RestoreReport:
+        """Restore a snapshot (or some paths of it) into the user's workspace, or into its sub-folder ``into``."""
+        root = self.workspace_of(user)
+        if not root.is_dir():
+            raise NoWorkspace(f"{user} has no workspace here yet; start a server once, then restore.")
+        wanted = list(paths) if paths is not None else None
+        if into:
+            check_relpath(into)
+
+        def work(engine: SyncEngine) -> RestoreReport:
+            dest = root
+            if into:
+                owner = (root.stat().st_uid, root.stat().st_gid)
+                with open_dir(root, into, create=True, owner=owner):
+                    pass
+                dest = root / into
+                # open_dir refused any symlink on the way; the folder is a real one under the workspace now.
+            return engine.restore(dest, snapshot_id=snapshot_id, paths=wanted)
+
+        report = await self._run(user, work)
+        self.log.info(
+            "Restored %d files of %s's snapshot %s into %s/%s", report.files, user, report.snapshot, root, into
+        )
+        return report
+
+    async def sweep(self, hub: HubClient) -> dict[str, str]:
+        """Back up every running server's workspace on this machine; user -> outcome (one line each)."""
+        workspaces: dict[str, Path] = {}
+        async for user in hub.users(state="ready"):
+            for server in (user.get("servers") or {}).values():
+                state = server.get("state") or {}
+                folder = state.get("workspace")
+                if server.get("ready") and isinstance(folder, str) and folder:
+                    workspaces.setdefault(user["name"], Path(folder))
+        outcomes: dict[str, str] = {}
+
+        async def one(name: str, folder: Path) -> None:
+            try:
+                report = await self.backup(name, folder)
+                outcomes[name] = f"snapshot {report.snapshot}" if report.snapshot else "unchanged"
+            except (StoreError, NoWorkspace, UnsafePath, OSError, asyncio.TimeoutError) as e:
+                outcomes[name] = f"failed: {e}"
+                self.log.error("Periodic backup of %s failed: %s", name, e)
+
+        await asyncio.gather(*(one(n, f) for n, f in workspaces.items()))
+        return outcomes

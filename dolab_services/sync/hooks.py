@@ -1,0 +1,139 @@
+"""The sync's hooks in the hub's spawner: a final backup before a server is destroyed, a restore at spawn.
+
+In ``jupyterhub_config.py`` (the shipped config does this when ``DOLAB_SYNC_S3_BUCKET`` is set)::
+
+    c.DoLabSpawner.pre_destroy_hooks = ["dolab_services.sync.hooks:final_sync"]
+    c.DoLabSpawner.pre_start_hooks = ["dolab_services.sync.hooks:restore_new_workspace"]
+
+:func:`final_sync` runs in ``DoLabSpawner.stop()`` before the backend destroys the server. It backs up the
+workspace when it is a folder on the hub's machine (local backend, docker backend with a bind-mounted workspace on
+the local engine). A docker workspace in a named volume outlives its container, so it is left alone. Any other
+backend (a RunPod pod) cannot be backed up from here yet: the hook raises, so the spawner stops the server but
+keeps its storage. A failed backup raises too (same outcome); the user and admin are told through the log and the
+server's state. The target comes from the hub's ``DOLAB_SYNC_*`` environment (:mod:`.config`).
+
+:func:`restore_new_workspace` runs in ``DoLabSpawner.start()`` before the backend starts: a workspace folder that
+does not exist yet, or is empty, is filled from the user's latest backup, with progress events on the spawn page.
+
+Blocking work (boto3, file I/O) runs on a small thread pool of its own, never on the hub's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .config import SyncSettings, user_prefix
+from .engine import SyncEngine
+from .store import ObjectNotFound, StoreError
+
+__all__ = ["final_sync", "host_workspace", "restore_new_workspace"]
+
+log = logging.getLogger("dolab.sync")
+
+_pool = ThreadPoolExecutor(2, thread_name_prefix="dolab-sync-hook")
+#: How long a final sync may take before the stop gives up on it (and keeps the server's storage).
+FINAL_SYNC_TIMEOUT_SECONDS = 1800.0
+
+
+def host_workspace(spawner: Any) -> Path | None:
+    """The workspace folder of the spawner's server when it is on this machine, else None."""
+    path = getattr(spawner, "host_workspace", None)
+    value = path() if callable(path) else ""
+    return Path(value) if value else None
+
+
+def _settings() -> SyncSettings:
+    return SyncSettings.from_env(os.environ)
+
+
+def _cache_path(username: str) -> Path:
+    from dolab_spawner.paths import default_data_dir
+
+    return Path(default_data_dir()) / "sync-cache" / f"{user_prefix(username)}.json.gz"
+
+
+async def final_sync(spawner: Any, reason: str) -> None:
+    """Back up the server's workspace before it is destroyed; raise (a sentence) when that is not possible."""
+    settings = _settings()
+    if not settings.enabled:
+        return
+    user = spawner.user.name
+    workspace = host_workspace(spawner)
+    backend = getattr(spawner, "backend_name", "")
+    if workspace is None:
+        if backend == "docker":
+            log.info("No final sync for %s: its workspace is a Docker volume, which outlives the container", user)
+            return
+        raise StoreError(
+            f"DO-LAB cannot back up the workspace of a {backend or 'remote'} server yet, so it was stopped and its"
+            " storage kept. Ask an administrator before deleting it."
+        )
+    if not workspace.is_dir():
+        return
+
+    def run() -> Any:
+        store = settings.store_for(user)
+        try:
+            return SyncEngine(store, settings.policy()).backup(workspace, cache_path=_cache_path(user))
+        finally:
+            store.close()
+
+    log.info("Final sync of %s's workspace before stopping (%s)", user, reason)
+    report = await asyncio.wait_for(asyncio.wrap_future(_pool.submit(run)), FINAL_SYNC_TIMEOUT_SECONDS)
+    log.info(
+        "Final sync of %s done: snapshot %s, %d files uploaded",
+        user,
+        report.snapshot or f"unchanged ({report.previous})",
+        report.uploaded_files,
+    )
+
+
+async def restore_new_workspace(spawner: Any) -> None:
+    """Fill a new (missing or empty) workspace folder from the user's latest backup, with progress events."""
+    settings = _settings()
+    workspace = host_workspace(spawner)
+    if not settings.enabled or workspace is None:
+        return
+    if workspace.exists() and any(workspace.iterdir()):
+        return
+    user = spawner.user.name
+    emit = getattr(spawner, "emit", None)
+    loop = asyncio.get_running_loop()
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        percent = int(100 * done / total) if total else 100
+        if emit is not None and percent // 10 != last[0] // 10:
+            last[0] = percent
+            loop.call_soon_threadsafe(emit, 20 + percent // 10, f"Restoring your workspace from backup: {percent}%")
+
+    def run() -> Any:
+        store = settings.store_for(user)
+        try:
+            engine = SyncEngine(store, settings.policy())
+            if not engine.snapshots():
+                return None
+            workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
+            uid = getattr(getattr(spawner, "_backend", None), "workspace_uid", None)
+            if os.geteuid() == 0 and isinstance(uid, int) and uid >= 0:
+                os.chown(workspace, uid, -1)  # the container's user owns its workspace (docker backend)
+            return engine.restore(workspace, progress=progress)
+        finally:
+            store.close()
+
+    try:
+        report = await asyncio.wrap_future(_pool.submit(run))
+    except (StoreError, ObjectNotFound) as e:
+        log.error("Restoring %s's new workspace failed: %s", user, e)
+        if emit is not None:
+            emit(29, f"Your workspace could not be restored from backup ({e}); it starts empty.")
+        return
+    if report is not None:
+        log.info("Restored %s's new workspace from snapshot %s (%d files)", user, report.snapshot, report.files)
+        if emit is not None:
+            emit(29, f"Restored {report.files} files from your backup of {report.snapshot}")

@@ -1,0 +1,144 @@
+"""``dolab-sync``: the hub-managed backup service (``python -m dolab_services.sync``).
+
+Every ``--interval`` minutes (default 15) it backs up the workspace of every running server whose folder is on this
+machine (:meth:`.backups.Backups.sweep`), and it serves the JSON API of :mod:`.web` (list restore points, back up
+now, restore a path). The target and policy come from the ``DOLAB_SYNC_*`` variables the hub passes it
+(:mod:`.config`); storage credentials live only in the hub's config and this process.
+
+Scopes (role ``dolab-sync``, :data:`SYNC_SCOPES`): ``list:users``, ``read:users:name``, ``read:servers`` and
+``admin:server_state`` (which servers run, and their workspace folder from the spawner state). Users get
+``access:services!service=dolab-sync`` to use the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from traitlets import Float, Integer, Unicode, default
+
+from ..app import ServiceApp
+from ..hubclient import HubAPIError, HubClient
+from .backups import Backups
+from .config import SyncSettings
+
+__all__ = ["SERVICE_NAME", "SYNC_SCOPES", "USER_SCOPE", "SyncService", "main"]
+
+SERVICE_NAME = "dolab-sync"
+SYNC_SCOPES = ("list:users", "read:users:name", "read:servers", "admin:server_state")
+USER_SCOPE = f"access:services!service={SERVICE_NAME}"
+
+
+class SyncService(ServiceApp):
+    """Periodic backups of running servers, and the backup API."""
+
+    name = SERVICE_NAME
+    description = "Back up users' workspaces to S3; list restore points and restore files."
+
+    interval_minutes = Float(
+        config=True,
+        help="Minutes between backups of each running server (0: none). Default: $DOLAB_SYNC_INTERVAL_MINUTES or 15.",
+    )
+    concurrency = Integer(2, config=True, help="At most this many workspaces are backed up or restored at once.")
+    timeout_minutes = Float(60, config=True, help="How long one backup or restore may take (minutes).")
+    workspace_root = Unicode(
+        config=True,
+        help="The folder holding every user's workspace (DoLabSpawner.workspace_root); default $DOLAB_WORKSPACE_ROOT.",
+    )
+    cache_dir = Unicode(config=True, help="Where the hash caches live (default: <data dir>/sync-service-cache).")
+
+    aliases = {
+        "interval": "SyncService.interval_minutes",
+        "concurrency": "SyncService.concurrency",
+        "workspace-root": "SyncService.workspace_root",
+        "cache-dir": "SyncService.cache_dir",
+        "log-level": "Application.log_level",
+    }
+
+    @default("workspace_root")
+    def _default_workspace_root(self) -> str:
+        return os.environ.get("DOLAB_WORKSPACE_ROOT", "")
+
+    @default("cache_dir")
+    def _default_cache_dir(self) -> str:
+        from dolab_spawner.paths import default_data_dir
+
+        return str(Path(default_data_dir()) / "sync-service-cache")
+
+    def start(self) -> None:
+        """Check the settings, then back up and serve until stopped."""
+        try:
+            settings = SyncSettings.from_env(os.environ)
+            if not settings.enabled:
+                raise ValueError("no backup target: set DOLAB_SYNC_S3_BUCKET")
+            if not self.workspace_root:
+                raise ValueError("no workspace root: set DOLAB_WORKSPACE_ROOT or --workspace-root")
+            hub = HubClient()
+        except ValueError as e:
+            print(f"{SERVICE_NAME}: {e}", file=sys.stderr)
+            self.exit(2)
+        interval = self.interval_minutes if "interval_minutes" in self._trait_values else settings.interval_minutes
+        package_log = logging.getLogger("dolab")
+        package_log.setLevel(self.log.level)
+        for handler in self.log.handlers:
+            package_log.addHandler(handler)
+        backups = Backups(
+            settings,
+            Path(self.workspace_root),
+            Path(self.cache_dir),
+            concurrency=self.concurrency,
+            timeout_seconds=self.timeout_minutes * 60,
+            log=self.log,
+        )
+        self.log.info(
+            "Backing up to s3://%s/%s every %g min (keep %d, deletions %s)",
+            settings.bucket,
+            settings.prefix,
+            interval,
+            settings.keep_snapshots,
+            settings.deletions,
+        )
+        self.exit(asyncio.run(self._run(backups, hub, interval)))
+
+    async def _run(self, backups: Backups, hub: HubClient, interval_minutes: float) -> int:
+        from .web import make_app  # the API needs jupyterhub's OAuth helpers
+
+        server = None
+        try:
+            service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
+            if service_url:
+                where = urlsplit(service_url)
+                prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
+                server = make_app(backups, prefix, log=self.log).listen(
+                    where.port or 80, where.hostname or "127.0.0.1", xheaders=True
+                )
+                self.log.info("API at %s (listening on %s)", prefix, service_url)
+            while True:
+                began = time.monotonic()
+                if interval_minutes > 0:
+                    try:
+                        outcomes = await backups.sweep(hub)
+                        if outcomes:
+                            self.log.info("Periodic backup: %s", "; ".join(f"{u}: {o}" for u, o in outcomes.items()))
+                    except HubAPIError as e:
+                        self.log.error("Cannot list the hub's servers, so nothing is backed up this round: %s", e)
+                    except Exception:  # one bad round must not end the service
+                        self.log.exception("The periodic backup failed")
+                wait = interval_minutes * 60 if interval_minutes > 0 else 3600
+                await asyncio.sleep(max(1.0, wait - (time.monotonic() - began)))
+        finally:
+            if server is not None:
+                server.stop()
+            backups.close()
+            hub.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the service (the hub starts it as a managed service)."""
+    SyncService.launch_instance(list(argv) if argv is not None else None)

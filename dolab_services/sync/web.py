@@ -1,0 +1,197 @@
+"""The sync service's JSON API, under its prefix (``/services/dolab-sync/``), behind the hub's OAuth.
+
+- ``GET  {prefix}api/backups``: ``{"user", "target", "snapshots": [{"id", "created"}, ...]}``, newest first;
+- ``GET  {prefix}api/backups/<id>``: one restore point: ``{"id", "files": [{"path", "size", "mtime_ns"}], "links",
+  "dirs", "total_bytes"}``;
+- ``POST {prefix}api/backup``: back up the workspace now; ``{"snapshot", "previous", "files", "uploaded_files",
+  "uploaded_bytes"}`` (``snapshot`` null: nothing had changed);
+- ``POST {prefix}api/restore``: ``{"snapshot": id (default: the latest), "paths": [...] (default: everything),
+  "into": "sub/folder" (default: the workspace itself)}``; answers ``{"snapshot", "files", "bytes"}``.
+
+Every request is about the current user's own backups. Admins may add ``user`` (a query argument, or in the body);
+anyone else naming another user gets a 403. A script sends ``Authorization: token <the user's API token>``; users
+need ``access:services!service=dolab-sync`` (the shipped config grants it to every user).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import Any
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from tornado import web
+
+from .backups import Backups, NoWorkspace
+from .store import ObjectNotFound, StoreError
+from .workspace import UnsafePath
+
+__all__ = ["make_app"]
+
+
+class _ApiHandler(HubOAuthenticated, web.RequestHandler):
+    """JSON in and out; errors as ``{"status", "message"}``; the user comes from the hub."""
+
+    def initialize(self, backups: Backups, hub_auth: HubOAuth, log: logging.Logger) -> None:
+        self.backups = backups
+        self.hub_auth = hub_auth
+        self.log = log
+
+    async def prepare(self) -> None:
+        await self.hub_auth.get_user(self, sync=False)
+
+    def get_login_url(self) -> str:
+        raise web.HTTPError(403, "Log in to the hub first, or send your API token (Authorization: token ...).")
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if not isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        message = self._reason
+        exc_info = kwargs.get("exc_info")
+        if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:
+            message = exc_info[1].log_message % exc_info[1].args if exc_info[1].args else exc_info[1].log_message
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    def body(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "The body must be JSON.") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "The body must be a JSON object.")
+        return data
+
+    def owner(self, named: Any = None) -> str:
+        """The user whose backups are meant: the current one, or (admins only) the one named."""
+        me = str(self.current_user["name"])
+        user = named if named not in (None, "") else self.get_query_argument("user", me)
+        if not isinstance(user, str):
+            raise web.HTTPError(400, "user must be a user name.")
+        if user != me and not self.current_user.get("admin"):
+            raise web.HTTPError(403, "You can only see and restore your own backups.")
+        return user
+
+    def reply(self, data: dict[str, Any]) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(data))
+
+    def failed(self, error: Exception) -> web.HTTPError:
+        """The answer for an engine failure: a sentence, the details in the log."""
+        if isinstance(error, ObjectNotFound):
+            return web.HTTPError(404, str(error))
+        if isinstance(error, NoWorkspace):
+            return web.HTTPError(409, str(error))
+        if isinstance(error, (UnsafePath, ValueError)):
+            return web.HTTPError(400, str(error))
+        if isinstance(error, StoreError):
+            self.log.error("Backup store failure for %s: %s", self.current_user["name"], error, exc_info=error)
+            return web.HTTPError(502, str(error))
+        self.log.error("Backup operation failed", exc_info=error)
+        return web.HTTPError(500, "The backup service failed; an administrator can read why in its log.")
+
+
+class BackupsHandler(_ApiHandler):
+    """The user's restore points."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        user = self.owner()
+        try:
+            snaps = await self.backups.snapshots(user)
+        except Exception as e:
+            raise self.failed(e) from None
+        target = self.backups.settings.store_for(user).description
+        self.reply({"user": user, "target": target, "snapshots": snaps})
+
+
+class SnapshotHandler(_ApiHandler):
+    """One restore point's files."""
+
+    @web.authenticated
+    async def get(self, snapshot_id: str) -> None:
+        user = self.owner()
+        try:
+            self.reply({"user": user, **await self.backups.snapshot(user, snapshot_id)})
+        except Exception as e:
+            raise self.failed(e) from None
+
+
+class BackupNowHandler(_ApiHandler):
+    """Back up the user's workspace now."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        user = self.owner(self.body().get("user"))
+        try:
+            report = await self.backups.backup(user)
+        except Exception as e:
+            raise self.failed(e) from None
+        self.reply(
+            {
+                "user": user,
+                "snapshot": report.snapshot,
+                "previous": report.previous,
+                "files": report.files,
+                "uploaded_files": report.uploaded_files,
+                "uploaded_bytes": report.uploaded_bytes,
+            }
+        )
+
+
+class RestoreHandler(_ApiHandler):
+    """Restore a snapshot, or some paths of it, into the user's workspace."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        data = self.body()
+        user = self.owner(data.get("user"))
+        snapshot = data.get("snapshot") or None
+        paths = data.get("paths")
+        into = data.get("into") or ""
+        if snapshot is not None and not isinstance(snapshot, str):
+            raise web.HTTPError(400, "snapshot must be a restore point's id.")
+        if paths is not None and (not isinstance(paths, list) or not all(isinstance(p, str) for p in paths)):
+            raise web.HTTPError(400, "paths must be a list of paths relative to your workspace.")
+        if not isinstance(into, str):
+            raise web.HTTPError(400, "into must be a folder relative to your workspace.")
+        self.log.info("%s restores %s of %s's snapshot %s", self.current_user["name"], paths or "all", user, snapshot)
+        try:
+            report = await self.backups.restore(user, snapshot, paths, into)
+        except Exception as e:
+            raise self.failed(e) from None
+        self.reply({"user": user, "snapshot": report.snapshot, "files": report.files, "bytes": report.bytes})
+
+
+def _access_logger(log: logging.Logger) -> Any:
+    def log_request(handler: web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
+        request = handler.request
+        log.log(level, "%d %s %s %.1f ms", status, request.method, request.path, 1000 * request.request_time())
+
+    return log_request
+
+
+def make_app(
+    backups: Backups, prefix: str, *, hub_auth: HubOAuth | None = None, log: logging.Logger
+) -> web.Application:
+    """The tornado application under ``prefix``; OAuth settings from the environment the hub gives the service."""
+    prefix = "/" + prefix.strip("/") + "/"
+    hub_auth = hub_auth or HubOAuth.instance(cache_max_age=60)
+    args = {"backups": backups, "hub_auth": hub_auth, "log": log}
+    return web.Application(
+        [
+            (prefix + "oauth_callback", HubOAuthCallbackHandler),
+            (prefix + "api/backups", BackupsHandler, args),
+            (prefix + r"api/backups/([A-Za-z0-9]+)", SnapshotHandler, args),
+            (prefix + "api/backup", BackupNowHandler, args),
+            (prefix + "api/restore", RestoreHandler, args),
+        ],
+        cookie_secret=secrets.token_bytes(32),
+        log_function=_access_logger(log),
+    )
