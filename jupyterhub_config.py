@@ -15,6 +15,7 @@ from pathlib import Path
 from traitlets import TraitError
 
 from dolab_services.culler.service import culler_service
+from dolab_services.monitor.service import monitor_service
 from dolab_services.reaper import reaper_service
 from dolab_services.sync.registration import sync_service
 from dolab_spawner import DoLabSpawner
@@ -160,3 +161,17 @@ if culler is not None:
     c.JupyterHub.services = [*c.JupyterHub.services, culler.service]
     c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, culler.role]
     c.JupyterHub.extra_user_scopes = culler.extra_user_scopes
+
+# --- the monitor: always, after the overlays and the culler -------------------------------------------------------
+# GPU and cost telemetry, the usage ledger, quotas and metrics (README.md, "GPU use, spend and quotas"); its page is
+# under /services/dolab-monitor/. With quotas configured, the spawner asks it before any GPU or pod is taken.
+try:
+    monitor = monitor_service(c, env, sys.executable, data_dir)
+except ValueError as e:
+    sys.exit(f"DO-LAB: bad configuration: {e}")
+if monitor is not None:
+    c.JupyterHub.services = [*c.JupyterHub.services, monitor.service]
+    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, monitor.role]
+    c.JupyterHub.extra_user_scopes = monitor.extra_user_scopes
+    if monitor.quota_check is not None and "quota_check" not in c.DoLabSpawner:
+        c.DoLabSpawner.quota_check = monitor.quota_check

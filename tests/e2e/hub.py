@@ -66,6 +66,7 @@ class Hub:
             DOLAB_HUB_PORT=str(free_port()),
             DOLAB_PROXY_API_PORT=str(free_port()),
             DOLAB_CULLER_PORT=str(free_port()),
+            DOLAB_MONITOR_PORT=str(free_port()),
             DOLAB_CONFIG_DIR=str(self.overlay_dir),
             PYTHONUNBUFFERED="1",
         )
