@@ -45,11 +45,17 @@ LABEXT_BUILT := dolab_services/culler/share/labextensions/dolab-culler-notice/pa
 
 labextension: $(LABEXT_BUILT)
 
-$(LABEXT_BUILT): $(LABEXT)/package.json $(LABEXT)/package-lock.json $(LABEXT)/tsconfig.json $(wildcard $(LABEXT)/src/*.ts) | $(BIN)/python
+# npm ci only when the pinned packages change; the build (tsc and @jupyterlab/builder, seconds) when a source does.
+$(LABEXT)/node_modules/.package-lock.json: $(LABEXT)/package.json $(LABEXT)/package-lock.json
 	@command -v npm >/dev/null 2>&1 || { echo "No npm: the culler's JupyterLab notice is not built (servers start without it)"; exit 0; }; \
+	echo "Installing the JupyterLab notice's build tools (npm ci) in $(LABEXT)"; \
+	cd $(LABEXT) && npm ci --silent --no-audit --no-fund --ignore-scripts && touch node_modules/.package-lock.json
+
+$(LABEXT_BUILT): $(LABEXT)/node_modules/.package-lock.json $(LABEXT)/tsconfig.json $(wildcard $(LABEXT)/src/*.ts) | $(BIN)/python
+	@[ -d $(LABEXT)/node_modules ] || exit 0; \
 	echo "Building the culler's JupyterLab notice into dolab_services/culler/share"; \
 	core="$$($(BIN)/python -c 'import jupyterlab, os; print(os.path.join(os.path.dirname(jupyterlab.__file__), "staging"))')" && \
-	cd $(LABEXT) && npm ci --silent --no-audit --no-fund --ignore-scripts && JUPYTERLAB_CORE="$$core" npm run --silent build >/dev/null && \
+	cd $(LABEXT) && JUPYTERLAB_CORE="$$core" npm run --silent build >/dev/null && \
 	touch ../share/labextensions/dolab-culler-notice/package.json
 
 run: $(VENV)/.installed-run proxy labextension

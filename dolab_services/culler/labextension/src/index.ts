@@ -18,6 +18,8 @@ import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 const SERVICE = 'dolab-culler';
 const DEFAULT_POLL_SECONDS = 60;
 const SESSION_TIMEOUT_MS = 30_000;
+/** After a failed login (no hub session, no access to the culler), the next try waits this long. */
+const SESSION_RETRY_MS = 10 * 60_000;
 
 /** What the culler's `lab-session` page hands over. */
 interface ISession {
@@ -108,6 +110,7 @@ function loadSession(base: string): Promise<ISession | null> {
 /** Polls the culler and keeps one notification per warning about this server. */
 class CullerNotice {
   private session: ISession | null = null;
+  private sessionRetryAt = 0;
   /** Warning key (reason and stop time) -> notification id. */
   private shown = new Map<string, string>();
   private complained = false;
@@ -137,8 +140,12 @@ class CullerNotice {
   private async call(path: string, init: RequestInit = {}): Promise<Response | null> {
     for (let attempt = 0; attempt < 2; attempt++) {
       if (this.session === null || attempt > 0) {
+        if (Date.now() < this.sessionRetryAt) {
+          return null;
+        }
         this.session = await loadSession(this.base);
         if (this.session === null) {
+          this.sessionRetryAt = Date.now() + SESSION_RETRY_MS;
           return null;
         }
       }
