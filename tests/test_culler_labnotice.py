@@ -6,9 +6,12 @@ The notice itself runs in a real JupyterLab in tests/e2e/test_culler_notice.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
+import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +22,7 @@ from traitlets.config import Config
 
 from dolab_services.culler import labnotice
 from dolab_services.culler.extensions import extend_offer, headroom_hours
-from dolab_services.culler.labnotice import CONTAINER_DIR, NOTICE_NAME, built_notice, with_jupyter_path
+from dolab_services.culler.labnotice import CONTAINER_DIR, NOTICE_NAME, SHARE_DIR, built_notice, with_jupyter_path
 from dolab_spawner.backends.base import child_config
 from dolab_spawner.backends.docker import DockerBackend
 from dolab_spawner.backends.local import LocalProcessBackend
@@ -170,3 +173,78 @@ def test_headroom_hours(stop_at: datetime | None, max_run_hours: float, expected
 )
 def test_extend_offer(headroom: float | None, expected: float) -> None:
     assert extend_offer(headroom, 2) == expected
+
+
+# ----- the notice's own pure parts (src/text.ts), run in Node -------------------------------------------------
+
+LABEXT = SHARE_DIR.parent / "labextension"
+JS_CASES = """
+const t = require(process.argv[1]);
+const now = Date.parse('2030-01-01T12:00:00Z');
+const warning = (reason, stop_at) => ({server: '', reason, stop_at, message: 'the culler says so'});
+console.log(JSON.stringify({
+  bases: [
+    t.cullerBase('/hub/', '', 'http://h'),
+    t.cullerBase('/jupyter/hub/', '', 'http://h'),
+    t.cullerBase('/jupyter/hub', '', 'http://h'),
+    t.cullerBase('/hub/', 'http://h', 'http://h'),
+    t.cullerBase('/hub/', 'https://hub.example.org', 'https://alice.example.org'),
+    t.cullerBase('', '', 'http://h'),
+  ],
+  texts: [
+    t.describe(warning('deadline', '2030-01-01T12:09:00Z'), now),
+    t.describe(warning('idle', '2030-01-01T12:00:20Z'), now),
+    t.describe(warning('max_age', '2030-01-01T15:00:00Z'), now),
+    t.describe(warning('quota', '2030-01-01T12:09:00Z'), now),
+  ],
+  labels: [t.extendLabel(2), t.extendLabel(1), t.extendLabel(0.5)],
+}));
+"""
+
+
+def test_the_notice_text_and_address_in_node(tmp_path: Path) -> None:
+    node, tsc = shutil.which("node"), LABEXT / "node_modules" / ".bin" / "tsc"
+    if node is None or not tsc.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Node or the notice's build tools are missing: `make labextension` installs them")
+        pytest.skip("Node or the notice's build tools are missing (`make labextension` installs them)")
+    compiled = tmp_path / "js"
+    subprocess.run(
+        [
+            str(tsc),
+            "--module",
+            "commonjs",
+            "--target",
+            "ES2020",
+            "--outDir",
+            str(compiled),
+            str(LABEXT / "src" / "text.ts"),
+        ],
+        check=True,
+        timeout=120,
+    )
+    out = subprocess.run(
+        [node, "-e", JS_CASES, str(compiled / "text.js")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TZ": "UTC", "LANG": "C"},
+    ).stdout
+    result = json.loads(out)
+    assert result["bases"] == [
+        "/services/dolab-culler/",
+        "/jupyter/services/dolab-culler/",
+        "/jupyter/services/dolab-culler/",
+        "/services/dolab-culler/",
+        None,  # the hub on another origin: its cookies are out of reach
+        None,  # not under JupyterHub
+    ]
+    deadline, idle, max_age, other = result["texts"]
+    assert deadline.startswith("This server stops at ") and deadline.endswith("(in 9 min): the stop time you chose.")
+    assert "12:09" in deadline, "the user's clock (UTC here)"
+    assert idle.endswith("(in a minute): it has been idle.")
+    assert max_age.endswith("(in 3 h): it has run as long as its profile allows. Save your work.")
+    assert other == "the culler says so", "an unknown reason: the culler's own sentence"
+    assert all(len(text) <= 140 for text in result["texts"]), "a toast shows at most 140 characters"
+    assert result["labels"] == ["Extend by 2 hours", "Extend by 1 hour", "Extend by 0.5 hours"]

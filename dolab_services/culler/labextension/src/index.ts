@@ -13,9 +13,10 @@
  */
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { Notification } from '@jupyterlab/apputils';
-import { PageConfig, URLExt } from '@jupyterlab/coreutils';
+import { PageConfig } from '@jupyterlab/coreutils';
 
-const SERVICE = 'dolab-culler';
+import { IWarning, cullerBase, describe, extendLabel, when } from './text';
+
 const DEFAULT_POLL_SECONDS = 60;
 const SESSION_TIMEOUT_MS = 30_000;
 /** After a failed login (no hub session, no access to the culler), the next try waits this long. */
@@ -27,54 +28,6 @@ interface ISession {
   xsrf: string;
   poll_seconds: number;
   page: string;
-}
-
-/** One warning of the culler's `api/warnings`. */
-interface IWarning {
-  server: string;
-  reason: string;
-  stop_at: string;
-  message: string;
-  extend_hours?: number;
-}
-
-/**
- * The culler's address, beside the hub's (`<base>services/dolab-culler/`), or null where there is no hub or
- * the hub is on another origin (subdomain hosting: its cookies and frames are out of reach).
- */
-export function cullerBase(hubPrefix: string, hubHost: string, origin: string): string | null {
-  if (!hubPrefix || (hubHost && hubHost !== origin)) {
-    return null;
-  }
-  const base = hubPrefix.replace(/hub\/?$/, '');
-  return URLExt.join(base, 'services', SERVICE) + '/';
-}
-
-/** A stop time as the user reads it: their clock, and how far away it is. */
-function when(stopAt: string): string {
-  const date = new Date(stopAt);
-  const minutes = Math.max(0, Math.round((date.getTime() - Date.now()) / 60_000));
-  const clock =
-    minutes > 12 * 60
-      ? date.toLocaleString([], { dateStyle: 'medium', timeStyle: 'short' })
-      : date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
-  const away = minutes <= 1 ? 'in a minute' : minutes < 120 ? `in ${minutes} min` : `in ${Math.round(minutes / 60)} h`;
-  return `${clock} (${away})`;
-}
-
-/** The notification's text: why and when (a toast shows at most 140 characters). */
-function describe(warning: IWarning): string {
-  const stops = `This server stops at ${when(warning.stop_at)}`;
-  switch (warning.reason) {
-    case 'deadline':
-      return `${stops}: the stop time you chose.`;
-    case 'idle':
-      return `${stops}: it has been idle.`;
-    case 'max_age':
-      return `${stops}: it has run as long as its profile allows. Save your work.`;
-    default:
-      return warning.message;
-  }
 }
 
 /** Loads the culler's `lab-session` page in a hidden frame; null when it does not end there (no hub login). */
@@ -197,7 +150,7 @@ class CullerNotice {
     const hours = warning.extend_hours ?? 0;
     if (warning.reason === 'deadline' && hours > 0) {
       actions.push({
-        label: `Extend by ${hours} hour${hours === 1 ? '' : 's'}`,
+        label: extendLabel(hours),
         displayType: 'accent',
         callback: event => {
           event.preventDefault(); // keep the notification: it reports the outcome
@@ -216,7 +169,7 @@ class CullerNotice {
       });
     }
     actions.push(this.details());
-    this.shown.set(key, Notification.warning(describe(warning), { autoClose: false, actions }));
+    this.shown.set(key, Notification.warning(describe(warning, Date.now()), { autoClose: false, actions }));
   }
 
   /** An Extend or Keep-alive click: the outcome replaces the warning (the culler's sentence on a refusal). */
@@ -232,7 +185,7 @@ class CullerNotice {
       const answer = reply === null ? {} : await reply.json().catch(() => ({}));
       ok = reply !== null && reply.ok;
       if (ok && answer.stop_at) {
-        message = `Extended: this server now stops at ${when(answer.stop_at)}.`;
+        message = `Extended: this server now stops at ${when(answer.stop_at, Date.now())}.`;
       } else if (ok) {
         message = 'Noted: this server keeps running while you use it.';
       } else if (reply === null) {
