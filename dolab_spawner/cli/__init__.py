@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from . import backups
 from .common import DEFAULT_HUB_URL, CliError
 from .doctor import _doctor
 from .gpus import CLI_SCOPES, _gpus
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a pull may go without progress before it is given up (default: 900)",
     )
     pull.set_defaults(handler=_pull)
+
+    backups.add_parser(commands, url_help)
     return parser
 
 

@@ -22,6 +22,7 @@ import requests
 
 from dolab_services.sync.config import user_prefix
 from dolab_services.sync.engine import SyncEngine
+from dolab_spawner.cli import main as dolab
 
 from ..e2e.hub import REPO, Hub, free_port
 from ..e2e.jupyter import run_in_kernel
@@ -220,3 +221,24 @@ def test_no_storage_secret_reaches_a_users_server(hub: Hub) -> None:
     assert not [k for k in env if k.startswith("DOLAB_SYNC") or k.startswith("AWS_")]
     assert CREDENTIALS["secret_access_key"] not in json.dumps(env)
     hub.stop_server("gina")
+
+
+def test_the_dolab_cli_lists_and_restores(hub: Hub, capsys: pytest.CaptureFixture[str]) -> None:
+    server = start(hub, "hana")
+    workspace = Path(server["state"]["workspace"])
+    write(workspace, "report.txt", "v1")
+    token = hub.user_token("hana")
+    cli = ["backups", "--url", hub.url, "--token", token]
+
+    assert dolab([*cli, "now"]) == 0
+    assert "Backed up: restore point" in capsys.readouterr().out
+    assert dolab([*cli, "list", "--json"]) == 0
+    [snapshot] = [s["id"] for s in json.loads(capsys.readouterr().out)["snapshots"]]
+    (workspace / "report.txt").unlink()
+    assert dolab([*cli, "restore", "--snapshot", snapshot, "--into", "recovered", "report.txt"]) == 0
+    assert "Restored 1 files" in capsys.readouterr().out
+    assert (workspace / "recovered" / "report.txt").read_text() == "v1"
+    # Another user's backups: the service's sentence, exit code 2.
+    assert dolab([*cli, "--user", "alice", "list"]) == 2
+    assert "only see and restore your own backups" in capsys.readouterr().err
+    hub.stop_server("hana")
