@@ -17,6 +17,7 @@ from traitlets import TraitError
 from dolab_services.culler.service import culler_service
 from dolab_services.monitor.service import monitor_service
 from dolab_services.reaper import reaper_service
+from dolab_services.runpod_reaper import runpod_reaper_service
 from dolab_services.sync.registration import sync_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.auth.envconfig import configure_login
@@ -149,6 +150,15 @@ except ValueError as e:
 if reaper is not None:
     c.JupyterHub.services = [*c.JupyterHub.services, reaper[0]]
     c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, reaper[1]]
+# Reports (DOLAB_RUNPOD_REAPER_TERMINATE=1: terminates) DO-LAB's RunPod pods no server owns, when a profile uses runpod
+# (DOLAB_RUNPOD_REAPER=0: never).
+try:
+    runpod_reaper = runpod_reaper_service(c, env, sys.executable)
+except ValueError as e:
+    sys.exit(f"DO-LAB: bad configuration: {e}")
+if runpod_reaper is not None:
+    c.JupyterHub.services = [*c.JupyterHub.services, runpod_reaper[0]]
+    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, runpod_reaper[1]]
 
 # --- the culler: always, after the overlays, so it sees their max_run_hours and services -----------------------
 # Keeps running work alive and stops idle or expired servers (README.md, "Keep-alive and culling"). Its page is
@@ -161,6 +171,11 @@ if culler is not None:
     c.JupyterHub.services = [*c.JupyterHub.services, culler.service]
     c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, culler.role]
     c.JupyterHub.extra_user_scopes = culler.extra_user_scopes
+    if sync is not None:
+        # The culler has dolab-sync back a server up before it stops it; a failed backup keeps the server running.
+        culler.service["command"] = [*culler.service["command"], "--pre-stop-hook", sync.culler_hook]
+        culler.service["environment"] = {**culler.service.get("environment", {}), **sync.caller_environment}
+        c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.caller_role(culler.service["name"])]
 
 # --- the monitor: always, after the overlays and the culler -------------------------------------------------------
 # GPU and cost telemetry, the usage ledger, quotas and metrics (README.md, "GPU use, spend and quotas"); its page is

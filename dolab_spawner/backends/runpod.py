@@ -53,8 +53,8 @@ _LOCAL_GPU_VARS = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_
 def pod_name(prefix: str, username: str, server_name: str = "") -> str:
     """The deterministic pod name of a server: ``<prefix><escaped user>[--<server>]``.
 
-    The escaped user name holds only ``[a-z0-9-]`` with ``-`` always followed by two hex digits, so ``--`` cannot
-    occur in it and the server name is unambiguous.
+    The escaped user name holds only letters, digits and ``-``, always followed by two hex digits, so ``--``
+    cannot occur in it and the server name is unambiguous.
     """
     name = prefix + escape_name(username, safe=_SAFE, escape_char="-")
     return f"{name}--{server_name}" if server_name else name

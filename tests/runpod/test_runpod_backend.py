@@ -7,6 +7,8 @@ API at the engine's bridge address (``hub_connect_url``), as a real pod reaches 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +17,9 @@ import docker
 import pytest
 import requests
 
+from dolab_services.hubclient import HubClient
+from dolab_services.runpod_reaper import sweep_pods
+from dolab_spawner.backends.runpod_api import PodSpec, RunPodApi
 from tests.e2e.hub import Hub, free_port
 from tests.e2e.jupyter import run_in_kernel
 from tests.e2e.stack import DockerStack, docker_stack
@@ -74,6 +79,8 @@ c.RunPodBackend.price_ttl_seconds = 0
         "RUNPOD_API_BASE_URL": emulator.url,
         "RUNPOD_API_KEY": emulator.api_key,
         "AWS_SECRET_ACCESS_KEY": LEAK_CANARY,
+        # Its sweeps would be requests of their own; the reaper's test runs a sweep itself.
+        "DOLAB_RUNPOD_REAPER": "0",
     }
     hub = Hub(root, overlay=overlay, env=env).start()
     yield hub
@@ -318,4 +325,37 @@ def test_a_pod_that_vanishes_while_running_is_seen_as_stopped(
     em.vanish(pod["id"])
     # The hub polls before a stop: the server is found stopped and forgotten, and stopping it again is harmless.
     hub.stop_server("otto")
+    no_pod_left(em, stack)
+
+
+async def test_the_reaper_reports_then_terminates_pods_no_server_owns(
+    hub: Hub, em: EmulatorProcess, stack: DockerStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub.create_user("rose")
+    assert hub.start_server("rose", {"profile": "pod"}).status_code in (201, 202)
+    await asyncio.to_thread(hub.wait_ready, "rose", "", 120)
+    (owned,) = em.pods()
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", em.url)
+    api = RunPodApi(em.api_key, retries=0)
+    strays = {}
+    # A pod no server has; a second pod with rose's name (a leftover of an earlier start); another hub's pod.
+    for name in ("dolab-ghost", "dolab-rose", "someone-else"):
+        strays[name] = await api.create_pod(
+            PodSpec(name=name, image="dolab-singleuser-test:latest", gpu_type_id=A100, docker_args="sleep 600")
+        )
+    caplog.set_level(logging.INFO)
+    async with HubClient(api_url=f"{hub.url}/hub/api", token=hub.token) as client:
+        dry = await sweep_pods(client, api, "dolab-", grace_seconds=0)
+        assert sorted((o.name, o.id) for o in dry.orphans) == sorted(
+            [("dolab-ghost", strays["dolab-ghost"]), ("dolab-rose", strays["dolab-rose"])]
+        )
+        assert dry.terminated == [] and len(em.pods()) == 4
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Orphan pod")]
+        assert len(lines) == 2 and all("Dry run" in line for line in lines)
+        assert any(f"server rose runs pod {owned['id']}" in line for line in lines), lines
+        done = await sweep_pods(client, api, "dolab-", terminate=True, grace_seconds=0)
+    assert sorted(o.id for o in done.terminated) == sorted([strays["dolab-ghost"], strays["dolab-rose"]])
+    assert sorted(p["id"] for p in em.pods()) == sorted([owned["id"], strays["someone-else"]])
+    await api.terminate_pod(strays["someone-else"])
+    await asyncio.to_thread(hub.stop_server, "rose")
     no_pod_left(em, stack)
