@@ -12,6 +12,9 @@ backend (a RunPod pod) cannot be backed up from here yet: the hook raises, so th
 keeps its storage. A failed backup raises too (same outcome); the user and admin are told through the log and the
 server's state. The target comes from the hub's ``DOLAB_SYNC_*`` environment (:mod:`.config`).
 
+:func:`culler_final_sync` is the culler's pre-stop hook: it asks the dolab-sync service for the backup, so a failure
+keeps the server running (the culler tries again later) instead of stopping it.
+
 :func:`restore_new_workspace` runs in ``DoLabSpawner.start()`` before the backend starts: a workspace folder that
 does not exist yet, or is empty, is filled from the user's latest backup, with progress events on the spawn page.
 
@@ -21,19 +24,23 @@ Blocking work (boto3, file I/O) runs on a small thread pool of its own, never on
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
 from .config import SyncSettings, user_prefix
 from .engine import SyncEngine
 from .store import ObjectNotFound, StoreError
 
-__all__ = ["final_sync", "host_workspace", "restore_new_workspace"]
+__all__ = ["culler_final_sync", "final_sync", "host_workspace", "restore_new_workspace"]
 
-log = logging.getLogger("dolab.sync")
+# The culler's process logs what is under "dolab_services"; the spawner's hooks log through the hub's log.
+log = logging.getLogger("dolab_services.sync.hooks")
 
 _pool = ThreadPoolExecutor(2, thread_name_prefix="dolab-sync-hook")
 #: How long a final sync may take before the stop gives up on it (and keeps the server's storage).
@@ -67,7 +74,7 @@ async def final_sync(spawner: Any, reason: str) -> None:
     backend = getattr(spawner, "backend_name", "")
     if workspace is None:
         if backend == "docker":
-            log.info("No final sync for %s: its workspace is a Docker volume, which outlives the container", user)
+            spawner.log.info("No final sync for %s: a Docker volume outlives its container", user)
             return
         raise StoreError(
             f"DO-LAB cannot back up the workspace of a {backend or 'remote'} server yet, so it was stopped and its"
@@ -83,14 +90,55 @@ async def final_sync(spawner: Any, reason: str) -> None:
         finally:
             store.close()
 
-    log.info("Final sync of %s's workspace before stopping (%s)", user, reason)
+    spawner.log.info("Final sync of %s's workspace before stopping (%s)", user, reason)
     report = await asyncio.wait_for(asyncio.wrap_future(_pool.submit(run)), FINAL_SYNC_TIMEOUT_SECONDS)
-    log.info(
+    spawner.log.info(
         "Final sync of %s done: snapshot %s, %d files uploaded",
         user,
         report.snapshot or f"unchanged ({report.previous})",
         report.uploaded_files,
     )
+
+
+async def culler_final_sync(user: str, server: str, reason: str) -> None:
+    """The culler's pre-stop hook: ask dolab-sync to back ``user``'s workspace up before the stop.
+
+    Runs in the culler's process (which holds no storage credentials): ``POST api/backup`` on
+    ``$DOLAB_SYNC_SERVICE_URL`` with the culler's own token. A failed backup raises, so the culler keeps the
+    server running and tries again at its next sweep. A workspace the service cannot see from here (a Docker
+    volume, a remote server) is left to the spawner's own final sync.
+    """
+    url = os.environ.get("DOLAB_SYNC_SERVICE_URL", "").rstrip("/")
+    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+    if not url or not token:
+        raise StoreError("The culler does not know where the backup service is (DOLAB_SYNC_SERVICE_URL).")
+    request = HTTPRequest(
+        f"{url}/api/backup",
+        method="POST",
+        body=json.dumps({"user": user}),
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+        connect_timeout=10,
+        request_timeout=FINAL_SYNC_TIMEOUT_SECONDS,
+    )
+    try:
+        reply = await AsyncHTTPClient().fetch(request)
+    except HTTPClientError as e:
+        message = _message(e.response.body if e.response is not None else b"") or str(e)
+        if e.code == 409:
+            log.info("No backup of %s before the %s stop: %s", user, reason, message)
+            return
+        raise StoreError(f"The backup before stopping {user}/{server} failed: {message}") from None
+    except OSError as e:
+        raise StoreError(f"The backup service did not answer ({e.strerror or e}); the server keeps running.") from None
+    answer = json.loads(reply.body or b"{}")
+    log.info("Backed up %s before the %s stop: %s", user, reason, answer.get("snapshot") or "unchanged")
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("message", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 async def restore_new_workspace(spawner: Any) -> None:
@@ -129,11 +177,11 @@ async def restore_new_workspace(spawner: Any) -> None:
     try:
         report = await asyncio.wrap_future(_pool.submit(run))
     except (StoreError, ObjectNotFound) as e:
-        log.error("Restoring %s's new workspace failed: %s", user, e)
+        spawner.log.error("Restoring %s's new workspace failed: %s", user, e)
         if emit is not None:
             emit(29, f"Your workspace could not be restored from backup ({e}); it starts empty.")
         return
     if report is not None:
-        log.info("Restored %s's new workspace from snapshot %s (%d files)", user, report.snapshot, report.files)
+        spawner.log.info("Restored %s's new workspace from snapshot %s (%d files)", user, report.snapshot, report.files)
         if emit is not None:
             emit(29, f"Restored {report.files} files from your backup of {report.snapshot}")

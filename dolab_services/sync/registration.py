@@ -12,11 +12,12 @@ from typing import Any
 from .config import SECRET_ENV, SyncSettings
 from .service import SERVICE_NAME, SYNC_SCOPES, USER_SCOPE
 
-__all__ = ["DEFAULT_PORT", "FINAL_SYNC_HOOK", "RESTORE_HOOK", "SyncRegistration", "sync_service"]
+__all__ = ["CULLER_HOOK", "DEFAULT_PORT", "FINAL_SYNC_HOOK", "RESTORE_HOOK", "SyncRegistration", "sync_service"]
 
 DEFAULT_PORT = 10103
 FINAL_SYNC_HOOK = "dolab_services.sync.hooks:final_sync"
 RESTORE_HOOK = "dolab_services.sync.hooks:restore_new_workspace"
+CULLER_HOOK = "dolab_services.sync.hooks:culler_final_sync"
 #: boto3's own credential chain, passed on when the admin uses it instead of DOLAB_SYNC_S3_* keys.
 _AWS_ENV = (
     "AWS_ACCESS_KEY_ID",
@@ -39,6 +40,22 @@ class SyncRegistration:
     user_scope: str
     pre_destroy_hook: str = FINAL_SYNC_HOOK
     pre_start_hook: str = RESTORE_HOOK
+    culler_hook: str = CULLER_HOOK
+
+    @property
+    def caller_environment(self) -> dict[str, str]:
+        """What a service calling the sync API needs in its environment: where the API is (not through the proxy)."""
+        return {"DOLAB_SYNC_SERVICE_URL": f"{self.service['url']}/services/{SERVICE_NAME}/"}
+
+    def caller_role(self, service_name: str) -> dict[str, Any]:
+        """A role letting the hub service ``service_name`` call the sync API (it must also be trusted by the
+        service: ``SyncService.trusted_services``, the culler by default)."""
+        return {
+            "name": f"{service_name}-calls-{SERVICE_NAME}",
+            "description": f"{service_name} may ask {SERVICE_NAME} for a backup before it stops a server",
+            "scopes": [USER_SCOPE],
+            "services": [service_name],
+        }
 
 
 def sync_service(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from traitlets import Float, Integer, Unicode, default
+from traitlets import Float, Integer, List, Unicode, default
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
@@ -52,6 +52,12 @@ class SyncService(ServiceApp):
         help="The folder holding every user's workspace (DoLabSpawner.workspace_root); default $DOLAB_WORKSPACE_ROOT.",
     )
     cache_dir = Unicode(config=True, help="Where the hash caches live (default: <data dir>/sync-service-cache).")
+    trusted_services = List(
+        Unicode(),
+        ["dolab-culler"],
+        config=True,
+        help="Hub services that may back up any user's workspace through the API (the culler, before a stop).",
+    )
 
     aliases = {
         "interval": "SyncService.interval_minutes",
@@ -115,9 +121,8 @@ class SyncService(ServiceApp):
             if service_url:
                 where = urlsplit(service_url)
                 prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-                server = make_app(backups, prefix, log=self.log).listen(
-                    where.port or 80, where.hostname or "127.0.0.1", xheaders=True
-                )
+                app = make_app(backups, prefix, log=self.log, trusted_services=frozenset(self.trusted_services))
+                server = app.listen(where.port or 80, where.hostname or "127.0.0.1", xheaders=True)
                 self.log.info("API at %s (listening on %s)", prefix, service_url)
             while True:
                 began = time.monotonic()

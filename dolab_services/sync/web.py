@@ -8,9 +8,10 @@
 - ``POST {prefix}api/restore``: ``{"snapshot": id (default: the latest), "paths": [...] (default: everything),
   "into": "sub/folder" (default: the workspace itself)}``; answers ``{"snapshot", "files", "bytes"}``.
 
-Every request is about the current user's own backups. Admins may add ``user`` (a query argument, or in the body);
-anyone else naming another user gets a 403. A script sends ``Authorization: token <the user's API token>``; users
-need ``access:services!service=dolab-sync`` (the shipped config grants it to every user).
+Every request is about the current user's own backups. Admins may add ``user`` (a query argument, or in the
+body), and so may the hub services named in ``trusted_services`` for ``api/backup`` only (the culler, before a
+stop); anyone else naming another user gets a 403. A script sends ``Authorization: token <the user's API
+token>``; users need ``access:services!service=dolab-sync`` (the shipped config grants it to every user).
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ __all__ = ["make_app"]
 class _ApiHandler(HubOAuthenticated, web.RequestHandler):
     """JSON in and out; errors as ``{"status", "message"}``; the user comes from the hub."""
 
-    def initialize(self, backups: Backups, hub_auth: HubOAuth, log: logging.Logger) -> None:
+    def initialize(
+        self, backups: Backups, hub_auth: HubOAuth, log: logging.Logger, trusted_services: frozenset[str]
+    ) -> None:
         self.backups = backups
         self.hub_auth = hub_auth
         self.log = log
+        self.trusted_services = trusted_services
 
     async def prepare(self) -> None:
         await self.hub_auth.get_user(self, sync=False)
@@ -65,15 +69,20 @@ class _ApiHandler(HubOAuthenticated, web.RequestHandler):
             raise web.HTTPError(400, "The body must be a JSON object.")
         return data
 
-    def owner(self, named: Any = None) -> str:
+    def owner(self, named: Any = None, trusted_ok: bool = False) -> str:
         """The user whose backups are meant: the current one, or (admins only) the one named."""
         me = str(self.current_user["name"])
         user = named if named not in (None, "") else self.get_query_argument("user", me)
         if not isinstance(user, str):
             raise web.HTTPError(400, "user must be a user name.")
-        if user != me and not self.current_user.get("admin"):
+        if user != me and not (self.current_user.get("admin") or (trusted_ok and self.trusted_caller)):
             raise web.HTTPError(403, "You can only see and restore your own backups.")
         return user
+
+    @property
+    def trusted_caller(self) -> bool:
+        """A hub service allowed to act for any user (the culler, which backs a server up before stopping it)."""
+        return self.current_user.get("kind") == "service" and self.current_user.get("name") in self.trusted_services
 
     def reply(self, data: dict[str, Any]) -> None:
         self.set_header("Content-Type", "application/json")
@@ -126,7 +135,7 @@ class BackupNowHandler(_ApiHandler):
 
     @web.authenticated
     async def post(self) -> None:
-        user = self.owner(self.body().get("user"))
+        user = self.owner(self.body().get("user"), trusted_ok=True)
         try:
             report = await self.backups.backup(user)
         except Exception as e:
@@ -178,12 +187,17 @@ def _access_logger(log: logging.Logger) -> Any:
 
 
 def make_app(
-    backups: Backups, prefix: str, *, hub_auth: HubOAuth | None = None, log: logging.Logger
+    backups: Backups,
+    prefix: str,
+    *,
+    hub_auth: HubOAuth | None = None,
+    log: logging.Logger,
+    trusted_services: frozenset[str] = frozenset(),
 ) -> web.Application:
     """The tornado application under ``prefix``; OAuth settings from the environment the hub gives the service."""
     prefix = "/" + prefix.strip("/") + "/"
     hub_auth = hub_auth or HubOAuth.instance(cache_max_age=60)
-    args = {"backups": backups, "hub_auth": hub_auth, "log": log}
+    args = {"backups": backups, "hub_auth": hub_auth, "log": log, "trusted_services": trusted_services}
     return web.Application(
         [
             (prefix + "oauth_callback", HubOAuthCallbackHandler),

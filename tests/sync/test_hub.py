@@ -136,16 +136,11 @@ def test_a_failed_final_backup_keeps_the_container(
 ) -> None:
     server = start(hub, "bob")
     container_id = server["state"]["backend_state"]["object_id"]
-    s3 = s3_server.client()
-    # The store fails: its bucket is gone.
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sync_bucket):
-        for obj in page.get("Contents", ()):
-            s3.delete_object(Bucket=sync_bucket, Key=obj["Key"])
-    s3.delete_bucket(Bucket=sync_bucket)
+    _empty_and_delete(s3_server, sync_bucket)  # the store fails: its bucket is gone
     try:
         hub.stop_server("bob")
     finally:
-        s3.create_bucket(Bucket=sync_bucket)
+        s3_server.client().create_bucket(Bucket=sync_bucket)
 
     info = docker.APIClient(base_url=stack.docker_host).inspect_container(container_id)
     assert info["State"]["Running"] is False  # stopped, not removed
@@ -242,3 +237,43 @@ def test_the_dolab_cli_lists_and_restores(hub: Hub, capsys: pytest.CaptureFixtur
     assert dolab([*cli, "--user", "alice", "list"]) == 2
     assert "only see and restore your own backups" in capsys.readouterr().err
     hub.stop_server("hana")
+
+
+def _empty_and_delete(s3_server: S3Server, bucket: str) -> None:
+    s3 = s3_server.client()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", ()):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    s3.delete_bucket(Bucket=bucket)
+
+
+def test_the_culler_backs_up_before_it_stops(hub: Hub, s3_server: S3Server, sync_bucket: str) -> None:
+    hub.create_user("admin")
+    admin = hub.user_token("admin")
+
+    def culler_stop(user: str) -> requests.Response:
+        return requests.post(
+            f"{hub.url}/services/dolab-culler/api/stop",
+            json={"user": user, "server": ""},
+            headers={"Authorization": f"token {admin}"},
+            timeout=120,
+        )
+
+    server = start(hub, "ivan")
+    write(Path(server["state"]["workspace"]), "before-cull.txt", "saved by the culler's hook")
+    reply = culler_stop("ivan")
+    assert reply.status_code == 200, reply.text
+    files = {f.path for f in engine_for(s3_server, sync_bucket, "ivan").manifest().files}
+    assert "before-cull.txt" in files
+    assert "Backed up ivan before the admin stop" in hub.log_tail(3000)
+
+    # The backup fails: the culler does not stop the server.
+    start(hub, "judy")
+    _empty_and_delete(s3_server, sync_bucket)
+    try:
+        blocked = culler_stop("judy")
+    finally:
+        s3_server.client().create_bucket(Bucket=sync_bucket)
+    assert blocked.status_code == 409, blocked.text
+    assert hub.user("judy")["servers"][""]["ready"]
+    hub.stop_server("judy")
