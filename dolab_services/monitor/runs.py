@@ -119,7 +119,7 @@ class ServerRun:
         )
 
 
-def server_runs(users: Iterable[Mapping[str, Any]], prices: GpuPrices, now: datetime) -> list[ServerRun]:
+def server_runs(users: Iterable[Mapping[str, Any]], prices: GpuPrices) -> list[ServerRun]:
     """Every server of the hub's ``users`` models that has started; malformed entries are skipped."""
     runs = []
     for user in users:

@@ -111,7 +111,7 @@ class Monitor:
         report = TickReport()
         users = [user async for user in self.hub.users(state="active")]
         now = now or _utcnow()
-        runs = server_runs(users, self.prices, now)
+        runs = server_runs(users, self.prices)
         report.servers = len(runs)
         readings = await self._read_gpus()
         report.gpus_read = len(readings)

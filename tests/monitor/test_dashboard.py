@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -27,7 +26,7 @@ def exported_names() -> set[str]:
         "name": "a",
         "servers": {"": {"started": "2026-11-26T10:00:00Z", "state": {"backend": "runpod", "gpu_type": "RTX 4090"}}},
     }
-    metrics.observe_runs(server_runs([user], GpuPrices(), datetime.now(timezone.utc)))
+    metrics.observe_runs(server_runs([user], GpuPrices()))
     metrics.observe_gpus(
         [
             GpuReading(

@@ -168,14 +168,14 @@ def hub_user(name: str, state: dict[str, Any], started: str = "2026-11-26T10:00:
 )
 def test_server_runs_from_hub_models(state: dict[str, Any], gpus: dict[str, int], usd: float) -> None:
     prices = GpuPrices.from_config({"A100": 1.5, "A10": 0.4})
-    [run] = server_runs([hub_user("ana", state)], prices, NOW)
+    [run] = server_runs([hub_user("ana", state)], prices)
     assert dict(run.gpus) == gpus and run.usd_per_hour == pytest.approx(usd)
     assert run.groups == ("g",) and run.run == "2026-11-26T10:00:00Z"
     assert run.metered == (bool(gpus) or usd > 0)
 
 
 def test_servers_without_a_start_time_are_skipped() -> None:
-    assert server_runs([hub_user("ana", {}, started=None)], GpuPrices(), NOW) == []  # type: ignore[arg-type]
+    assert server_runs([hub_user("ana", {}, started=None)], GpuPrices()) == []  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
