@@ -133,8 +133,8 @@ class QuotaEnforcer:
                 f"{format_amount(first.metric, first.limit)}, {status.quota.source}"
             )
             for run in by_user.get(user, []):
-                if not run.metered or run.key in self._stopping:
-                    continue
+                if not run.metered or run.key in self._stopping or run.pending == "stop":
+                    continue  # nothing to stop, or a stop already on its way
                 if not self.enforce:
                     self.log.info("Quota used up: would stop server %s (%s)", describe(*run.key), detail)
                     continue

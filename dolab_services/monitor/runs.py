@@ -96,6 +96,8 @@ class ServerRun:
     usd_per_hour: float
     #: Reported by the backend (RunPod), when it does.
     gpu_utilization_percent: float | None = None
+    #: The hub's ``pending`` action ("spawn", "stop") or "" when none.
+    pending: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -165,6 +167,7 @@ def server_runs(users: Iterable[Mapping[str, Any]], prices: GpuPrices) -> list[S
                     gpus={k: v for k, v in gpus.items() if v > 0},
                     usd_per_hour=usd,
                     gpu_utilization_percent=utilisation,
+                    pending=str(model.get("pending") or ""),
                 )
             )
     return runs

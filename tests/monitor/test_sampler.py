@@ -212,6 +212,17 @@ async def test_a_pre_stop_hook_that_fails_keeps_the_server_until_the_next_tick(h
     monitor.ledger.close()
 
 
+async def test_a_server_already_stopping_is_not_stopped_again(hub: HubDouble, tmp_path: Path) -> None:
+    stopping = [dict(u, servers={"": {**u["servers"][""], "pending": "stop"}}) for u in USERS]
+    hub.respond = users_api(stopping, page_size=10)
+    monitor = make_monitor(hub, tmp_path / "ledger.sqlite", [], READINGS)
+    report = await monitor.tick(NOW)
+    await monitor.enforcer.drain()
+    assert report.stops == 0 and deletes(hub) == []
+    assert not (await monitor.quota_status("bob", now=NOW)).limits[0].remaining, "bob is over quota all the same"
+    monitor.ledger.close()
+
+
 async def test_views_map_gpus_to_their_holders(hub: HubDouble, tmp_path: Path) -> None:
     monitor = make_monitor(hub, tmp_path / "ledger.sqlite", [], READINGS)
     monitor.enforcer.enforce = False
