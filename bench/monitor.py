@@ -23,6 +23,11 @@ Prints the numbers; it asserts nothing::
 
     .venv/bin/python bench/monitor.py [--users 500] [--interval 5] [--ticks 10] [--requests 30]
 
+``--gpu-check`` is the device check for a machine with NVIDIA GPUs instead (no hub): it prints what the NVML
+source reads of every GPU, starts a process that keeps GPU 0 busy (PyTorch, pinned to that GPU by UUID the way
+DO-LAB pins a server), and checks that the monitor's view attributes that process to the server holding GPU 0's
+slot and to no other GPU; exit status 0 when it does, 1 when not, 2 without NVML or PyTorch.
+
 Needs psutil (``pip install -e '.[bench]'``) and configurable-http-proxy; exits 2 with a sentence when one is
 missing. The hub, its services, the stub and the temporary folder are removed on exit, on Ctrl-C and on SIGTERM.
 """
@@ -291,12 +296,113 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ticks", type=int, default=10, help="ticks measured")
     parser.add_argument("--requests", type=int, default=30, help="API requests measured per endpoint")
     parser.add_argument("--spawn-concurrency", type=int, default=20, help="server starts in flight at once")
+    parser.add_argument("--gpu-check", action="store_true", help="the device check on a GPU machine (no hub)")
     return parser.parse_args(argv)
+
+
+GPU_CHILD = """
+import sys, time, torch
+a = torch.randn(4096, 4096, device="cuda:0")
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    a = (a @ a).clamp_(-1, 1)
+    torch.cuda.synchronize()
+"""
+
+
+async def gpu_check() -> int:
+    """Real NVML readings, and a process on GPU 0 attributed to the slot's holder (see the module docstring)."""
+    import asyncio
+    import subprocess
+    from datetime import datetime, timezone
+
+    from dolab_services.culler.stop import StopPath
+    from dolab_services.hubclient import HubClient
+    from dolab_services.monitor.enforcer import QuotaEnforcer
+    from dolab_services.monitor.ledger import AsyncLedger, UsageLedger
+    from dolab_services.monitor.runs import GpuPrices, server_runs
+    from dolab_services.monitor.sampler import Monitor
+    from dolab_services.monitor.telemetry import NvmlSource
+
+    source = NvmlSource(timeout_seconds=30)
+    readings = await source.read()
+    if not readings:
+        print("gpu check: NVML gives no GPU readings here (see the warning above)", file=sys.stderr)
+        return 2
+    print(f"{'idx':>3} {'uuid':<42} {'name':<28} {'use%':>5} {'mem GB':>13} {'temp':>5} {'W':>6} procs")
+    for r in readings:
+        memory = f"{r.memory_used_gb or 0:.1f}/{r.memory_total_gb or 0:.0f}"
+        print(
+            f"{r.index!s:>3} {r.uuid:<42} {r.name[:28]:<28} {r.utilization_percent!s:>5} {memory:>13}"
+            f" {r.temperature_c!s:>5} {r.power_w!s:>6} {len(r.processes)}"
+        )
+    gpu0 = min(readings, key=lambda r: r.index if r.index is not None else 99)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu0.uuid}
+    child = subprocess.Popen(
+        [sys.executable, "-c", GPU_CHILD, "40"], env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    root = Path(tempfile.mkdtemp(prefix="dolab-gpu-check-"))
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            print(f"gpu check: the PyTorch process did not start (exit {child.wait(30)})", file=sys.stderr)
+            return 2
+        started = datetime.now(timezone.utc).isoformat()
+        slot = {"uuid": gpu0.uuid, "index": gpu0.index, "name": gpu0.name, "host": "local"}
+        user = {
+            "name": "gpu-check",
+            "servers": {"": {"started": started, "state": {"backend": "local", "slots": [slot]}}},
+        }
+        client = HubClient("http://127.0.0.1:9/hub/api", "unused")
+        monitor = Monitor(
+            client,
+            AsyncLedger(UsageLedger(f"sqlite:///{root / 'ledger.sqlite'}")),
+            source,
+            QuotaEnforcer(StopPath(client)),
+        )
+        monitor.runs = server_runs([user], GpuPrices())
+        rows: list[dict] = []
+        for _ in range(20):  # NVML lists a new process within a second or two
+            await asyncio.sleep(1)
+            monitor.readings = await source.read()
+            rows = (await monitor.overview())["gpus"]
+            mine = next((g for g in rows if g["uuid"] == gpu0.uuid), None)
+            if mine and child.pid in [p["pid"] for p in mine["processes"]]:
+                break
+        monitor.ledger.close()
+        mine = next((g for g in rows if g["uuid"] == gpu0.uuid), {})
+        elsewhere = [
+            g["uuid"] for g in rows if g["uuid"] != gpu0.uuid and child.pid in [p["pid"] for p in g["processes"]]
+        ]
+        found = child.pid in [p["pid"] for p in mine.get("processes", [])]
+        print(
+            f"GPU {gpu0.index} ({gpu0.uuid}) while pid {child.pid} runs a matmul loop: holder {mine.get('holder')!r},"
+            f" use {mine.get('utilization_percent')}%, memory {mine.get('memory_used_gb')} GB,"
+            f" processes {mine.get('processes')}"
+        )
+        ok = found and mine.get("holder") == "gpu-check/" and not elsewhere
+        print(
+            "gpu check: "
+            + ("OK: the process is attributed to the server holding the slot" if ok else "FAILED")
+            + ("" if found else "; NVML did not list the process on its GPU")
+            + (f"; also listed on {elsewhere}" if elsewhere else "")
+        )
+        return 0 if ok else 1
+    finally:
+        child.kill()
+        child.wait(10)
+        await source.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Set up, measure, print; 2 when a prerequisite is missing, 1 when the run failed."""
     args = parse_args(argv)
+    if args.gpu_check:
+        import asyncio
+
+        return asyncio.run(gpu_check())
     try:
         import psutil
     except ImportError:
