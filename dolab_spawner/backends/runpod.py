@@ -25,6 +25,7 @@ from typing import Any
 
 from escapism import escape as escape_name
 from jupyterhub.spawner import Spawner, SpawnException
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
@@ -140,10 +141,21 @@ class RunPodBackend(BackendMixin, Spawner):
         help="How long the hub waits for a started pod's server to answer (seconds; ``http_timeout`` for RunPod).",
     )
 
-    poll_interval_seconds = Float(1.0, config=True, help="First wait between two looks at a starting pod (seconds).")
+    poll_interval_seconds = Float(0.5, config=True, help="First wait between two looks at a starting pod (seconds).")
 
     poll_max_interval_seconds = Float(
-        10.0, config=True, help="Longest wait between two looks at a starting pod; waits grow by half each time."
+        5.0,
+        config=True,
+        help="""Longest wait between two looks at a starting pod (seconds); waits grow by a quarter each time. Each
+        look is one GraphQL request, which RunPod rate-limits.""",
+    )
+
+    server_wait_seconds = Float(
+        120,
+        config=True,
+        help="""Once the pod runs, how long start() itself waits for its server to answer through the proxy URL
+        before handing the rest of the wait to the hub (seconds). Waiting here, checking every fraction of a second,
+        spares the hub's own check, which backs off to 5 s between tries.""",
     )
 
     api_timeout_seconds = Float(40, config=True, help="Longest wait for one RunPod API call (seconds).")
@@ -392,13 +404,51 @@ class RunPodBackend(BackendMixin, Spawner):
                     time.monotonic() - started,
                     url,
                 )
+                await self._wait_server(url)
                 return url
             if pod.running and not announced:
                 self._emit(70, "Pod running, waiting for its server port")
                 announced = True
             self.log.debug("Pod %s not running yet; next look in %.1f s", self.pod_id, interval)
             await asyncio.sleep(interval)
-            interval = min(interval * 1.5, self.poll_max_interval_seconds)
+            interval = min(interval * 1.25, self.poll_max_interval_seconds)
+
+    async def _pod_gone(self) -> bool:
+        """Whether the pod is missing or no longer running (an API failure says nothing: False)."""
+        try:
+            pod = await self.api.get_pod(self.pod_id)
+        except TransientError:
+            return False
+        return pod is None or pod.desired_status not in ("RUNNING", "CREATED", "RESTARTING")
+
+    async def _wait_server(self, url: str) -> None:
+        """Wait (up to ``server_wait_seconds``) until the pod's server answers ``GET <url><base_url>api`` with 200;
+        a pod that is gone or stopped meanwhile fails the start."""
+        api_url = url.rstrip("/") + (self.server.base_url if self.server is not None else "/") + "api"
+        client = AsyncHTTPClient()
+        deadline = time.monotonic() + self.server_wait_seconds
+        next_pod_check = time.monotonic() + 5
+        interval = 0.1
+        while time.monotonic() < deadline:
+            try:
+                reply = await client.fetch(api_url, raise_error=False, request_timeout=5, follow_redirects=False)
+                if reply.code == 200:
+                    return
+            except (OSError, HTTPClientError):
+                pass
+            if time.monotonic() >= next_pod_check:
+                next_pod_check = time.monotonic() + 5
+                if await self._pod_gone():
+                    raise SpawnException(
+                        "Your RunPod pod stopped while its server was starting. Please try again.",
+                        reason="runpod_exited",
+                        status_code=503,
+                    )
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 0.5)
+        self.log.info(
+            "Server in pod %s is not answering after %g s; the hub keeps waiting", self.pod_id, self.server_wait_seconds
+        )
 
     async def _cleanup_failed_start(self) -> None:
         """Terminate what this start created (by id, or by name when it was cancelled before the reply)."""

@@ -300,7 +300,7 @@ def test_each_failure_ends_with_no_pod_left(
 
 
 def test_a_pod_that_vanishes_while_starting_fails_the_start(hub: Hub, em: EmulatorProcess, stack: DockerStack) -> None:
-    em.faults(boot_seconds=4)
+    em.faults(boot_seconds=20)  # still booting when the POST returns (after the hub's 10 s slow-spawn wait)
     hub.create_user("vera")
     reply = hub.start_server("vera", {"profile": "pod"})
     deadline = time.monotonic() + 30

@@ -75,6 +75,8 @@ class Pod:
     started_at: float = 0.0
     problem: str = ""
     boots: int = 0
+    created_at: float = 0.0  # unix time the create arrived
+    running_at: float = 0.0  # unix time the container last started running
 
     def private_ports(self) -> list[tuple[int, str]]:
         """``"8888/http,22/tcp"`` -> [(8888, "http"), (22, "tcp")]."""
@@ -235,6 +237,7 @@ class Emulator:
                 volume_mount_path=input.get("volumeMountPath"),
                 network_volume_id=input.get("networkVolumeId"),
                 last_status_change=_now(),
+                created_at=time.time(),
             )
             self.pods[pod.id] = pod
             boot_seconds = self.boot_seconds
@@ -331,7 +334,7 @@ class Emulator:
                 int(key.split("/")[0]): int(binding[0]["HostPort"]) for key, binding in published.items() if binding
             }
             pod.container_running = container.status == "running"
-            pod.started_at = time.time()
+            pod.started_at = pod.running_at = time.time()
         log.info("pod %s: container %s running, ports %s", pod.id, container.short_id, pod.host_ports)
 
     def _watch_containers(self) -> None:
@@ -484,6 +487,8 @@ class ControlHandler(web.RequestHandler):
                         "env": p.env,
                         "problem": p.problem,
                         "boots": p.boots,
+                        "createdAt": p.created_at,
+                        "runningAt": p.running_at,
                     }
                     for p in em.pods.values()
                 ]
