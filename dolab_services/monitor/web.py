@@ -188,6 +188,12 @@ class _Handler(HubOAuthenticated, web.RequestHandler):
             raise web.HTTPError(403, "You can only see your own usage.")
         return user
 
+    def failure(self, error: Exception, user: str) -> web.HTTPError:
+        """404 for a user the hub does not know, else :meth:`hub_down`."""
+        if isinstance(error, HubAPIError) and error.status == 404:
+            return web.HTTPError(404, f"There is no user {user!r}.")
+        return self.hub_down(error)
+
     def hub_down(self, error: Exception) -> web.HTTPError:
         """The answer when the hub or the ledger does not answer; details go to the log."""
         self.log.error("The monitor cannot answer %s: %s", self.request.path, error or type(error).__name__)
@@ -203,10 +209,8 @@ class PageHandler(_Handler):
         try:
             view = await self.monitor.user_view(user)
             overview = await self.monitor.overview() if self.is_admin and user == self.user_name else None
-        except (HubAPIError, TimeoutError, OSError) as e:
-            raise self.hub_down(e) from None
-        except Exception as e:  # the database
-            raise self.hub_down(e) from None
+        except Exception as e:  # the hub or the database
+            raise self.failure(e, user) from None
         plots = {
             (s["user"], s["server"]): line_chart(
                 [(h["t"], h["utilization_percent"]) for h in s["history"]],
@@ -269,9 +273,10 @@ class UsageHandler(_ApiHandler):
     async def get(self) -> None:
         user = self.target_user()
         try:
-            self.reply(await self.monitor.user_view(user))
+            view = await self.monitor.user_view(user)
         except Exception as e:
-            raise self.hub_down(e) from None
+            raise self.failure(e, user) from None
+        self.reply(view)
 
 
 class OverviewHandler(_ApiHandler):
@@ -312,12 +317,8 @@ class QuotaHandler(_ApiHandler):
                 raise web.HTTPError(403, "You can only see your own quota.")
         try:
             status = await self.monitor.quota_status(user)
-        except HubAPIError as e:
-            if e.status == 404:
-                raise web.HTTPError(404, f"There is no user {user!r}.") from None
-            raise self.hub_down(e) from None
         except Exception as e:
-            raise self.hub_down(e) from None
+            raise self.failure(e, user) from None
         self.reply(
             {
                 "user": user,

@@ -2,7 +2,7 @@
 servers) starts ``dolab-monitor``, fed by a simulated telemetry source (a JSON file of GPU readings).
 
 Prices make time cheap to test: a local A100 costs 3,600 USD per GPU-hour, one dollar a second. quinn may spend
-20 USD a day (warned at 18, stopped at 20); rita's group ``gpu-team`` has 100 GPU-hours a day, so she runs on.
+20 USD a day (warned from 10, stopped at 20); rita's group ``gpu-team`` has 100 GPU-hours a day, so she runs on.
 Then: quinn's next GPU spawn is refused before any slot is taken (a CPU one starts), the hub restarts (and the
 monitor with it) without rita's time being counted twice, the page needs a login and shows each user only their
 own data, admins see every GPU, and the metrics parse.
@@ -109,6 +109,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitor]:
         "DOLAB_MONITOR_TELEMETRY": f"file:{root / 'gpus.json'}",
         "DOLAB_MONITOR_QUOTAS_FILE": str(root / "quotas.json"),
         "DOLAB_MONITOR_GPU_PRICES": json.dumps({"A100": 3600}),
+        # Warned from 10 USD on: ten seconds in which a busy test machine surely sees the warning.
+        "DOLAB_MONITOR_WARN_PERCENT": "50",
     }
     hub = Hub(root, overlay=overlay, env=env).start()
     try:
@@ -132,7 +134,7 @@ def test_a_warning_at_the_threshold_then_a_stop_at_100_percent(stack: Monitor) -
     warning = wait_for("quinn is warned", lambda: stack.usage(QUINN)["warnings"], hub, timeout=60)
     # The warning came while the server still ran, and says what it means.
     assert warning[0]["metric"] == "usd" and warning[0]["period"] == "day"
-    assert 90 <= warning[0]["percent"] < 100
+    assert 50 <= warning[0]["percent"] < 100
     assert "At 100% your GPU servers are stopped" in warning[0]["message"]
     wait_for("quinn's server is stopped", lambda: "" not in hub.user(QUINN)["servers"], hub, timeout=60)
     assert "Quota warning: quinn has used" in stack.log()
@@ -235,6 +237,8 @@ def test_an_admin_sees_every_gpu_and_its_holder(stack: Monitor) -> None:
     assert [g["holder"] for g in held] == [f"{RITA}/"]
     assert overview["totals"]["gpus_held"] == 1 and overview["totals"]["day"]["usd"] > 20
     assert stack.get(f"api/usage?user={QUINN}", ADMIN).json()["user"] == QUINN
+    nobody = stack.get("api/usage?user=nobody", ADMIN)
+    assert nobody.status_code == 404 and nobody.json()["message"] == "There is no user 'nobody'."
     admin = login(hub, ADMIN, "admin-password")
     soup = BeautifulSoup(admin.get(f"{hub.url}{PREFIX}", timeout=30).text, "html.parser")
     rows = soup.find("section", id="admin").find_all("tr", class_="gpu")
