@@ -17,7 +17,9 @@ leaves the service out.
 Scopes (role ``dolab-runpod-reaper``): ``list:users``, ``read:users:name``, ``read:servers``,
 ``admin:server_state`` (a server's state names its pod). It terminates pods through RunPod, never through the hub.
 
-What is kept (:func:`find_pod_orphans`): a pod that a server's state names (by id); a pod whose name is the
+What is kept (:func:`find_pod_orphans`): a pod that a server's state names (by id); a stopped (EXITED) pod, whose
+disk may hold unsynced work and which the server's next start resumes (billed for storage only, it is left to an
+admin); a pod whose name is the
 deterministic name of a server the hub lists as pending (starting or stopping) or whose state names no pod yet;
 and a pod first seen as an orphan less than ``--grace-seconds`` ago (RunPod does not say when a pod was created).
 A sweep acts on nothing when the hub cannot be read or does not show the servers' state.
@@ -85,6 +87,7 @@ class PodSweepResult:
     pods: int = 0
     orphans: list[PodOrphan] = field(default_factory=list)
     waiting: list[PodOrphan] = field(default_factory=list)  # orphans still within the grace period
+    stopped: list[PodOrphan] = field(default_factory=list)  # stopped pods: a disk kept on purpose, never terminated
     terminated: list[PodOrphan] = field(default_factory=list)
     failed: list[PodOrphan] = field(default_factory=list)
     error: str = ""
@@ -164,6 +167,12 @@ async def sweep_pods(
     for gone in set(first_seen) - {o.id for o in orphans}:
         del first_seen[gone]
     for orphan in orphans:
+        if orphan.status == "EXITED":
+            # Stopped on purpose (stop_action "stop", or a failed workspace sync): its disk may hold the only copy
+            # of a user's work, and the server's next start resumes it. Billed for storage only; never terminated.
+            result.stopped.append(orphan)
+            log.debug("Stopped %s; kept (its disk may hold unsynced work)", orphan.describe())
+            continue
         since = first_seen.setdefault(orphan.id, now)
         if now - since < grace_seconds:
             result.waiting.append(orphan)

@@ -175,6 +175,7 @@ class RunPodBackend(BackendMixin, Spawner):
     progress_callback: Any = AnyTrait(None, allow_none=True, help="DoLabSpawner.emit, for progress events.")
 
     # State.
+    _resumed = False
     pod_id = Unicode("")
     gpu_type_id = Unicode("")
     cloud_type = Unicode("")
@@ -270,9 +271,10 @@ class RunPodBackend(BackendMixin, Spawner):
                 status_code=503,
             )
         self.port = int(self.http_port)
+        self._resumed = False
         try:
-            await self._terminate_leftover()
-            await self._create()
+            if not await self._resume_stopped_pod():
+                await self._create()
             return await self._wait_running()
         except BaseException:
             # Failed, or cancelled by the hub's start_timeout: no pod may keep billing. Shielded, so a second
@@ -280,15 +282,50 @@ class RunPodBackend(BackendMixin, Spawner):
             await asyncio.shield(asyncio.ensure_future(self._cleanup_failed_start()))
             raise
 
-    async def _terminate_leftover(self) -> None:
-        """A pod of this name from an earlier start (the hub crashed during it) carries an old token: remove it."""
+    async def _resume_stopped_pod(self) -> bool:
+        """Deal with a pod of this name from before; True when it was resumed (and is this start's pod).
+
+        A stopped pod (``stop_action = "stop"``, or ``suspend()`` after a failed workspace sync) holds the user's
+        disk: it is resumed, with the token in its environment (the hub accepts a resumed server's token), if it
+        runs the same image. A running one is the leftover of a start the hub lost (its token is stale): it is
+        terminated. A stopped pod of another image is kept, and a new pod created beside it.
+        """
         try:
             leftover = await self.api.find_pod(self.pod_name)
         except RunPodError as e:
             raise self._api_failure(e, "looking for an earlier pod") from None
-        if leftover is not None:
+        if leftover is None:
+            return False
+        if leftover.desired_status != "EXITED":
             self.log.warning("Terminating leftover pod %s (%s) before a new start", leftover.id, leftover.name)
             await self.api.terminate_pod(leftover.id)
+            return False
+        token = leftover.env.get("JUPYTERHUB_API_TOKEN", "")
+        if leftover.image != self.pod_request.get("image") or not token:
+            self.log.warning(
+                "Keeping stopped pod %s (%s, image %s): it holds a disk; this start creates a new pod",
+                leftover.id,
+                leftover.name,
+                leftover.image,
+            )
+            return False
+        self._emit(35, "Resuming your stopped pod (its disk is kept)")
+        try:
+            await self.api.resume_pod(leftover.id, int(self.pod_request.get("gpu_count", 1)))
+        except NoCapacity:
+            self.log.warning(
+                "Stopped pod %s cannot resume (no free GPU on its machine); creating a new pod", leftover.id
+            )
+            self._emit(36, "Your stopped pod's machine has no free GPU; starting a new pod (the stopped one is kept)")
+            return False
+        except RunPodError as e:
+            raise self._api_failure(e, "resuming the stopped pod") from None
+        self.pod_id, self._resumed = leftover.id, True
+        self.api_token = token  # the server in the pod still has it; DoLabSpawner tells the hub
+        self.cost_per_hour_usd = leftover.cost_per_hr
+        self.log.info("Pod %s of %s resumed", leftover.id, self._log_name)
+        self._emit(50, "Pod resumed, starting")
+        return True
 
     async def _offers(self) -> list[tuple[GpuType, str, float]]:
         """(GPU type, cloud, price per pod-hour) to try, in order; the refused ones are said in progress events."""
@@ -451,11 +488,15 @@ class RunPodBackend(BackendMixin, Spawner):
         )
 
     async def _cleanup_failed_start(self) -> None:
-        """Terminate what this start created (by id, or by name when it was cancelled before the reply)."""
+        """Terminate what this start created (by id, or by name when it was cancelled before the reply); a resumed
+        pod is stopped again instead, keeping its disk."""
         try:
+            if self._resumed:
+                await self.suspend()
+                return
             if not self.pod_id:
                 found = await self.api.find_pod(self.pod_name)
-                self.pod_id = found.id if found else ""
+                self.pod_id = found.id if found and found.desired_status != "EXITED" else ""
             if self.pod_id:
                 await self.api.terminate_pod(self.pod_id)
                 self.log.info("Pod %s of %s terminated after a failed start", self.pod_id, self._log_name)

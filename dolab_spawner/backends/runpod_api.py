@@ -158,6 +158,8 @@ class PodInfo:
     gpu_name: str = ""
     ports: tuple[RuntimePort, ...] = ()
     has_runtime: bool = False
+    #: The pod's environment ("KEY=value" read back); holds the server's token: never log it.
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def running(self) -> bool:
@@ -194,6 +196,7 @@ class PodInfo:
             gpu_name=str((raw.get("machine") or {}).get("gpuDisplayName") or ""),
             ports=ports,
             has_runtime=runtime is not None,
+            env=dict(str(item).partition("=")[::2] for item in raw.get("env") or []),
         )
 
 

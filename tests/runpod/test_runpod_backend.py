@@ -62,6 +62,8 @@ def hub(stack: DockerStack, emulator: EmulatorProcess, tmp_path_factory: pytest.
         runpod_profile("quick", spawner_override={"pod_start_timeout_seconds": 6}),
         # Another account key (the hub's is right): RunPod refuses it.
         runpod_profile("badkey", spawner_override={"api_key": "not-the-key"}),
+        # Stopping keeps the pod's disk; the next start resumes the pod.
+        runpod_profile("keep", spawner_override={"stop_action": "stop"}),
     ]
     overlay = f"""
 c.DoLabSpawner.profile_list = {profiles!r}
@@ -339,23 +341,54 @@ async def test_the_reaper_reports_then_terminates_pods_no_server_owns(
     api = RunPodApi(em.api_key, retries=0)
     strays = {}
     # A pod no server has; a second pod with rose's name (a leftover of an earlier start); another hub's pod.
-    for name in ("dolab-ghost", "dolab-rose", "someone-else"):
+    # And a stopped pod no server has: its disk may hold unsynced work, so it is only ever reported.
+    for name in ("dolab-ghost", "dolab-rose", "someone-else", "dolab-stopped"):
         strays[name] = await api.create_pod(
             PodSpec(name=name, image="dolab-singleuser-test:latest", gpu_type_id=A100, docker_args="sleep 600")
         )
+    await api.stop_pod(strays["dolab-stopped"])
     caplog.set_level(logging.INFO)
     async with HubClient(api_url=f"{hub.url}/hub/api", token=hub.token) as client:
         dry = await sweep_pods(client, api, "dolab-", grace_seconds=0)
         assert sorted((o.name, o.id) for o in dry.orphans) == sorted(
             [("dolab-ghost", strays["dolab-ghost"]), ("dolab-rose", strays["dolab-rose"])]
         )
-        assert dry.terminated == [] and len(em.pods()) == 4
+        assert dry.terminated == [] and len(em.pods()) == 5
+        assert [o.id for o in dry.stopped] == [strays["dolab-stopped"]]
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Orphan pod")]
         assert len(lines) == 2 and all("Dry run" in line for line in lines)
         assert any(f"server rose runs pod {owned['id']}" in line for line in lines), lines
         done = await sweep_pods(client, api, "dolab-", terminate=True, grace_seconds=0)
     assert sorted(o.id for o in done.terminated) == sorted([strays["dolab-ghost"], strays["dolab-rose"]])
-    assert sorted(p["id"] for p in em.pods()) == sorted([owned["id"], strays["someone-else"]])
+    kept = [owned["id"], strays["someone-else"], strays["dolab-stopped"]]
+    assert sorted(p["id"] for p in em.pods()) == sorted(kept)
     await api.terminate_pod(strays["someone-else"])
+    await api.terminate_pod(strays["dolab-stopped"])
     await asyncio.to_thread(hub.stop_server, "rose")
+    no_pod_left(em, stack)
+
+
+def test_a_stop_that_keeps_the_disk_and_a_start_that_resumes_the_pod(
+    hub: Hub, em: EmulatorProcess, stack: DockerStack
+) -> None:
+    hub.create_user("kim")
+    try:
+        assert hub.start_server("kim", {"profile": "keep"}).status_code in (201, 202)
+        hub.wait_ready("kim", timeout=120)
+        (pod,) = em.pods()
+        hub.stop_server("kim")
+        (stopped,) = em.pods()
+        assert (stopped["id"], stopped["desiredStatus"], stopped["containerRunning"]) == (pod["id"], "EXITED", False)
+
+        assert hub.start_server("kim", {"profile": "keep"}).status_code in (201, 202)
+        server = hub.wait_ready("kim", timeout=120)
+        (resumed,) = em.pods()
+        assert resumed["id"] == pod["id"] == server["state"]["backend_state"]["pod_id"]
+        assert resumed["boots"] == 2 and resumed["containerId"] == pod["containerId"]  # the same disk
+        token = hub.user_token("kim")
+        assert run_in_kernel(hub.url, "kim", token, "print('back')").strip() == "back"
+        hub.stop_server("kim")
+        assert [p["desiredStatus"] for p in em.pods()] == ["EXITED"]
+    finally:
+        em.remove_all()
     no_pod_left(em, stack)
