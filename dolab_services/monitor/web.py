@@ -58,8 +58,8 @@ section.server { border: 1px solid #ccc; border-radius: 6px; padding: 0.5rem 1re
 </head>
 <body>
 <h1>GPU use and spend{% if view["user"] != me %} of {{ view["user"] }}{% end %}</h1>
-<p><a href="{{ hub_home }}">Back to the hub</a>{% if view["last_tick"] %}
-<span class="muted">: readings of {{ view["last_tick"] }}</span>{% end %}</p>
+<p><a href="{{ hub_home }}">Back to the hub</a>
+{% if view["last_tick"] %}<span class="muted">(readings of {{ view["last_tick"] }})</span>{% end %}</p>
 
 <section id="quota" data-allowed="{{ 'yes' if view['quota']['allowed'] else 'no' }}">
 <h2>Quota</h2>
@@ -85,11 +85,12 @@ for its quota ({{ s["detail"] }}): {{ s["outcome"] }}.</p>{% end %}
 <table>
 <tr><th></th><th>GPU-hours</th><th>USD</th></tr>
 {% for period in ("day", "week", "month") %}
-<tr data-period="{{ period }}"><td>this {{ period }}</td>
+<tr data-period="{{ period }}"><td>{{ "today" if period == "day" else "this " + period }}</td>
 <td class="num">{{ "%.3f" % view["usage"][period]["gpu_hours"] }}</td>
 <td class="num">{{ "%.2f" % view["usage"][period]["usd"] }}</td></tr>
 {% end %}
 </table>
+<p class="muted">GPU-hours per day, the last 30 days (UTC):</p>
 {% raw daily_plot %}
 </section>
 
@@ -102,7 +103,8 @@ for its quota ({{ s["detail"] }}): {{ s["outcome"] }}.</p>{% end %}
 <p>Profile {{ s["profile"] or "(default)" }} on {{ s["backend"] or "?" }}, started {{ s["started"] }};
 {% if s["gpus"] %}{{ ", ".join("%d x %s" % (n, t) for t, n in s["gpus"].items()) }}{% else %}no GPU{% end %};
 {{ "%.2f" % s["usd_per_hour"] }} USD per hour.</p>
-{% if s["gpus"] %}{% raw plots[(s["user"], s["server"])] %}{% end %}
+{% if s["gpus"] %}<p class="muted">GPU use (%), the latest readings:</p>
+{% raw plots[(s["user"], s["server"])] %}{% end %}
 </section>
 {% end %}
 </section>
@@ -128,6 +130,7 @@ for its quota ({{ s["detail"] }}): {{ s["outcome"] }}.</p>{% end %}
 {{ overview["totals"]["gpus"] }} GPU(s) held, {{ "%.2f" % overview["totals"]["usd_per_hour"] }} USD per hour now;
 this month {{ "%.2f" % overview["totals"]["month"]["gpu_hours"] }} GPU-hours and
 {{ "%.2f" % overview["totals"]["month"]["usd"] }} USD.</p>
+<p class="muted">Spend per day, every user, the last 30 days (UTC):</p>
 {% raw overview_plot %}
 <h2>Top users this month</h2>
 <table><tr><th>user</th><th>GPU-hours</th><th>USD</th></tr>
