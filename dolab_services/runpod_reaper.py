@@ -69,13 +69,13 @@ class PodOrphan:
     id: str
     name: str
     status: str
-    cost_per_hour_usd: float
+    price_per_hour_usd: float
     reason: str
 
     def describe(self) -> str:
         """One log line's worth: name, id, status, cost, why."""
         return (
-            f"pod {self.name} (id {self.id}, {self.status or 'unknown status'}, ${self.cost_per_hour_usd:.2f}/h): "
+            f"pod {self.name} (id {self.id}, {self.status or 'unknown status'}, ${self.price_per_hour_usd:.2f}/h): "
             f"{self.reason}"
         )
 

@@ -737,10 +737,9 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
                 stop_at=self.stop_at,
                 backend_state=self._backend.get_state() if self._backend is not None else {},
             )
-            cost = getattr(self._backend, "cost_per_hour_usd", 0.0)
-            if cost:
-                # What the server costs while it runs, USD per hour (RunPod: the pod's rate); the monitor reads it.
-                state["cost_per_hour_usd"] = cost
+            if self._backend is not None:
+                # What the server rents, for the monitor (RunPod: price_per_hour_usd, gpu_type, gpu_count).
+                state.update(self._backend.monitor_state())
             if self.host_workspace():
                 state["workspace"] = self.host_workspace()  # the sync service backs it up
             if self.server is not None and self.server.port:

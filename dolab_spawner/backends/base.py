@@ -95,6 +95,11 @@ class BackendMixin(_MixinBase):  # type: ignore[valid-type,misc]
         """``start_timeout``/``http_timeout`` the hub should use for this backend's servers (empty: the spawner's)."""
         return {}
 
+    def monitor_state(self) -> dict[str, Any]:
+        """Keys DoLabSpawner adds to its state for the monitor (RunPod: ``price_per_hour_usd``, ``gpu_type``,
+        ``gpu_count``); empty for servers on the hub's own GPU slots."""
+        return {}
+
     @property
     def slots(self) -> list[GpuSlot]:
         """The held GPUs as :class:`GpuSlot` objects."""

@@ -179,7 +179,7 @@ class RunPodBackend(BackendMixin, Spawner):
     pod_id = Unicode("")
     gpu_type_id = Unicode("")
     cloud_type = Unicode("")
-    cost_per_hour_usd = Float(0.0)
+    price_per_hour_usd = Float(0.0)
     gpu_count = Integer(0)
 
     @default("api_key")
@@ -322,7 +322,7 @@ class RunPodBackend(BackendMixin, Spawner):
             raise self._api_failure(e, "resuming the stopped pod") from None
         self.pod_id, self._resumed = leftover.id, True
         self.api_token = token  # the server in the pod still has it; DoLabSpawner tells the hub
-        self.cost_per_hour_usd = leftover.cost_per_hr
+        self.price_per_hour_usd = leftover.cost_per_hr
         self.log.info("Pod %s of %s resumed", leftover.id, self._log_name)
         self._emit(50, "Pod resumed, starting")
         return True
@@ -379,7 +379,7 @@ class RunPodBackend(BackendMixin, Spawner):
             except RunPodError as e:
                 raise self._api_failure(e, "creating the pod") from None
             self.cloud_type = cloud
-            self.cost_per_hour_usd = price
+            self.price_per_hour_usd = price
             self.log.info(
                 "Pod %s (%s) created for %s: %d x %s on %s cloud, $%.2f/h",
                 self.pod_id,
@@ -427,7 +427,7 @@ class RunPodBackend(BackendMixin, Spawner):
                     status_code=503,
                 )
             if pod.cost_per_hr:
-                self.cost_per_hour_usd = pod.cost_per_hr
+                self.price_per_hour_usd = pod.cost_per_hr
             port = pod.port(self.http_port)
             if port is not None:
                 self._emit(80, "Server starting")
@@ -508,7 +508,7 @@ class RunPodBackend(BackendMixin, Spawner):
             )
         finally:
             self.pod_id = ""
-            self.cost_per_hour_usd = 0.0
+            self.price_per_hour_usd = 0.0
 
     def _api_failure(self, error: RunPodError, doing: str) -> SpawnException:
         """A sentence for the user; the details (never the key) go to the log for the admin."""
@@ -544,7 +544,7 @@ class RunPodBackend(BackendMixin, Spawner):
         if found is not None:
             self.log.info("Adopting pod %s of %s by its name %s", found.id, self._log_name, found.name)
             self.pod_id = found.id
-            self.cost_per_hour_usd = found.cost_per_hr
+            self.price_per_hour_usd = found.cost_per_hr
 
     async def poll(self) -> int | None:
         """None while the pod runs (or RunPod cannot say right now); 0 once it is EXITED or gone."""
@@ -567,7 +567,7 @@ class RunPodBackend(BackendMixin, Spawner):
             self.log.info("Pod %s of %s is %s", pod.id, self._log_name, pod.desired_status)
             return 0
         if pod.cost_per_hr:
-            self.cost_per_hour_usd = pod.cost_per_hr
+            self.price_per_hour_usd = pod.cost_per_hr
         return None
 
     async def stop(self, now: bool = False) -> None:
@@ -620,6 +620,16 @@ class RunPodBackend(BackendMixin, Spawner):
 
     # ----- state ---------------------------------------------------------------------------------------
 
+    def monitor_state(self) -> dict[str, Any]:
+        """What the pod rents, for the monitor: ``price_per_hour_usd`` (the whole pod), ``gpu_type``, ``gpu_count``."""
+        if not self.pod_id:
+            return {}
+        return {
+            "price_per_hour_usd": self.price_per_hour_usd,
+            "gpu_type": self.gpu_type_id,
+            "gpu_count": self.gpu_count,
+        }
+
     def get_state(self) -> dict[str, Any]:
         """The pod id (the hub re-adopts the pod with it), its name, GPU, cloud and price per hour."""
         state = super().get_state()
@@ -630,7 +640,7 @@ class RunPodBackend(BackendMixin, Spawner):
                 gpu_type_id=self.gpu_type_id,
                 gpu_count=self.gpu_count,
                 cloud_type=self.cloud_type,
-                cost_per_hour_usd=self.cost_per_hour_usd,
+                price_per_hour_usd=self.price_per_hour_usd,
             )
         return state
 
@@ -641,11 +651,11 @@ class RunPodBackend(BackendMixin, Spawner):
         self.gpu_type_id = state.get("gpu_type_id", "")
         self.gpu_count = int(state.get("gpu_count", 0))
         self.cloud_type = state.get("cloud_type", "")
-        self.cost_per_hour_usd = float(state.get("cost_per_hour_usd", 0.0))
+        self.price_per_hour_usd = float(state.get("price_per_hour_usd", 0.0))
 
     def clear_state(self) -> None:
         """Forget the pod (after a stop)."""
         super().clear_state()
         self.pod_id = self.gpu_type_id = self.cloud_type = ""
         self.gpu_count = 0
-        self.cost_per_hour_usd = 0.0
+        self.price_per_hour_usd = 0.0

@@ -141,7 +141,9 @@ def test_a_user_works_in_a_pod_through_the_proxy_then_stop_terminates_it(
     state = server["state"]
     (pod,) = em.pods()
     assert state["backend"] == "runpod" and state["backend_state"]["pod_id"] == pod["id"]
-    assert state["cost_per_hour_usd"] == pytest.approx(1.64)  # A100 on the secure cloud, one GPU
+    # What the monitor reads: A100 on the secure cloud, one GPU.
+    assert state["price_per_hour_usd"] == pytest.approx(1.64)
+    assert (state["gpu_type"], state["gpu_count"]) == (A100, 1)
     assert state["slots"] == []
     assert pod["name"] == "dolab-rita" and pod["cloud"] == "SECURE" and pod["gpuCount"] == 1
     messages = [e["message"] for e in events]
@@ -179,7 +181,7 @@ def test_no_capacity_falls_back_to_the_next_gpu_type(hub: Hub, em: EmulatorProce
     (pod,) = em.pods()
     assert pod["machine"]["gpuDisplayName"] == H100
     assert state["backend_state"]["gpu_type_id"] == H100
-    assert state["cost_per_hour_usd"] == pytest.approx(2.99)
+    assert state["price_per_hour_usd"] == pytest.approx(2.99)
     if events:
         assert any(
             "No capacity for A100 PCIe on secure cloud, trying H100 SXM on secure cloud" in e["message"] for e in events
