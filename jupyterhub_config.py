@@ -195,3 +195,10 @@ if monitor is not None:
     c.JupyterHub.extra_user_scopes = monitor.extra_user_scopes
     if monitor.quota_check is not None and "quota_check" not in c.DoLabSpawner:
         c.DoLabSpawner.quota_check = monitor.quota_check
+    if sync is not None:
+        # A quota stop has dolab-sync back the server up first, like the culler's; a failed backup keeps it running.
+        monitor.service["command"] = [*monitor.service["command"], "--pre-stop-hook", sync.culler_hook]
+        monitor.service["environment"] = {**monitor.service["environment"], **sync.caller_environment}
+        c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.caller_role(monitor.service["name"])]
+        trusted = [f"--SyncService.trusted_services={name}" for name in ("dolab-culler", monitor.service["name"])]
+        sync.service["command"] = [*sync.service["command"], *trusted]

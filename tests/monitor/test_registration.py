@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,12 +12,15 @@ from typing import Any
 
 import pytest
 from jupyterhub.spawner import SpawnException
-from traitlets.config import Config
+from traitlets.config import Config, PyFileConfigLoader
 
 from dolab_services.monitor.quotacheck import MonitorQuotaCheck, is_metered
 from dolab_services.monitor.service import MONITOR_SCOPES, USER_SCOPE, monitor_service
 
+from ..cli_support import isolate_env
 from ..hub_double import HubDouble, serve_hub_double
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -107,6 +111,43 @@ def test_an_admins_own_monitor_service_is_left_alone(tmp_path: Path) -> None:
     c = Config()
     c.JupyterHub.services = [{"name": "dolab-monitor", "url": "http://127.0.0.1:1"}]
     assert monitor_service(c, {}, "/py", tmp_path) is None
+
+
+def load_shipped_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Config:
+    isolate_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("DOLAB_CONFIG_DIR", str(tmp_path / "no-overlays"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return PyFileConfigLoader("jupyterhub_config.py", path=str(REPO)).load_config()
+
+
+def test_the_shipped_config_registers_the_monitor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    quotas = tmp_path / "quotas.json"
+    quotas.write_text(json.dumps({"default": {"gpu_hours": {"day": 4}}}))
+    c = load_shipped_config(monkeypatch, tmp_path, DOLAB_MONITOR_QUOTAS_FILE=str(quotas))
+    services = {s["name"]: s for s in c.JupyterHub.services}
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    assert services["dolab-monitor"]["command"][:3] == [sys.executable, "-m", "dolab_services.monitor"]
+    assert roles["dolab-monitor"]["scopes"] == list(MONITOR_SCOPES)
+    assert USER_SCOPE in c.JupyterHub.extra_user_scopes
+    assert "access:services!service=dolab-culler" in c.JupyterHub.extra_user_scopes, "the culler's page stays open"
+    assert isinstance(c.DoLabSpawner.quota_check, MonitorQuotaCheck)
+    assert "--pre-stop-hook" not in services["dolab-monitor"]["command"], "no backup service, no hook"
+
+
+def test_with_backups_a_quota_stop_backs_the_server_up_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    c = load_shipped_config(monkeypatch, tmp_path, DOLAB_SYNC_S3_BUCKET="backups")
+    services = {s["name"]: s for s in c.JupyterHub.services}
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    monitor = services["dolab-monitor"]
+    command = monitor["command"]
+    assert command[command.index("--pre-stop-hook") + 1] == "dolab_services.sync.hooks:culler_final_sync"
+    assert monitor["environment"]["DOLAB_SYNC_SERVICE_URL"].endswith("/services/dolab-sync/")
+    assert "dolab-monitor-calls-dolab-sync" in roles
+    sync = services["dolab-sync"]["command"]
+    assert (
+        "--SyncService.trusted_services=dolab-monitor" in sync and "--SyncService.trusted_services=dolab-culler" in sync
+    )
 
 
 # ----- the spawner's quota check -------------------------------------------------------------------------------
