@@ -2,10 +2,12 @@
 
 The spawner state DO-LAB's spawner saves (``admin:server_state``) says what each server holds: ``profile``,
 ``backend`` (``local``, ``docker``, ``runpod``), ``host`` and ``slots`` (the GPU slot dicts: ``uuid``, ``index``,
-``name``, ``host``). For RunPod pods the backend adds, when it knows them:
+``name``, ``host``), and the backend's own state under ``backend_state``. For RunPod pods these keys are read from
+the state or its ``backend_state`` (where the RunPod backend keeps them):
 
 - ``price_per_hour_usd``: what the whole pod costs per hour (missing: 0);
-- ``gpu_type`` and ``gpu_count``: the pod's GPUs when it has no slots (missing: no GPU-hours are counted);
+- ``gpu_type_id`` (or ``gpu_type``) and ``gpu_count``: the pod's GPUs when it has no slots (no type: no GPU-hours
+  are counted; no count: one);
 - ``gpu_utilization_percent``: the pod's GPU use (missing: unknown).
 
 Local and Docker GPUs cost what the admin sets per GPU-hour and GPU type (:class:`GpuPrices`, default 0).
@@ -144,11 +146,18 @@ def server_runs(users: Iterable[Mapping[str, Any]], prices: GpuPrices) -> list[S
             for slot in slots:
                 gpus[str(slot.get("name") or "GPU")] = gpus.get(str(slot.get("name") or "GPU"), 0) + 1
             if backend == "runpod":
-                usd = max(0.0, _number(state.get("price_per_hour_usd")) or 0.0)
-                count = _number(state.get("gpu_count"))
-                if not gpus and state.get("gpu_type"):
-                    gpus = {str(state["gpu_type"]): int(count) if count is not None and count >= 0 else 1}
-                utilisation = _number(state.get("gpu_utilization_percent"))
+                inner = state.get("backend_state")
+                inner = inner if isinstance(inner, Mapping) else {}
+
+                def pick(key: str, inner: Mapping[str, Any] = inner, state: Mapping[str, Any] = state) -> Any:
+                    return state[key] if state.get(key) is not None else inner.get(key)
+
+                usd = max(0.0, _number(pick("price_per_hour_usd")) or 0.0)
+                count = _number(pick("gpu_count"))
+                gpu_type = pick("gpu_type_id") or pick("gpu_type")
+                if not gpus and gpu_type:
+                    gpus = {str(gpu_type): int(count) if count is not None and count >= 0 else 1}
+                utilisation = _number(pick("gpu_utilization_percent"))
             else:
                 usd = sum(prices.price(str(s.get("name") or "")) for s in slots)
                 utilisation = None

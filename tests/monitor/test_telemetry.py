@@ -161,10 +161,33 @@ def hub_user(name: str, state: dict[str, Any], started: str = "2026-11-26T10:00:
             2.5,
         ),
         ({"backend": "runpod", "gpu_type": "RTX 4090"}, {"RTX 4090": 1}, 0.0),  # no price yet: 0
+        (  # what the RunPod backend saves: its keys under backend_state
+            {
+                "backend": "runpod",
+                "slots": [],
+                "backend_state": {
+                    "pod_id": "p1",
+                    "gpu_type_id": "NVIDIA A100 80GB PCIe",
+                    "gpu_count": 2,
+                    "price_per_hour_usd": 3.58,
+                },
+            },
+            {"NVIDIA A100 80GB PCIe": 2},
+            3.58,
+        ),
         ({"backend": "runpod", "price_per_hour_usd": "cheap"}, {}, 0.0),
         ({}, {}, 0.0),  # not a DO-LAB server (no state readable)
     ],
-    ids=["local-a100", "docker-2xa10", "cpu", "runpod", "runpod-no-price", "runpod-bad-price", "no-state"],
+    ids=[
+        "local-a100",
+        "docker-2xa10",
+        "cpu",
+        "runpod",
+        "runpod-no-price",
+        "runpod-backend-state",
+        "runpod-bad-price",
+        "no-state",
+    ],
 )
 def test_server_runs_from_hub_models(state: dict[str, Any], gpus: dict[str, int], usd: float) -> None:
     prices = GpuPrices.from_config({"A100": 1.5, "A10": 0.4})
