@@ -2,7 +2,8 @@
 
 One workspace (default: 10,000 files, about 1 GB: 9,900 small text files in 200 folders, 100 binary files of about
 5 MB, six of 50 to 100 MB), one ``moto_server`` on a loopback port, one bucket, a prefix per tool. Each tool runs
-the same four scenarios in turn, each as its own process (its wall time and peak RSS from ``wait4``):
+the same four scenarios, each run as its own process (its wall time, and its peak RSS from ``getrusage``); scenario
+by scenario, the tools one after the other on identical workspaces of their own:
 
 1. ``full``: the first sync of the whole workspace;
 2. ``unchanged``: a rerun with nothing changed;
@@ -14,7 +15,8 @@ the same four scenarios in turn, each as its own process (its wall time and peak
 After every run the target is checked against the workspace: for ``aws`` and ``rclone``, every object's size and
 ETag (MD5, or the multipart ETag for the part size that gives its part count) against the local file, plus missing
 and extra keys; for DO-LAB, its latest snapshot is restored into an empty folder and compared file by file (SHA-256
-and size). ``missed`` counts files whose stored content differs from the workspace after that run.
+and size). ``missed`` counts files whose stored content differs from the workspace after that run (a change
+missed earlier still counts).
 
 Tools: ``dolab`` (:class:`dolab_services.sync.engine.SyncEngine` with the S3 target and a hash cache, in a child
 Python), ``aws`` (awscli's ``aws s3 sync --delete``; from ``$AWS_CLI``, else ``.dolab/bench-awscli/bin/aws``,
@@ -372,12 +374,14 @@ def main() -> int:
             )
             s3.create_bucket(Bucket=BUCKET)
             shape = Shape.scaled(args.scale)
-            for tool in tools(endpoint, scratch, args.tools.split(",")):
-                root = scratch / f"ws-{tool.name}"
+            chosen = tools(endpoint, scratch, args.tools.split(","))
+            roots, bigs = {}, {}
+            for tool in chosen:  # one identical workspace per tool
+                roots[tool.name] = root = scratch / f"ws-{tool.name}"
                 shutil.rmtree(root, ignore_errors=True)
                 root.mkdir()
                 t = time.perf_counter()
-                big = make_workspace(root, shape)
+                bigs[tool.name] = make_workspace(root, shape)
                 files = sum(1 for p in root.rglob("*") if p.is_file())
                 size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
                 print(
@@ -385,9 +389,12 @@ def main() -> int:
                     f" made in {time.perf_counter() - t:.1f} s",
                     flush=True,
                 )
-                for scenario in SCENARIOS:
+            # Scenario by scenario, the tools one after the other: a machine whose load drifts treats them alike.
+            for scenario in SCENARIOS:
+                for tool in chosen:
+                    root = roots[tool.name]
                     if scenario == "1% changed":
-                        change_one_percent(root, shape, big)
+                        change_one_percent(root, shape, bigs[tool.name])
                     elif scenario == "older timestamps":
                         restore_older_copies(root)
                     wall, rss, out = measured(tool.command(root), tool.env)
@@ -397,10 +404,10 @@ def main() -> int:
                         missed = check_bucket(s3, tool.name, root)
                     rows.append((scenario, tool.name, wall, rss, missed))
                     print(
-                        f"  {scenario:17} {wall:7.2f} s  peak RSS {rss:6.0f} MiB  missed {missed}  {out[:120]}",
+                        f"{scenario:17} {tool.name:12} {wall:7.2f} s  peak RSS {rss:6.0f} MiB  missed {missed}"
+                        f"  {out[:100]}",
                         flush=True,
                     )
-                shutil.rmtree(root, ignore_errors=True)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +37,8 @@ from typing import Literal
 
 from .manifest import (
     BLOB_PREFIX,
+    CHUNK_BYTES,
+    CHUNK_THRESHOLD_BYTES,
     SNAPSHOT_PREFIX,
     FileRecord,
     HashCache,
@@ -155,25 +158,42 @@ class SyncEngine:
         scanned = scan(workspace, self.policy.excludes)
         report.skipped = list(scanned.skipped)
         cache = HashCache(cache_path)
-        known = {f.sha256 for f in previous.files} if previous else set()
+        known = {h for f in previous.files for h in f.blobs} if previous else set()
         prev_by_path = {f.path: f for f in previous.files} if previous else {}
+        # Blobs a sync that died left behind are worth finding (one listing) only after such a death, or without
+        # a cache; the marker says a sync with this cache began and did not finish.
+        marker = cache_path.with_name(cache_path.name + ".incomplete") if cache_path is not None else None
+        list_stored = marker is None or marker.exists() or not cache_path.exists()  # type: ignore[union-attr]
+        if marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            marker.touch()
 
         records: dict[str, FileRecord] = {}
         new_cache: dict[str, tuple[int, int, int, int, str]] = {}
         todo: list[ScannedFile] = []
         for f in scanned.files:
             sha = cache.lookup(f.path, f.size, f.mtime_ns, f.ctime_ns, f.ino)
+            prev = prev_by_path.get(f.path)
+            chunks: tuple[str, ...] = ()
+            if sha is not None and f.size >= CHUNK_THRESHOLD_BYTES:
+                # A large file's pieces come from the previous snapshot (the cache keeps whole hashes only).
+                chunks = prev.chunks if prev is not None and prev.sha256 == sha else ()
+                sha = sha if chunks else None
             if sha is not None:
-                records[f.path] = FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha)
+                records[f.path] = FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha, chunks)
                 new_cache[f.path] = (f.size, f.mtime_ns, f.ctime_ns, f.ino, sha)
             else:
                 todo.append(f)
 
         uploader = _Uploader(self.store, workspace, known, sum(f.size for f in todo), progress)
         if todo:
-            with ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-sync") as pool:
-                # Blobs a sync that died left behind are reused: listed while the first files are hashed.
-                listing = pool.submit(uploader.list_stored)
+            with (
+                ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-sync") as pool,
+                tempfile.TemporaryDirectory(prefix="dolab-sync-") as pieces,
+            ):
+                uploader.pieces_dir = Path(pieces)
+                # Listed while the first files are hashed; uploads wait for it.
+                listing = pool.submit(uploader.list_stored if list_stored else uploader.listed.set)
                 futures: dict[Future, ScannedFile] = {pool.submit(uploader.process, f): f for f in todo}
                 done, _ = wait([listing, *futures], return_when=FIRST_EXCEPTION)
                 failed = next((fut for fut in done if fut.exception() is not None), None)
@@ -220,6 +240,8 @@ class SyncEngine:
                 report.uploaded_bytes,
             )
         cache.save(new_cache)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
         report.dropped_snapshots, report.deleted_blobs = self._retain(snaps)
         report.seconds = time.monotonic() - started
         return report
@@ -262,7 +284,7 @@ class SyncEngine:
         ids = [s.id for s in self.snapshots()] if kept is None else list(kept)
         live: set[str] = set()
         for sid in ids:
-            live.update(f.sha256 for f in self.manifest(sid).files)
+            live.update(h for f in self.manifest(sid).files for h in f.blobs)
         dead = [i.key for i in self.store.list(BLOB_PREFIX) if i.key.rsplit("/", 1)[-1] not in live]
         self.store.delete(dead)
         return len(dead)
@@ -303,7 +325,7 @@ class SyncEngine:
         owner = (root_st.st_uid, root_st.st_gid) if os.geteuid() == 0 else None
 
         def one(rec: FileRecord) -> None:
-            _restore_file(self.store, dest, rec, owner)
+            _restore_file(self.store, dest, rec, owner, pieces_dir)
             with lock:
                 done[0] += rec.size
                 report.files += 1
@@ -314,7 +336,11 @@ class SyncEngine:
         for d in dirs:
             with open_dir(dest, d, create=True, owner=owner):
                 pass
-        with ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-restore") as pool:
+        with (
+            ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-restore") as pool,
+            tempfile.TemporaryDirectory(prefix="dolab-restore-") as pieces,
+        ):
+            pieces_dir = Path(pieces)
             for fut in [pool.submit(one, f) for f in files]:
                 fut.result()
         for link in links:
@@ -335,8 +361,10 @@ class SyncEngine:
         return report
 
 
-def _restore_file(store: ObjectStore, dest: Path, rec: FileRecord, owner: tuple[int, int] | None) -> None:
-    """Download one file next to its place under a random name, then rename it over the place."""
+def _restore_file(
+    store: ObjectStore, dest: Path, rec: FileRecord, owner: tuple[int, int] | None, pieces_dir: Path
+) -> None:
+    """Download one file next to its place under a random name, check its hash, then rename it over the place."""
     check_relpath(rec.path)
     parent, _, name = rec.path.rpartition("/")
     with open_dir(dest, parent, create=True, owner=owner) as dfd:
@@ -344,11 +372,17 @@ def _restore_file(store: ObjectStore, dest: Path, rec: FileRecord, owner: tuple[
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             try:
-                store.get_file(blob_key(rec.sha256), fd_path(fd))
+                if rec.chunks:
+                    for index, piece in enumerate(rec.chunks):
+                        _get_piece(store, piece, fd, index * CHUNK_BYTES, pieces_dir)
+                else:
+                    store.get_file(blob_key(rec.sha256), fd_path(fd))
             except ObjectNotFound:
                 raise StoreError(
                     f"The backup of {rec.path} is missing its content; restore it from another restore point."
                 ) from None
+            if _hash_fd(fd) != rec.sha256 or os.fstat(fd).st_size != rec.size:
+                raise StoreError(f"The backup of {rec.path} is damaged; restore it from another restore point.")
             os.fchmod(fd, rec.mode)
             if owner is not None:
                 os.fchown(fd, *owner)
@@ -381,6 +415,7 @@ class _Uploader:
         self.hashed = self.uploaded = self.uploaded_bytes = 0
         self.cancelled = False
         self.listed = threading.Event()
+        self.pieces_dir = Path(tempfile.gettempdir())
 
     def list_stored(self) -> None:
         """Add every blob the store holds to the known ones (uploads wait for this)."""
@@ -399,20 +434,26 @@ class _Uploader:
             try:
                 with open_file(self.root, f.path) as fd:
                     before = os.fstat(fd)
-                    sha = _hash_fd(fd)
+                    if before.st_size >= CHUNK_THRESHOLD_BYTES:
+                        sha, chunks = _hash_pieces(fd)
+                    else:
+                        sha, chunks = _hash_fd(fd), ()
                     self.listed.wait()
+                    pieces = list(dict.fromkeys(chunks or (sha,)))
                     with self.lock:
                         self.hashed += 1
-                        upload = sha not in self.known and sha not in self.claimed
-                        if upload:
-                            self.claimed.add(sha)
-                    if upload:
-                        try:
-                            self.store.put_file(blob_key(sha), fd_path(fd))
-                        except BaseException:
-                            with self.lock:
-                                self.claimed.discard(sha)
-                            raise
+                        upload = [h for h in pieces if h not in self.known and h not in self.claimed]
+                        self.claimed.update(upload)
+                    try:
+                        for h in upload:
+                            if chunks:
+                                self._put_piece(fd, h, chunks.index(h))
+                            else:
+                                self.store.put_file(blob_key(sha), fd_path(fd))
+                    except BaseException:
+                        with self.lock:
+                            self.claimed.difference_update(upload)
+                        raise
                     after = os.fstat(fd)
             except FileNotFoundError:
                 return "it was deleted during the sync"
@@ -423,25 +464,84 @@ class _Uploader:
             if ident != (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
                 # Written while we read it: the blob may not match its name. Remove it and read again.
                 if upload:
-                    self.store.delete([blob_key(sha)])
+                    self.store.delete(blob_key(h) for h in upload)
                     with self.lock:
-                        self.claimed.discard(sha)
+                        self.claimed.difference_update(upload)
                 continue
             with self.lock:
                 if upload:
-                    self.known.add(sha)
+                    self.known.update(upload)
                     self.uploaded += 1
-                    self.uploaded_bytes += after.st_size
+                    self.uploaded_bytes += (
+                        after.st_size
+                        if not chunks
+                        else sum(min(CHUNK_BYTES, after.st_size - chunks.index(h) * CHUNK_BYTES) for h in upload)
+                    )
                 self.done_bytes += f.size
                 if self.progress is not None:
                     self.progress(self.done_bytes, self.total_bytes)
             mode = after.st_mode & 0o777
             return (
-                FileRecord(f.path, after.st_size, after.st_mtime_ns, mode, sha),
+                FileRecord(f.path, after.st_size, after.st_mtime_ns, mode, sha, chunks),
                 (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino, sha),
             )
         log.warning("Sync leaves %s as it was: it kept changing while being read", f.path)
         return "it kept changing while being read"
+
+    def _put_piece(self, fd: int, sha: str, index: int) -> None:
+        """Upload piece ``index`` of a large file: copied (in the kernel) to a private temporary file first."""
+        tmp_fd, tmp = tempfile.mkstemp(dir=self.pieces_dir)
+        try:
+            _copy_range(fd, tmp_fd, index * CHUNK_BYTES, 0, CHUNK_BYTES)
+            self.store.put_file(blob_key(sha), Path(tmp))
+        finally:
+            os.close(tmp_fd)
+            os.unlink(tmp)
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
+    """Copy up to ``count`` bytes between descriptors (stops at the source's end)."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, count, src_offset, dst_offset)
+        except OSError:  # a file system without it: through a small buffer
+            data = os.pread(src, min(count, _READ_CHUNK), src_offset)
+            n = os.pwrite(dst, data, dst_offset) if data else 0
+        if n == 0:
+            return
+        src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
+
+
+def _get_piece(store: ObjectStore, sha: str, fd: int, offset: int, pieces_dir: Path) -> None:
+    """Download one piece of a large file and write it at ``offset`` of ``fd``."""
+    tmp_fd, tmp = tempfile.mkstemp(dir=pieces_dir)
+    try:
+        store.get_file(blob_key(sha), fd_path(tmp_fd))
+        _copy_range(tmp_fd, fd, 0, offset, os.fstat(tmp_fd).st_size)
+    finally:
+        os.close(tmp_fd)
+        os.unlink(tmp)
+
+
+def _hash_pieces(fd: int) -> tuple[str, tuple[str, ...]]:
+    """The whole content's hash and each CHUNK_BYTES piece's, in one read."""
+    whole = hashlib.sha256()
+    pieces = []
+    offset = 0
+    while True:
+        piece = hashlib.sha256()
+        end = offset + CHUNK_BYTES
+        while offset < end:
+            data = os.pread(fd, min(_READ_CHUNK, end - offset), offset)
+            if not data:
+                break
+            whole.update(data)
+            piece.update(data)
+            offset += len(data)
+        if offset > end - CHUNK_BYTES:  # this piece has bytes (a whole one, or the last, shorter one)
+            pieces.append(piece.hexdigest())
+        if offset < end:
+            return whole.hexdigest(), tuple(pieces)
 
 
 def _hash_fd(fd: int) -> str:

@@ -7,7 +7,8 @@ A manifest is one gzipped JSON object per snapshot, stored as ``snapshots/<id>.j
                 "sha256": "<hex>"}, ...],
      "links": [{"path": "latest", "target": "runs/42"}], "dirs": ["empty/folder"]}
 
-File contents are the blobs ``blobs/<sha256[:2]>/<sha256>``. Paths are relative and checked on read, so a
+File contents are the blobs ``blobs/<sha256[:2]>/<sha256>``; a file from 32 MiB on is stored as 8 MiB pieces, each
+a blob, listed in order in its entry's ``chunks``. Paths are relative and checked on read, so a
 tampered manifest cannot make a restore write outside its destination.
 
 The hash cache is local to the machine that syncs (``<cache dir>/<user>.json.gz``): per path, ``(size, mtime_ns,
@@ -32,6 +33,8 @@ from .workspace import LinkEntry, UnsafePath, check_relpath, link_stays_inside
 
 __all__ = [
     "BLOB_PREFIX",
+    "CHUNK_BYTES",
+    "CHUNK_THRESHOLD_BYTES",
     "SNAPSHOT_PREFIX",
     "FileRecord",
     "HashCache",
@@ -46,6 +49,10 @@ BLOB_PREFIX = "blobs/"
 SNAPSHOT_PREFIX = "snapshots/"
 _SNAPSHOT_SUFFIX = ".json.gz"
 _FORMAT = "dolab-sync"
+#: Files from CHUNK_THRESHOLD_BYTES on are stored in pieces of CHUNK_BYTES, so a change inside a large file uploads
+#: only the pieces it touched.
+CHUNK_BYTES = 8 << 20
+CHUNK_THRESHOLD_BYTES = 32 << 20
 
 
 def blob_key(sha256: str) -> str:
@@ -82,13 +89,20 @@ def snapshot_time(snapshot_id: str) -> datetime | None:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file of a snapshot."""
+    """One file of a snapshot. ``sha256`` is the whole content's hash; a large file is stored as pieces of
+    :data:`CHUNK_BYTES` whose hashes ``chunks`` lists in order (empty: one blob, ``sha256``)."""
 
     path: str
     size: int
     mtime_ns: int
     mode: int
     sha256: str
+    chunks: tuple[str, ...] = ()
+
+    @property
+    def blobs(self) -> tuple[str, ...]:
+        """The hashes of the blobs that hold this file's content."""
+        return self.chunks or (self.sha256,)
 
 
 @dataclass
@@ -122,7 +136,7 @@ class Manifest:
             "version": 1,
             "snapshot": self.snapshot,
             "created": created.isoformat().replace("+00:00", "Z") if created else "",
-            "files": [asdict(f) for f in self.files],
+            "files": [_file_json(f) for f in self.files],
             "links": [asdict(link) for link in self.links],
             "dirs": list(self.dirs),
         }
@@ -140,8 +154,10 @@ class Manifest:
             dirs = [str(d) for d in doc.get("dirs", [])]
             for f in files:
                 check_relpath(f.path)
-                if len(f.sha256) != 64 or any(c not in "0123456789abcdef" for c in f.sha256):
+                if not all(_is_hash(h) for h in (f.sha256, *f.chunks)):
                     raise ValueError(f"bad hash for {f.path!r}")
+                if f.chunks and len(f.chunks) != -(-f.size // CHUNK_BYTES):
+                    raise ValueError(f"{f.path!r} has {len(f.chunks)} pieces for {f.size} bytes")
             for link in links:
                 check_relpath(link.path)
                 if not link_stays_inside(link.path, link.target):
@@ -153,15 +169,32 @@ class Manifest:
         return cls(str(doc["snapshot"]), files, links, dirs)
 
 
+def _is_hash(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _file_json(f: FileRecord) -> dict[str, Any]:
+    doc = asdict(f)
+    if f.chunks:
+        doc["chunks"] = list(f.chunks)
+    else:
+        del doc["chunks"]
+    return doc
+
+
 def _fields(raw: Any, cls: type) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError("a file entry is not an object")
+    chunks = raw.get("chunks", [])
+    if not isinstance(chunks, list):
+        raise ValueError("chunks must be a list")
     return {
         "path": str(raw["path"]),
         "size": int(raw["size"]),
         "mtime_ns": int(raw["mtime_ns"]),
         "mode": int(raw["mode"]) & 0o777,
         "sha256": str(raw["sha256"]),
+        "chunks": tuple(str(c) for c in chunks),
     }
 
 

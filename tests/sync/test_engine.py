@@ -55,8 +55,11 @@ def test_round_trip_with_a_200_mb_file(store: S3Store, tmp_path: Path) -> None:
     report = engine.backup(ws, cache_path=tmp_path / "cache.json.gz")
 
     assert report.snapshot is not None
-    assert counts["CreateMultipartUpload"] == 1  # the 200 MB file, in parts
     assert report.files == 8
+    # The 200 MB file went up as 25 pieces of 8 MiB (a later change uploads only the pieces it touches).
+    [weights] = [f for f in engine.manifest().files if f.path == "models/weights.bin"]
+    assert len(weights.chunks) == 25 and len(set(weights.chunks)) > 1
+    assert counts["PutObject"] == 7 + len(set(weights.chunks)) + 1  # small files, distinct pieces, manifest
     restored = tmp_path / "restored"
     restored.mkdir()
     engine.restore(restored)
@@ -344,3 +347,47 @@ def test_a_folder_swapped_for_a_symlink_is_not_read(tmp_path: Path) -> None:
     os.symlink(str(outside), ws / "d")
     with pytest.raises(UnsafePath), open_file(ws, "d/f.txt"):
         pass
+
+
+def test_a_change_inside_a_large_file_uploads_only_its_pieces(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    big = write(ws, "model.bin", os.urandom(80 * MiB + 12345))  # not a whole number of pieces
+    engine = SyncEngine(store)
+    cache = tmp_path / "cache.json.gz"
+    first = engine.backup(ws, cache_path=cache)
+    assert first.uploaded_bytes == big.stat().st_size
+    st = big.stat()
+    with open(big, "r+b") as f:  # 1 MiB rewritten in place, same size, mtime put back
+        f.seek(10 * MiB)
+        f.write(os.urandom(MiB))
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    report = engine.backup(ws, cache_path=cache)
+
+    assert report.snapshot is not None and report.uploaded_files == 1
+    assert report.uploaded_bytes <= 2 * 8 * MiB  # the one or two 8 MiB pieces the write touched
+    [rec] = engine.manifest().files
+    assert len(rec.chunks) == 11
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out)
+    assert describe(out) == describe(ws)
+    # And the earlier version is still whole.
+    older = tmp_path / "older"
+    older.mkdir()
+    engine.restore(older, snapshot_id=first.snapshot)
+    assert (older / "model.bin").read_bytes()[10 * MiB : 11 * MiB] != big.read_bytes()[10 * MiB : 11 * MiB]
+
+
+def test_a_damaged_blob_is_refused_on_restore(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    write(ws, "a.txt", "the real content")
+    engine = SyncEngine(store)
+    engine.backup(ws)
+    [rec] = engine.manifest().files
+    store.put_bytes(blob_key(rec.sha256), b"something else")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StoreError, match="damaged"):
+        engine.restore(out)
+    assert list(out.iterdir()) == []
