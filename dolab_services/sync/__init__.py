@@ -1,6 +1,8 @@
 """DO-LAB workspace sync: incremental, content-addressed backups of users' workspaces to S3 or Google Drive.
 
-Modules: ``store`` (the storage interface), ``s3`` and ``drive`` (targets), ``workspace`` (scanning a workspace
-safely), ``engine`` (backup, restore, retention), ``service`` (the hub-managed service), ``hooks`` (the stop path's
-final sync).
+Modules: ``store`` (the storage interface), ``s3`` and ``drive`` (targets), ``workspace`` (reading and writing a
+workspace safely), ``manifest`` (snapshots and the hash cache), ``engine`` (backup, restore, retention), ``config``
+(``DOLAB_SYNC_*``), ``backups``, ``web`` and ``service`` (the hub-managed ``dolab-sync`` service and its API),
+``hooks`` (the spawner's and the culler's final backup, the restore at spawn), ``registration`` (what the shipped
+``jupyterhub_config.py`` adds).
 """

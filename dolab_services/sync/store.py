@@ -27,7 +27,7 @@ Semantics every implementation keeps
       Messages never contain credentials, tokens or presigned URLs.
     - Calls are bounded in time by SDK-level timeouts/retries configured in the implementation.
 
-The contract is exercised for any store by ``tests/sync/contract.py`` (``run_store_contract(store)``).
+The contract is exercised for any store by ``tests/sync/contract.py`` (``run_store_contract(store, tmp_path)``).
 """
 
 from __future__ import annotations
