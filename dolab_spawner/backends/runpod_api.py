@@ -52,6 +52,11 @@ __all__ = [
 #: The SDK's cloud types, by the names profiles use.
 CLOUD_TYPES = {"secure": "SECURE", "community": "COMMUNITY", "all": "ALL"}
 
+#: SDK calls that take the key as an argument; the others read the module global ``runpod.api_key``.
+_TAKES_KEY = {"get_pod", "get_pods", "get_gpu", "get_gpus"}
+_KEYS: set[str] = set()
+_GLOBAL_KEY_LOCK = threading.Lock()
+
 _NO_CAPACITY_MARKERS = ("no longer any instances available", "not enough free gpus", "no instances available")
 _TRANSIENT_MARKERS = ("something went wrong", "too many requests", "rate limit", "try again later", "timed out")
 
@@ -244,6 +249,7 @@ class RunPodApi:
         self._prices: dict[str, tuple[float, GpuType]] = {}
         self._sdk_lock = threading.Lock()
         self._sdk: Any = None
+        _KEYS.add(api_key)  # set.add is atomic; never wait for _GLOBAL_KEY_LOCK here (the event loop calls this)
 
     def __repr__(self) -> str:
         return f"<RunPodApi pool={self._pool._max_workers}>"  # never the key
@@ -262,9 +268,16 @@ class RunPodApi:
 
     def _run_sdk(self, what: str, *args: Any, **kwargs: Any) -> Any:
         sdk = self._load_sdk()
-        # The key is the module global: another RunPodApi in this process (another hub config) may have set its own.
-        sdk.api_key = self._api_key
-        return getattr(sdk, what)(*args, **kwargs)
+        if what in _TAKES_KEY:
+            return getattr(sdk, what)(*args, api_key=self._api_key, **kwargs)
+        # create/stop/resume/terminate read only the module global. With one key per process (the usual case) it
+        # is set once; with several, each such call holds the global for its whole duration.
+        if len(_KEYS) == 1:
+            sdk.api_key = self._api_key
+            return getattr(sdk, what)(*args, **kwargs)
+        with _GLOBAL_KEY_LOCK:
+            sdk.api_key = self._api_key
+            return getattr(sdk, what)(*args, **kwargs)
 
     async def _call(self, what: str, *args: Any, retry: bool = True, **kwargs: Any) -> Any:
         """``runpod.<what>(*args, **kwargs)`` on the pool, with a timeout; transient failures retried with backoff."""

@@ -169,6 +169,7 @@ def test_a_user_works_in_a_pod_through_the_proxy_then_stop_terminates_it(
 
     hub.stop_server("rita")
     no_pod_left(em, stack)
+    assert em.api_key not in hub.log_path.read_text(errors="replace")  # the hub logs at DEBUG level here
 
 
 def test_no_capacity_falls_back_to_the_next_gpu_type(hub: Hub, em: EmulatorProcess, stack: DockerStack) -> None:
