@@ -8,6 +8,7 @@ API at the engine's bridge address (``hub_connect_url``), as a real pod reaches 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -54,6 +55,8 @@ def stack() -> DockerStack:
 @pytest.fixture(scope="module")
 def hub(stack: DockerStack, emulator: EmulatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("runpod-hub")
+    hook_dir = root / "hooks"
+    hook_dir.mkdir()
     hub_port = free_port()
     profiles = [
         {"display_name": "CPU", "slug": "cpu", "default": True},
@@ -74,6 +77,21 @@ c.RunPodBackend.poll_max_interval_seconds = 1
 c.RunPodBackend.api_backoff_seconds = 0.1
 c.RunPodBackend.api_retries = 2
 c.RunPodBackend.price_ttl_seconds = 0
+
+import json, os, urllib.request
+
+def _backup_hook(spawner, reason):
+    # Stands for the sync service's final backup: records what the pod was doing then, fails when told to.
+    pod_id = spawner.get_state().get("backend_state", {{}}).get("pod_id", "")
+    with urllib.request.urlopen({emulator.url + "/_emulator/pods"!r}, timeout=10) as reply:
+        pods = json.load(reply)["pods"]
+    status = next((p["desiredStatus"] for p in pods if p["id"] == pod_id), "gone")
+    with open(os.path.join({str(hook_dir)!r}, "calls.jsonl"), "a") as out:
+        out.write(json.dumps({{"user": spawner.user.name, "pod": pod_id, "status": status}}) + "\\n")
+    if os.path.exists(os.path.join({str(hook_dir)!r}, "fail-" + spawner.user.name)):
+        raise RuntimeError("The backup to the test store failed.")
+
+c.DoLabSpawner.pre_destroy_hooks = [_backup_hook]
 """
     env = {
         "DOLAB_HUB_IP": "0.0.0.0",
@@ -393,5 +411,39 @@ def test_a_stop_that_keeps_the_disk_and_a_start_that_resumes_the_pod(
         hub.stop_server("kim")
         assert [p["desiredStatus"] for p in em.pods()] == ["EXITED"]
     finally:
+        em.remove_all()
+    no_pod_left(em, stack)
+
+
+def hook_calls(hub: Hub, user: str) -> list[dict[str, Any]]:
+    path = hub.root / "hooks" / "calls.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [call for call in map(json.loads, lines) if call["user"] == user]
+
+
+def test_stop_backs_up_first_then_terminates_and_a_failed_backup_keeps_the_disk(
+    hub: Hub, em: EmulatorProcess, stack: DockerStack
+) -> None:
+    hub.create_user("sara")
+    assert hub.start_server("sara", {"profile": "pod"}).status_code in (201, 202)
+    hub.wait_ready("sara", timeout=120)
+    (pod,) = em.pods()
+    hub.stop_server("sara")
+    assert hook_calls(hub, "sara") == [{"user": "sara", "pod": pod["id"], "status": "RUNNING"}]  # backup first
+    no_pod_left(em, stack)  # then terminated
+
+    hub.create_user("sami")
+    (hub.root / "hooks" / "fail-sami").touch()
+    try:
+        assert hub.start_server("sami", {"profile": "pod"}).status_code in (201, 202)
+        hub.wait_ready("sami", timeout=120)
+        (pod,) = em.pods()
+        hub.stop_server("sami")
+        assert hook_calls(hub, "sami") == [{"user": "sami", "pod": pod["id"], "status": "RUNNING"}]
+        (kept,) = em.pods()
+        assert (kept["id"], kept["desiredStatus"], kept["containerRunning"]) == (pod["id"], "EXITED", False)
+        assert "The backup to the test store failed." in hub.log_tail(200)
+    finally:
+        (hub.root / "hooks" / "fail-sami").unlink()
         em.remove_all()
     no_pod_left(em, stack)
