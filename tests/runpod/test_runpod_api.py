@@ -1,4 +1,5 @@
-"""The RunPod adapter against the emulator (records only, no engine needed): escaping, errors, retries, prices."""
+"""The RunPod adapter against the emulator (records only, no engine needed): escaping, errors, retries, prices; and
+the backend's poll, stop and suspend as a restarted hub uses them."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import requests
 import runpod.error
 
+from dolab_spawner.backends.runpod import RunPodBackend
 from dolab_spawner.backends.runpod_api import (
     ApiError,
     BadApiKey,
@@ -199,3 +203,40 @@ async def test_stop_resume_and_terminate_twice(em: EmulatorProcess) -> None:
     await api.terminate_pod(pod_id)
     await api.terminate_pod(pod_id)  # already gone: fine
     assert await api.get_pod(pod_id) is None
+
+
+def backend_for(em: EmulatorProcess, user: str, **traits: Any) -> RunPodBackend:
+    """A RunPodBackend outside a hub (what a restarted hub rebuilds), on the emulator."""
+    return RunPodBackend(user=SimpleNamespace(name=user), api_key=em.api_key, api_backoff_seconds=0.05, **traits)
+
+
+async def test_a_server_without_a_pod_id_finds_its_pod_by_name_and_polls_and_stops_it(em: EmulatorProcess) -> None:
+    api = adapter(em)
+    pod_id = await api.create_pod(PodSpec(name="dolab-nora", image="img", gpu_type_id=A100))
+    await api.create_pod(PodSpec(name="dolab-nora--other", image="img", gpu_type_id=A100))
+    backend = backend_for(em, "nora")
+    assert await backend.poll() is None
+    assert backend.pod_id == pod_id and backend.get_state()["pod_id"] == pod_id
+    await backend.stop()
+    assert await api.get_pod(pod_id) is None
+    assert await backend.poll() == 0
+    await backend.stop()  # again: nothing left to do
+    assert [p["name"] for p in em.pods()] == ["dolab-nora--other"]
+
+
+async def test_poll_maps_exited_and_missing_pods_to_stopped(em: EmulatorProcess) -> None:
+    api = adapter(em)
+    pod_id = await api.create_pod(PodSpec(name="dolab-olga", image="img", gpu_type_id=A100))
+    backend = backend_for(em, "olga")
+    backend.load_state({"pod_id": pod_id, "gpu_type_id": A100, "gpu_count": 1, "price_per_hour_usd": 1.64})
+    assert await backend.poll() is None
+    em.faults(replies=[{"field": "pod", "times": 10, "status": 502, "body": "gateway", "content_type": "text/plain"}])
+    assert await backend.poll() is None  # RunPod cannot say: the pod is not forgotten
+    em.reset()
+    await backend.suspend()
+    assert (await api.get_pod(pod_id)).desired_status == "EXITED"  # type: ignore[union-attr]
+    assert await backend.poll() == 0
+    await backend.suspend()  # already stopped: fine
+    em.vanish(pod_id)
+    assert await backend.poll() == 0
+    assert backend.monitor_state() == {"price_per_hour_usd": 1.64, "gpu_type": A100, "gpu_count": 1}
