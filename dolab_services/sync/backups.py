@@ -95,10 +95,10 @@ class Backups:
             self.log.debug("Backup of %s: unchanged since %s", user, report.previous)
         return report
 
-    async def snapshots(self, user: str) -> list[dict[str, Any]]:
-        """The user's restore points, newest first."""
-        snaps = await self._run(user, lambda engine: engine.snapshots())
-        return [
+    async def snapshots(self, user: str) -> tuple[str, list[dict[str, Any]]]:
+        """Where the user's backups are (the store's description), and their restore points, newest first."""
+        where, snaps = await self._run(user, lambda engine: (engine.store.description, engine.snapshots()))
+        return where, [
             {"id": s.id, "created": s.created.isoformat().replace("+00:00", "Z") if s.created else None}
             for s in reversed(snaps)
         ]

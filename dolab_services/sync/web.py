@@ -111,10 +111,9 @@ class BackupsHandler(_ApiHandler):
     async def get(self) -> None:
         user = self.owner()
         try:
-            snaps = await self.backups.snapshots(user)
+            target, snaps = await self.backups.snapshots(user)
         except Exception as e:
             raise self.failed(e) from None
-        target = self.backups.settings.store_for(user).description
         self.reply({"user": user, "target": target, "snapshots": snaps})
 
 
