@@ -82,7 +82,7 @@ class SyncService(ServiceApp):
         try:
             settings = SyncSettings.from_env(os.environ)
             if not settings.enabled:
-                raise ValueError("no backup target: set DOLAB_SYNC_S3_BUCKET")
+                raise ValueError("no backup target: set DOLAB_SYNC_S3_BUCKET or DOLAB_SYNC_DRIVE_KEY_FILE")
             if not self.workspace_root:
                 raise ValueError("no workspace root: set DOLAB_WORKSPACE_ROOT or --workspace-root")
             hub = HubClient()
@@ -102,10 +102,14 @@ class SyncService(ServiceApp):
             timeout_seconds=self.timeout_minutes * 60,
             log=self.log,
         )
+        where = (
+            f"s3://{settings.bucket}/{settings.prefix}"
+            if settings.target == "s3"
+            else f"Google Drive folder {settings.drive_folder_id or settings.drive_folder}"
+        )
         self.log.info(
-            "Backing up to s3://%s/%s every %g min (keep %d, deletions %s)",
-            settings.bucket,
-            settings.prefix,
+            "Backing up to %s every %g min (keep %d, deletions %s)",
+            where,
             interval,
             settings.keep_snapshots,
             settings.deletions,
