@@ -262,6 +262,16 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         except ValueError as e:
             raise TraitError(f"DoLabSpawner.docker_hosts: {e}") from None
 
+    @validate("pre_start_hooks", "pre_destroy_hooks")
+    def _validate_hooks(self, proposal: dict) -> Any:
+        # A typo would otherwise show only at a stop, as a failed backup that keeps every server's storage.
+        for hook in proposal["value"]:
+            try:
+                _load_hook(hook)
+            except RuntimeError as e:
+                raise TraitError(f"DoLabSpawner.{proposal['trait'].name}: {e}") from None
+        return proposal["value"]
+
     @validate("gpu_inventory")
     def _validate_gpu_inventory(self, proposal: dict) -> Any:
         value = proposal["value"]
