@@ -172,7 +172,9 @@ def test_allowed_overrides_accepts_known_traits() -> None:
 
 
 def test_other_backend_when_known() -> None:
-    (profile,) = parse_profile_list([{"display_name": "Pod", "backend": "kubernetes"}], backends=("local", "kubernetes"))
+    (profile,) = parse_profile_list(
+        [{"display_name": "Pod", "backend": "kubernetes"}], backends=("local", "kubernetes")
+    )
     assert profile.backend == "kubernetes"
 
 
