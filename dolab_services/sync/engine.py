@@ -7,8 +7,9 @@ Design
       after every blob it names is stored. A sync that dies halfway leaves extra blobs and no manifest: every
       earlier snapshot stays whole, and the next sync reuses the blobs it finds in use.
     - A run that finds the same tree as the latest snapshot writes nothing at all.
-    - Restore points: the last ``keep_snapshots`` snapshots are kept; older manifests are deleted, then the blobs
-      no kept snapshot names (garbage collection runs only when a snapshot was dropped).
+    - Restore points: the last ``keep_snapshots`` snapshots are kept; older manifests are deleted with the blobs
+      only they named. Blobs no snapshot names (left by a sync that died and not reused) go with
+      :meth:`SyncEngine.collect_garbage`, run when no sync of the workspace is.
     - Deletions: ``mirror`` (a snapshot is the workspace as it is; deleted files live on in older snapshots) or
       ``keep`` (files deleted from the workspace are carried into every new snapshot).
     - Change detection without reading: the local :class:`~.manifest.HashCache` (size, mtime, ctime, inode). No
@@ -274,17 +275,27 @@ class SyncEngine:
         if len(snaps) <= keep:
             return [], 0
         dropped = [s.id for s in snaps[:-keep]]
+        # Only blobs the dropped snapshots named and no kept one does: a blob another sync of the same workspace
+        # (another process) uploaded a moment ago for its coming snapshot is never among them.
+        gone = self._blobs_of(dropped) - self._blobs_of(s.id for s in snaps[-keep:])
         self.store.delete(snapshot_key(sid) for sid in dropped)
-        deleted = self.collect_garbage([s.id for s in snaps[-keep:]])
-        log.info("Dropped %d old snapshot(s) of %s, %d unused blob(s)", len(dropped), self.store.description, deleted)
-        return dropped, deleted
+        self.store.delete(blob_key(h) for h in sorted(gone))
+        log.info("Dropped %d old snapshot(s) of %s, %d unused blob(s)", len(dropped), self.store.description, len(gone))
+        return dropped, len(gone)
 
-    def collect_garbage(self, kept: Iterable[str] | None = None) -> int:
-        """Delete the blobs no kept snapshot names (all snapshots in the store when ``kept`` is None)."""
-        ids = [s.id for s in self.snapshots()] if kept is None else list(kept)
-        live: set[str] = set()
-        for sid in ids:
-            live.update(h for f in self.manifest(sid).files for h in f.blobs)
+    def _blobs_of(self, snapshot_ids: Iterable[str]) -> set[str]:
+        blobs: set[str] = set()
+        for sid in snapshot_ids:
+            try:
+                blobs.update(h for f in self.manifest(sid).files for h in f.blobs)
+            except ObjectNotFound:
+                pass  # dropped meanwhile by another sync
+        return blobs
+
+    def collect_garbage(self) -> int:
+        """Delete every blob no snapshot names, such as those a sync that died left behind (an admin's clean-up:
+        run it when no sync of this workspace is running, since it would take a running sync's fresh uploads)."""
+        live = self._blobs_of(s.id for s in self.snapshots())
         dead = [i.key for i in self.store.list(BLOB_PREFIX) if i.key.rsplit("/", 1)[-1] not in live]
         self.store.delete(dead)
         return len(dead)

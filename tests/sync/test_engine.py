@@ -391,3 +391,25 @@ def test_a_damaged_blob_is_refused_on_restore(store: S3Store, tmp_path: Path) ->
     with pytest.raises(StoreError, match="damaged"):
         engine.restore(out)
     assert list(out.iterdir()) == []
+
+
+def test_retention_never_takes_a_blob_another_sync_just_uploaded(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    engine = SyncEngine(store, SyncPolicy(keep_snapshots=1))
+    write(ws, "doc.txt", "version 1")
+    engine.backup(ws)
+    fresh = blob_key("f" * 64)
+    store.put_bytes(fresh, b"uploaded by another sync, its snapshot not written yet")
+    write(ws, "doc.txt", "version 2")
+
+    report = engine.backup(ws)
+
+    assert len(report.dropped_snapshots) == 1 and report.deleted_blobs == 1  # version 1's content
+    assert fresh in {i.key for i in store.list(BLOB_PREFIX)}
+    # The admin's clean-up, with no sync running, takes what no snapshot names.
+    assert engine.collect_garbage() == 1
+    assert fresh not in {i.key for i in store.list(BLOB_PREFIX)}
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out)
+    assert (out / "doc.txt").read_text() == "version 2"
