@@ -52,7 +52,12 @@ __all__ = [
     "load_plans_file",
     "parse_plans",
     "plan_for",
+    "plans_from_env",
+    "service_environment",
 ]
+
+#: How the shipped config hands the hub's plans to its services (JSON), beside ``DOLAB_PLANS_FILE``.
+PLANS_ENV = "DOLAB_PLANS"
 
 #: The quota metrics and periods the monitor understands.
 METRICS = ("gpu_hours", "usd")
@@ -271,6 +276,27 @@ def load_plans_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise PlanConfigError(f"the plans file {path} is not valid JSON: {e}") from None
     parse_plans(raw)
     return raw
+
+
+def service_environment(raw: Mapping[str, Any] | None) -> dict[str, str]:
+    """The environment that gives a hub-managed service the hub's plans (``c.DoLabSpawner.plans``): services do not
+    inherit the hub's config, and the culler's exemptions and the monitor's quotas must read the same plans."""
+    return {PLANS_ENV: json.dumps(raw, sort_keys=True)} if raw else {}
+
+
+def plans_from_env(environ: Mapping[str, str] | None = None) -> PlanTable:
+    """The plans a service was given: ``$DOLAB_PLANS`` (JSON, see :func:`service_environment`), else the file named
+    by ``$DOLAB_PLANS_FILE``, else none. Raises :class:`PlanConfigError` with a sentence when they are invalid."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(PLANS_ENV, "")
+    if text:
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise PlanConfigError(f"${PLANS_ENV} is not valid JSON: {e}") from None
+        return parse_plans(raw)
+    path = environ.get("DOLAB_PLANS_FILE", "")
+    return parse_plans(load_plans_file(path)) if path else PlanTable()
 
 
 _env_table: tuple[str, float, PlanTable] | None = None

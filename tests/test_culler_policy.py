@@ -20,6 +20,7 @@ from dolab_services.culler.policy import (
     decide,
     needs_inspection,
 )
+from dolab_spawner.plans import parse_plans
 
 NOW = datetime(2025, 6, 2, 12, 0, tzinfo=timezone.utc)
 PARIS_SUMMER = timezone(timedelta(hours=2))
@@ -502,3 +503,58 @@ def test_skipping_inspection_never_hides_an_idle_stop(server: ServerFacts, polic
     uninspected = replace(server, busy_kernels=None, gpu_percent=None)
     if not needs_inspection(uninspected, policy, NOW):
         assert decide(uninspected, policy, NOW).reason != "idle"
+
+
+# ----- plans (dolab_spawner.plans): the same exemptions and run-time limits the spawner applies -------------------
+
+PLANS = parse_plans(
+    {
+        "plans": {
+            "short": {"profiles": "*", "max_run_hours": 4},
+            "long": {"profiles": "*", "max_run_hours": None},
+            "staff": {"profiles": "*", "cull_exempt": True},
+        },
+        "groups": {"students": "short", "research": "long", "lab-staff": "staff"},
+    }
+)
+WITH_PLANS = CullPolicy(plans=PLANS)
+
+
+@pytest.mark.parametrize(
+    ("groups", "exempt"),
+    [
+        pytest.param((), False, id="no group"),
+        pytest.param(("students",), False, id="plan without exemption"),
+        pytest.param(("lab-staff",), True, id="exempt plan"),
+        pytest.param(("students", "lab-staff"), True, id="any exempt plan exempts"),
+    ],
+)
+def test_plan_exemption(groups: tuple[str, ...], exempt: bool) -> None:
+    assert WITH_PLANS.is_exempt("alice", groups) is exempt
+    server = facts(last_activity=NOW - 30 * H, groups=groups)
+    assert (decide(server, WITH_PLANS, NOW).action == "stop") is not exempt
+
+
+def test_plan_exemption_never_lifts_the_users_stop_time() -> None:
+    server = facts(groups=("lab-staff",), stop_at=NOW - MINUTE)
+    assert decide(server, WITH_PLANS, NOW) == Decision("stop", "deadline", NOW - MINUTE)
+
+
+@pytest.mark.parametrize(
+    ("groups", "hub_limit", "expected"),
+    [
+        pytest.param((), 168, 168, id="no plan limit -> hub's"),
+        pytest.param(("students",), 168, 4, id="plan lowers the hub's"),
+        pytest.param(("students",), 2, 2, id="hub's lower wins"),
+        pytest.param(("students",), 0, 4, id="no hub limit -> plan's"),
+        pytest.param(("research",), 168, 168, id="plan without limit -> hub's"),
+        pytest.param(("students", "research"), 168, 168, id="most generous plan"),
+    ],
+)
+def test_plan_max_run_hours(groups: tuple[str, ...], hub_limit: float, expected: float) -> None:
+    assert WITH_PLANS.max_run_hours(groups, hub_limit) == expected
+
+
+def test_no_plans_change_nothing() -> None:
+    assert not DEFAULT.is_exempt("alice", ("lab-staff",))
+    assert DEFAULT.max_run_hours(("students",), 168) == 168

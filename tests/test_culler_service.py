@@ -47,6 +47,7 @@ from dolab_services.culler.service import (
 from dolab_services.culler.stop import STOP_REASONS, StopPath, load_hooks
 from dolab_services.culler.telemetry import StaticTelemetry
 from dolab_services.hubclient import HubClient
+from dolab_spawner.plans import plans_from_env
 
 from .cli_support import isolate_env, unused_url
 from .hub_double import HubDouble, serve_hub_double
@@ -801,6 +802,7 @@ def test_culler_service_defaults() -> None:
             "/data/culler-extensions.json",
         ],
         "url": "http://127.0.0.1:10101",
+        "environment": {},
         "oauth_no_confirm": True,
         "info": found.service["info"],
     }
@@ -840,6 +842,17 @@ def test_culler_service_from_env_and_config(tmp_path: Path) -> None:
     ]
     assert found.service["url"] == "http://127.0.0.1:9999"
     assert found.extra_user_scopes == {"read:metrics", USER_SCOPE}
+
+
+def test_culler_service_gets_the_spawners_plans() -> None:
+    plans = {"plans": {"staff": {"profiles": "*", "cull_exempt": True}}, "groups": {"lab-staff": "staff"}}
+    c = Config()
+    c.DoLabSpawner.plans = plans
+    found = culler_service(c, {}, "/py")
+    assert found is not None
+    table = plans_from_env(found.service["environment"])
+    assert table.plan_for(["lab-staff"]).cull_exempt
+    assert not table.plan_for(["students"]).cull_exempt
     assert culler_service(Config(), {"DOLAB_MAX_RUN_HOURS": "48"}, "/py").service["command"][6] == "48"  # type: ignore[union-attr]
 
 

@@ -9,10 +9,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from traitlets import Bool, Float, Integer, List, Unicode, default
+
+from dolab_spawner.plans import plans_from_env
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
@@ -105,7 +108,7 @@ class Culler(ServiceApp):
         if self.max_run_hours < 0 or not math.isfinite(self.max_run_hours):
             raise ValueError(f"--max-run-hours must be 0 (no limit) or a positive number, not {self.max_run_hours:g}")
         policy = load_policy(self.policy_file) if self.policy_file else CullPolicy()
-        return policy, HubClient()
+        return replace(policy, plans=plans_from_env()), HubClient()
 
     def start(self) -> None:
         """Check the settings, then sweep and serve until stopped (or sweep once)."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from dolab_spawner.plans import PlanTable
+
 __all__ = ["DEFAULT_RULES", "CullPolicy", "Decision", "Rule", "ServerFacts", "decide", "needs_inspection"]
 
 HOUR = 3600.0
@@ -60,14 +62,27 @@ class CullPolicy:
     gpu_busy_percent: float = 10
     exempt_users: frozenset[str] = frozenset()
     exempt_groups: frozenset[str] = frozenset()
+    #: The admins' plans (``dolab_spawner.plans``): a plan with ``cull_exempt`` exempts its members too.
+    plans: PlanTable = field(default_factory=PlanTable)
 
     def rule_for(self, profile: str, backend: str, gpus: int) -> Rule:
         """The first rule that matches (a never-culling rule when none does)."""
         return next((r for r in self.rules if r.matches(profile, backend, gpus)), Rule(idle_seconds=None))
 
     def is_exempt(self, user: str, groups: Iterable[str]) -> bool:
-        """Whether the admin exempted this user from idle and age stops."""
-        return user in self.exempt_users or bool(self.exempt_groups.intersection(groups))
+        """Whether the admin exempted this user from idle and age stops (by name, group or plan)."""
+        groups = tuple(groups)
+        if user in self.exempt_users or self.exempt_groups.intersection(groups):
+            return True
+        return self.plans.configured and self.plans.plan_for(groups).cull_exempt
+
+    def max_run_hours(self, groups: Iterable[str], hub_limit: float) -> float:
+        """How far ahead a member of ``groups`` may set a stop time: the hub's limit (0: none), lowered by their
+        plan's ``max_run_hours`` when it has one (the spawner applies the same rule at spawn)."""
+        plan_limit = self.plans.plan_for(groups).max_run_hours if self.plans.configured else None
+        if plan_limit is None:
+            return hub_limit
+        return plan_limit if hub_limit <= 0 else min(hub_limit, plan_limit)
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> CullPolicy:

@@ -20,6 +20,8 @@ from typing import Any
 
 from traitlets.config import Config, LazyConfigValue
 
+from dolab_spawner.plans import service_environment
+
 from .policy import CullPolicy
 
 __all__ = [
@@ -118,6 +120,8 @@ def culler_service(
         "name": SERVICE_NAME,
         "command": command,
         "url": f"http://127.0.0.1:{int(port)}",
+        # Plans with cull_exempt and max_run_hours: the spawner's plans, read the same way.
+        "environment": service_environment(config_value(config, "DoLabSpawner", "plans", None)),
         "oauth_no_confirm": True,
         "info": {"description": "Your servers' stop times and warnings; extend a stop time"},
     }

@@ -93,6 +93,7 @@ class Sweeper:
         self._tasks: set[asyncio.Task[None]] = set()
         self._warnings: dict[tuple[str, str], CullWarning] = {}
         self._problems: dict[tuple[str, str], str] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}  # each user's groups, as last seen (for plan limits)
 
     def close(self) -> None:
         """Close the connections to the servers."""
@@ -128,6 +129,7 @@ class Sweeper:
                     )
                 extended = self.extensions.get(str(user.get("name", "")), name, str(model.get("started") or ""))
                 facts = server_facts(user, name, model, now, extended)
+                self._groups[facts.user] = facts.groups
                 runs.append(_Run(name, model, facts))
         report.servers = len(runs)
         present = {(u, s) for u, s, _ in listed}
@@ -271,6 +273,14 @@ class Sweeper:
         else:
             self.log.debug("Recorded activity of server %s (%s)", describe(user, server), detail or "user")
 
+    def max_run_hours_for(self, user: str) -> float:
+        """How far ahead ``user`` may move a stop time: the hub's limit, lowered by their plan's (0: no limit)."""
+        return self.policy.max_run_hours(self._groups.get(user, ()), self.max_run_hours)
+
+    def _remember_groups(self, user: str, model: Mapping[str, Any] | None) -> None:
+        if model is not None and "groups" in model:
+            self._groups[user] = tuple(str(g) for g in model.get("groups") or ())
+
     def warnings_for(self, user: str) -> list[CullWarning]:
         """The user's current warnings, soonest first."""
         return sorted((w for (u, _), w in self._warnings.items() if u == user), key=lambda w: w.stop_at)
@@ -278,6 +288,7 @@ class Sweeper:
     async def _running_server(self, user: str, server: str) -> Mapping[str, Any]:
         try:
             model = await self.hub.request("GET", f"/users/{quote(user, safe='')}")
+            self._remember_groups(user, model)
         except HubAPIError as e:
             if e.status == 404:
                 raise ValueError(f"You have no running {server_label(server)}.") from None
@@ -295,7 +306,7 @@ class Sweeper:
         """Move the server's stop time ``hours`` later; the new stop time. ValueError: a sentence for the user."""
         model = await self._running_server(user, server)
         now = utcnow()
-        new = extended_stop_at(self._stop_at(user, server, model), hours, now, self.max_run_hours)
+        new = extended_stop_at(self._stop_at(user, server, model), hours, now, self.max_run_hours_for(user))
         self.extensions.set(user, server, str(model.get("started") or ""), new)
         if (warning := self._warnings.get((user, server))) and warning.reason == "deadline":
             del self._warnings[(user, server)]
@@ -312,13 +323,14 @@ class Sweeper:
     async def servers_of(self, user: str) -> list[ServerView]:
         """The user's running servers, with stop time, warning and how far the stop time can move."""
         model = await self.hub.request("GET", f"/users/{quote(user, safe='')}")
+        self._remember_groups(user, model)
         now = utcnow()
         views = []
         for name, server in sorted(((model or {}).get("servers") or {}).items()):
             if not isinstance(server, Mapping) or not server.get("ready"):
                 continue
             stop_at = self._stop_at(user, name, server)
-            headroom = headroom_hours(stop_at, now, self.max_run_hours)
+            headroom = headroom_hours(stop_at, now, self.max_run_hours_for(user))
             views.append(
                 ServerView(
                     name=name,

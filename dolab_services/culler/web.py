@@ -245,7 +245,7 @@ class WarningsHandler(_ApiHandler):
         for warning in self.sweeper.warnings_for(self.user_name):
             data = warning.to_json()
             if warning.reason == "deadline":
-                headroom = headroom_hours(warning.stop_at, now, self.sweeper.max_run_hours)
+                headroom = headroom_hours(warning.stop_at, now, self.sweeper.max_run_hours_for(self.user_name))
                 data["extend_hours"] = extend_offer(headroom, self.extend_hours)
             warnings.append(data)
         self.reply({"warnings": warnings})

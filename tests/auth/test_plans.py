@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from dolab_spawner.plans import UNRESTRICTED, Plan, PlanConfigError, load_plans_file, parse_plans, plan_for
+from dolab_spawner.plans import (
+    UNRESTRICTED,
+    Plan,
+    PlanConfigError,
+    load_plans_file,
+    parse_plans,
+    plan_for,
+    plans_from_env,
+    service_environment,
+)
 
 CONFIG = {
     "plans": {
@@ -155,3 +164,15 @@ def test_load_plans_file_errors(tmp_path: Path) -> None:
     bad.write_text("{plans:")
     with pytest.raises(PlanConfigError, match="not valid JSON"):
         load_plans_file(bad)
+
+
+def test_plans_reach_services_through_their_environment(tmp_path: Path) -> None:
+    raw = {"plans": {"gpu": {"profiles": ["a100"], "quotas": {"usd": {"month": 50}}}}, "groups": {"lab": "gpu"}}
+    env = service_environment(raw)
+    assert plans_from_env(env).plan_for(["lab"]).quotas == {"usd": {"month": 50.0}}
+    assert service_environment({}) == {} and not plans_from_env({}).configured
+    plans_file = tmp_path / "plans.json"
+    plans_file.write_text(json.dumps(raw))
+    assert plans_from_env({"DOLAB_PLANS_FILE": str(plans_file)}).plan_for(["lab"]).profiles == {"a100"}
+    with pytest.raises(PlanConfigError, match="DOLAB_PLANS is not valid JSON"):
+        plans_from_env({"DOLAB_PLANS": "{nope"})
