@@ -23,6 +23,10 @@ Which quota applies to a user (:meth:`QuotaConfig.for_user`):
    30}, "usd": {"month": 100}}`` and ``students`` ``{"gpu_hours": {"week": 40}}`` give ``{"gpu_hours": {"week":
    40}, "usd": {"month": 100}}``; adding ``staff`` ``{"usd": {"month": null}}`` lifts the USD limit;
 3. else ``default``; without one, the user has no quota.
+
+The admins' plans (``dolab_spawner.plans``, handed to the service as ``$DOLAB_PLANS`` or ``$DOLAB_PLANS_FILE``)
+carry quotas of the same shape: the user's plan quota counts as one more group entry in step 2 (so plans and this
+file's groups combine by the same most-generous rule, and a user's own entry still wins).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, get_args
+
+from dolab_spawner.plans import PlanTable
 
 from .periods import PERIODS, Period, period_bounds
 
@@ -104,6 +110,7 @@ class QuotaConfig:
     users: Mapping[str, Quota] = field(default_factory=dict)
     groups: Mapping[str, Quota] = field(default_factory=dict)
     default: Quota = field(default_factory=Quota)
+    plans: PlanTable = field(default_factory=PlanTable)
 
     @classmethod
     def from_config(cls, data: Any) -> QuotaConfig:
@@ -128,13 +135,21 @@ class QuotaConfig:
     @property
     def empty(self) -> bool:
         """Whether no quota is configured at all."""
-        return not (self.users or any(self.groups.values()) or self.default)
+        plan_quotas = any(spec.quotas for spec in self.plans.plans.values())
+        return not (self.users or any(self.groups.values()) or self.default or plan_quotas)
 
     def for_user(self, user: str, groups: Iterable[str] = ()) -> Quota:
         """The quota that applies to ``user`` (member of ``groups``): own entry, else groups, else default."""
         if user in self.users:
             return self.users[user]
-        entries = [(g, self.groups[g]) for g in sorted(set(groups)) if g in self.groups]
+        groups = sorted(set(groups))
+        entries = [(g, self.groups[g]) for g in groups if g in self.groups]
+        sources = ["group " + ", ".join(g for g, _ in entries)] if entries else []
+        if self.plans.configured:
+            plan = self.plans.plan_for(groups)
+            if plan.quotas:
+                entries.append(("", Quota.from_config(plan.quotas, "plan")))
+                sources.append("plan " + ", ".join(plan.names))
         if not entries:
             return self.default
         lifted = frozenset().union(*(q.unlimited for _, q in entries))
@@ -143,7 +158,7 @@ class QuotaConfig:
             for key, value in quota.limits.items():
                 if key not in lifted:
                     limits[key] = max(value, limits.get(key, value))
-        return Quota(limits, "group " + ", ".join(g for g, _ in entries), lifted)
+        return Quota(limits, "; ".join(sources), lifted)
 
 
 def format_amount(metric: Metric, value: float) -> str:

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +31,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 from traitlets.config import Config, LazyConfigValue
 
 from dolab_services.culler.stop import StopPath, load_hooks
+from dolab_spawner.plans import parse_plans, plans_from_env, service_environment
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
@@ -163,8 +164,10 @@ class MonitorApp(ServiceApp):
 
     def _quotas(self) -> QuotaConfig:
         if self.quotas_file:
-            return load_quotas(self.quotas_file)
-        return QuotaConfig.from_config(_env_json("DOLAB_MONITOR_QUOTAS"))
+            quotas = load_quotas(self.quotas_file)
+        else:
+            quotas = QuotaConfig.from_config(_env_json("DOLAB_MONITOR_QUOTAS"))
+        return replace(quotas, plans=plans_from_env())  # the plans' quotas: the same plans the spawner reads
 
     def _check(self) -> tuple[QuotaConfig, GpuPrices]:
         for name, value in (
@@ -221,7 +224,7 @@ class MonitorApp(ServiceApp):
             return
         seen[:] = [mtime]
         try:
-            monitor.quotas = load_quotas(self.quotas_file)
+            monitor.quotas = replace(load_quotas(self.quotas_file), plans=monitor.quotas.plans)
         except ValueError as e:
             self.log.error("%s: keeping the quotas read before", e)
         else:
@@ -394,6 +397,9 @@ def monitor_service(
         command += ["--db-url", f"sqlite:///{Path(data_dir) / 'monitor.sqlite'}"]
     if env.get("DOLAB_MONITOR_PER_USER_METRICS", "") in ("1", "true", "yes"):
         command.append("--per-user-metrics")
+    plans = _config_value(config, "DoLabSpawner", "plans", None)
+    environment.update(service_environment(plans))
+    plan_quotas = not QuotaConfig(plans=parse_plans(plans)).empty
     token = ensure_secret(Path(data_dir) / "monitor-token", length=40)[0] if data_dir else ""
     url = f"http://127.0.0.1:{int(port)}"
     service: dict[str, Any] = {
@@ -414,7 +420,7 @@ def monitor_service(
     }
     scopes = set(_config_value(config, "JupyterHub", "extra_user_scopes", set()) or ()) | {USER_SCOPE}
     quota_check = None
-    if (quotas_text or quotas_file) and token:
+    if (quotas_text or quotas_file or plan_quotas) and token:
         quota_check = MonitorQuotaCheck(
             f"{url}/services/{SERVICE_NAME}/",
             token,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 
 from dolab_services.monitor.quotas import Quota, QuotaConfig, evaluate
+from dolab_spawner.plans import parse_plans
 
 NOW = datetime(2026, 11, 26, 8, 30, tzinfo=timezone.utc)  # a Thursday
 
@@ -66,6 +68,48 @@ def test_which_quota_applies(user: str, groups: list[str], limits: dict[Any, flo
     quota = CONFIG.for_user(user, groups)
     assert dict(quota.limits) == limits
     assert quota.source == source
+
+
+WITH_PLANS = replace(
+    CONFIG,
+    plans=parse_plans(
+        {
+            "plans": {
+                "research": {"profiles": "*", "quotas": {"gpu_hours": {"week": 50}, "usd": {"month": 20}}},
+                "free": {"profiles": ["cpu"]},
+            },
+            "groups": {"lab": "research", "gpu-team": "research", "guests": "free"},
+        }
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("user", "groups", "limits", "source"),
+    [
+        ("alice", ["lab"], {("gpu_hours", "day"): 2}, "user alice"),  # own entry still wins
+        ("bob", ["lab"], {("gpu_hours", "week"): 50, ("usd", "month"): 20}, "plan research"),
+        (
+            "carol",
+            ["gpu-team"],  # the file's group and the plan combine, the most generous limit by limit
+            {("gpu_hours", "day"): 8, ("gpu_hours", "week"): 50, ("usd", "month"): 100},
+            "group gpu-team; plan research",
+        ),
+        ("dave", ["guests"], {("gpu_hours", "day"): 1, ("usd", "month"): 0}, "default"),  # a plan without quotas
+    ],
+    ids=["own-entry", "plan-only", "group-and-plan", "plan-without-quotas"],
+)
+def test_plans_quotas_count_as_a_group_entry(
+    user: str, groups: list[str], limits: dict[Any, float], source: str
+) -> None:
+    quota = WITH_PLANS.for_user(user, groups)
+    assert dict(quota.limits) == limits
+    assert quota.source == source
+
+
+def test_plan_quotas_alone_make_the_config_non_empty() -> None:
+    plans = parse_plans({"plans": {"p": {"profiles": "*", "quotas": {"usd": {"day": 1}}}}, "groups": {"g": "p"}})
+    assert QuotaConfig().empty and not QuotaConfig(plans=plans).empty
 
 
 def test_without_default_a_user_without_entry_has_no_quota() -> None:

@@ -16,6 +16,7 @@ from traitlets.config import Config, PyFileConfigLoader
 
 from dolab_services.monitor.quotacheck import MonitorQuotaCheck, is_metered
 from dolab_services.monitor.service import MONITOR_SCOPES, USER_SCOPE, monitor_service
+from dolab_spawner.plans import plans_from_env
 
 from ..cli_support import isolate_env
 from ..hub_double import HubDouble, serve_hub_double
@@ -105,6 +106,20 @@ def test_bad_settings_stop_the_hub_with_a_sentence(env: dict[str, str], message:
     with pytest.raises(ValueError) as e:
         monitor_service(Config(), env, "/py", tmp_path)
     assert message in str(e.value)
+
+
+def test_plans_with_quotas_reach_the_monitor_and_switch_the_check_on(tmp_path: Path) -> None:
+    c = Config()
+    c.DoLabSpawner.plans = {
+        "plans": {"gpu": {"profiles": "*", "quotas": {"gpu_hours": {"week": 40}}}},
+        "groups": {"lab": "gpu"},
+    }
+    found = monitor_service(c, {}, "/py", tmp_path)
+    assert found is not None and found.quota_check is not None
+    assert plans_from_env(found.service["environment"]).plan_for(["lab"]).quotas == {"gpu_hours": {"week": 40.0}}
+    c.DoLabSpawner.plans = {"plans": {"cpu": {"profiles": ["cpu"]}}, "groups": {"lab": "cpu"}}
+    found = monitor_service(c, {}, "/py", tmp_path)
+    assert found is not None and found.quota_check is None, "plans without quotas: nothing to check"
 
 
 def test_an_admins_own_monitor_service_is_left_alone(tmp_path: Path) -> None:
