@@ -176,11 +176,6 @@ if culler is not None:
         culler.service["command"] = [*culler.service["command"], "--pre-stop-hook", sync.culler_hook]
         culler.service["environment"] = {**culler.service.get("environment", {}), **sync.caller_environment}
         c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.caller_role(culler.service["name"])]
-    if sync is not None:
-        # The culler has dolab-sync back a server up before it stops it; a failed backup keeps the server running.
-        culler.service["command"] = [*culler.service["command"], "--pre-stop-hook", sync.culler_hook]
-        culler.service["environment"] = {**culler.service.get("environment", {}), **sync.caller_environment}
-        c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.caller_role(culler.service["name"])]
 
 # --- the monitor: always, after the overlays and the culler -------------------------------------------------------
 # GPU and cost telemetry, the usage ledger, quotas and metrics (README.md, "GPU use, spend and quotas"); its page is
