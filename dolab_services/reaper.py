@@ -39,10 +39,10 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from traitlets import Bool, Float, Integer, Unicode, default
-from traitlets.config import Config, LazyConfigValue
+from traitlets.config import Config
 
 from dolab_spawner.backends.docker import DOLAB_LABEL, check_docker_hosts, engines
-from dolab_spawner.hubconfig import env_float
+from dolab_spawner.hubconfig import config_value, env_float
 
 from .app import ServiceApp
 from .hubclient import HubAPIError, HubClient
@@ -357,14 +357,6 @@ def parse_docker_hosts(text: str) -> list[dict[str, Any]]:
     return check_docker_hosts(raw)
 
 
-def _config_value(config: Config, section: str, key: str, default: Any) -> Any:
-    """``config[section][key]`` without creating it, a ``LazyConfigValue`` (``.append`` in a config) resolved."""
-    if section not in config or key not in config[section]:
-        return default
-    value = config[section][key]
-    return value.get_value(default) if isinstance(value, LazyConfigValue) else value
-
-
 def reaper_service(
     config: Config, env: Mapping[str, str], python: str = sys.executable
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -373,15 +365,15 @@ def reaper_service(
     None when no listed profile does (a callable profile_list cannot be read here), or when the config already
     has a service named ``dolab-reaper``. Raises ValueError with a sentence for bad ``docker_hosts`` or env.
     """
-    profiles = _config_value(config, "DoLabSpawner", "profile_list", [])
+    profiles = config_value(config, "DoLabSpawner", "profile_list", [])
     if not isinstance(profiles, (list, tuple)):
         return None
     if not any(isinstance(p, Mapping) and p.get("backend") == "docker" for p in profiles):
         return None
-    services = _config_value(config, "JupyterHub", "services", [])
+    services = config_value(config, "JupyterHub", "services", [])
     if any(isinstance(s, Mapping) and s.get("name") == "dolab-reaper" for s in services):
         return None
-    hosts = check_docker_hosts(_config_value(config, "DoLabSpawner", "docker_hosts", DEFAULT_HOSTS))
+    hosts = check_docker_hosts(config_value(config, "DoLabSpawner", "docker_hosts", DEFAULT_HOSTS))
     interval = env_float(env, "DOLAB_REAPER_INTERVAL", 600)
     if interval <= 0:
         raise ValueError(f"DOLAB_REAPER_INTERVAL must be a positive number of seconds, not {interval:g}")

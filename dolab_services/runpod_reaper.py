@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from traitlets import Bool, Float, Integer, Unicode
-from traitlets.config import Config, LazyConfigValue
+from traitlets.config import Config
 
 from dolab_spawner.backends.runpod import pod_name
 from dolab_spawner.backends.runpod_api import PodInfo, RunPodApi, RunPodError
-from dolab_spawner.hubconfig import env_float
+from dolab_spawner.hubconfig import config_value, env_float
 
 from .app import ServiceApp
 from .hubclient import HubAPIError, HubClient
@@ -201,13 +201,6 @@ async def sweep_pods(
     return result
 
 
-def _config_value(config: Config, section: str, key: str, default: Any) -> Any:
-    if section not in config or key not in config[section]:
-        return default
-    value = config[section][key]
-    return value.get_value(default) if isinstance(value, LazyConfigValue) else value
-
-
 def runpod_reaper_service(
     config: Config, env: Mapping[str, str], python: str = sys.executable
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -215,23 +208,23 @@ def runpod_reaper_service(
     with ``DOLAB_RUNPOD_REAPER=0``)."""
     if env.get("DOLAB_RUNPOD_REAPER") == "0":
         return None
-    profiles = _config_value(config, "DoLabSpawner", "profile_list", [])
+    profiles = config_value(config, "DoLabSpawner", "profile_list", [])
     if not isinstance(profiles, (list, tuple)):
         return None
     if not any(isinstance(p, Mapping) and p.get("backend") == "runpod" for p in profiles):
         return None
-    services = _config_value(config, "JupyterHub", "services", [])
+    services = config_value(config, "JupyterHub", "services", [])
     if any(isinstance(s, Mapping) and s.get("name") == "dolab-runpod-reaper" for s in services):
         return None
     interval = env_float(env, "DOLAB_RUNPOD_REAPER_INTERVAL", 600)
     if interval <= 0:
         raise ValueError(f"DOLAB_RUNPOD_REAPER_INTERVAL must be a positive number of seconds, not {interval:g}")
-    prefix = _config_value(config, "RunPodBackend", "pod_name_prefix", "dolab-")
+    prefix = config_value(config, "RunPodBackend", "pod_name_prefix", "dolab-")
     command = [python, "-m", "dolab_services.runpod_reaper", "--interval", f"{interval:g}", "--prefix", prefix]
     if env.get("DOLAB_RUNPOD_REAPER_TERMINATE") == "1":
         command.append("--terminate")
     # A managed service keeps none of the hub's environment: the key (hub side only) and the API's address.
-    key = _config_value(config, "RunPodBackend", "api_key", "") or env.get("RUNPOD_API_KEY", "")
+    key = config_value(config, "RunPodBackend", "api_key", "") or env.get("RUNPOD_API_KEY", "")
     environment = {"RUNPOD_API_KEY": key}
     if env.get("RUNPOD_API_BASE_URL"):
         environment["RUNPOD_API_BASE_URL"] = env["RUNPOD_API_BASE_URL"]

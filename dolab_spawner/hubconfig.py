@@ -7,6 +7,7 @@ settings and the helpers get the tests.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shlex
@@ -18,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "ConfigEnvError",
+    "config_value",
     "ensure_secret",
     "env_float",
     "env_json",
@@ -84,14 +86,29 @@ def env_list(env: Mapping[str, str], name: str, default: list[str] | None = None
 
 
 def env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    """A number from ``env[name]``."""
+    """A finite number from ``env[name]`` (``default`` when unset or empty)."""
     text = env.get(name)
     if not text:
         return default
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ConfigEnvError(f"{name} must be a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigEnvError(f"{name} must be a finite number, not {text!r}")
+    return value
+
+
+def config_value(config: Any, section: str, key: str, default: Any = None) -> Any:
+    """``c.<section>.<key>`` as the config sets it so far, without creating it: a ``LazyConfigValue`` (``.append``
+    in a config) is applied to ``default``; unset gives ``default``. Services' registrations read the hub's config
+    with it."""
+    from traitlets.config import LazyConfigValue
+
+    if section not in config or key not in config[section]:
+        return default
+    value = config[section][key]
+    return value.get_value(default) if isinstance(value, LazyConfigValue) else value
 
 
 def find_proxy(env: Mapping[str, str], config_dir: str | os.PathLike[str]) -> list[str]:

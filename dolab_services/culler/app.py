@@ -15,13 +15,14 @@ from urllib.parse import urlsplit
 
 from traitlets import Bool, Float, Integer, List, Unicode, default
 
+from dolab_spawner.hubconfig import env_float
 from dolab_spawner.plans import plans_from_env
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
 from .extensions import ExtensionStore
 from .policy import CullPolicy
-from .registration import SERVICE_NAME, env_number, load_policy
+from .registration import SERVICE_NAME, load_policy
 from .stop import StopPath, load_hooks
 from .sweeper import Sweeper
 from .telemetry import TelemetrySource, load_telemetry
@@ -90,7 +91,7 @@ class Culler(ServiceApp):
     @default("max_run_hours")
     def _default_max_run_hours(self) -> float:
         try:
-            return env_number(os.environ, "DOLAB_MAX_RUN_HOURS", 168)
+            return env_float(os.environ, "DOLAB_MAX_RUN_HOURS", 168)
         except ValueError:
             return 168
 

@@ -10,7 +10,6 @@ servers, their activity, options and state), ``users:activity`` (record running 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Mapping
@@ -18,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from traitlets.config import Config, LazyConfigValue
+from traitlets.config import Config
 
+from dolab_spawner.hubconfig import config_value, env_float
 from dolab_spawner.plans import service_environment
 
 from .policy import CullPolicy
@@ -30,9 +30,7 @@ __all__ = [
     "SERVICE_NAME",
     "USER_SCOPE",
     "CullerRegistration",
-    "config_value",
     "culler_service",
-    "env_number",
     "load_policy",
 ]
 
@@ -51,28 +49,6 @@ CULLER_SCOPES = (
 #: What every user needs to open the culler's page and API.
 USER_SCOPE = f"access:services!service={SERVICE_NAME}"
 DEFAULT_PORT = 10101
-
-
-def config_value(config: Config, section: str, key: str, default: Any) -> Any:
-    """``c.<section>.<key>`` as the config sets it so far (lazy values applied to ``default``), else ``default``."""
-    if section not in config or key not in config[section]:
-        return default
-    value = config[section][key]
-    return value.get_value(default) if isinstance(value, LazyConfigValue) else value
-
-
-def env_number(env: Mapping[str, str], name: str, default: float) -> float:
-    """A number from the environment (``default`` when unset); ValueError with a sentence when it is not one."""
-    text = env.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, not {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {text!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -97,13 +73,13 @@ def culler_service(
     services = config_value(config, "JupyterHub", "services", [])
     if any(isinstance(s, Mapping) and s.get("name") == SERVICE_NAME for s in services):
         return None
-    interval = env_number(env, "DOLAB_CULLER_INTERVAL", 60)
+    interval = env_float(env, "DOLAB_CULLER_INTERVAL", 60)
     if interval <= 0:
         raise ValueError(f"DOLAB_CULLER_INTERVAL must be a positive number of seconds, not {interval:g}")
-    port = env_number(env, "DOLAB_CULLER_PORT", DEFAULT_PORT)
+    port = env_float(env, "DOLAB_CULLER_PORT", DEFAULT_PORT)
     if port != int(port) or not 0 < port < 65536:
         raise ValueError(f"DOLAB_CULLER_PORT must be a TCP port number, not {env.get('DOLAB_CULLER_PORT')!r}")
-    default_hours = env_number(env, "DOLAB_MAX_RUN_HOURS", 168)
+    default_hours = env_float(env, "DOLAB_MAX_RUN_HOURS", 168)
     max_run_hours = float(config_value(config, "DoLabSpawner", "max_run_hours", default_hours))
     command = [python, "-m", "dolab_services.culler", "--interval", f"{interval:g}"]
     command += ["--max-run-hours", f"{max_run_hours:g}"]

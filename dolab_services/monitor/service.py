@@ -28,9 +28,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
-from traitlets.config import Config, LazyConfigValue
+from traitlets.config import Config
 
 from dolab_services.culler.stop import StopPath, load_hooks
+from dolab_spawner.hubconfig import config_value, env_float
 from dolab_spawner.plans import parse_plans, plans_from_env, service_environment
 
 from ..app import ServiceApp
@@ -307,26 +308,6 @@ class MonitorApp(ServiceApp):
 # ----- registration in jupyterhub_config.py ----------------------------------------------------------------
 
 
-def _config_value(config: Config, section: str, key: str, default: Any) -> Any:
-    if section not in config or key not in config[section]:
-        return default
-    value = config[section][key]
-    return value.get_value(default) if isinstance(value, LazyConfigValue) else value
-
-
-def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
-    text = env.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, not {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {text!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class MonitorRegistration:
     """What the shipped config adds: the service, its role, the user scopes, and the spawner's quota check."""
@@ -355,16 +336,16 @@ def monitor_service(
 
     from .quotacheck import MonitorQuotaCheck
 
-    services = _config_value(config, "JupyterHub", "services", [])
+    services = config_value(config, "JupyterHub", "services", [])
     if any(isinstance(s, Mapping) and s.get("name") == SERVICE_NAME for s in services):
         return None
-    interval = _env_number(env, "DOLAB_MONITOR_INTERVAL", 15)
+    interval = env_float(env, "DOLAB_MONITOR_INTERVAL", 15)
     if interval <= 0:
         raise ValueError(f"DOLAB_MONITOR_INTERVAL must be a positive number of seconds, not {interval:g}")
-    port = _env_number(env, "DOLAB_MONITOR_PORT", DEFAULT_PORT)
+    port = env_float(env, "DOLAB_MONITOR_PORT", DEFAULT_PORT)
     if port != int(port) or not 0 < port < 65536:
         raise ValueError(f"DOLAB_MONITOR_PORT must be a TCP port number, not {env.get('DOLAB_MONITOR_PORT')!r}")
-    warn = _env_number(env, "DOLAB_MONITOR_WARN_PERCENT", 90)
+    warn = env_float(env, "DOLAB_MONITOR_WARN_PERCENT", 90)
     if not 0 < warn <= 100:
         raise ValueError(f"DOLAB_MONITOR_WARN_PERCENT must be between 0 and 100, not {warn:g}")
     try:
@@ -397,7 +378,7 @@ def monitor_service(
         command += ["--db-url", f"sqlite:///{Path(data_dir) / 'monitor.sqlite'}"]
     if env.get("DOLAB_MONITOR_PER_USER_METRICS", "") in ("1", "true", "yes"):
         command.append("--per-user-metrics")
-    plans = _config_value(config, "DoLabSpawner", "plans", None)
+    plans = config_value(config, "DoLabSpawner", "plans", None)
     environment.update(service_environment(plans))
     plan_quotas = not QuotaConfig(plans=parse_plans(plans)).empty
     token = ensure_secret(Path(data_dir) / "monitor-token", length=40)[0] if data_dir else ""
@@ -418,7 +399,7 @@ def monitor_service(
         "scopes": list(MONITOR_SCOPES),
         "services": [SERVICE_NAME],
     }
-    scopes = set(_config_value(config, "JupyterHub", "extra_user_scopes", set()) or ()) | {USER_SCOPE}
+    scopes = set(config_value(config, "JupyterHub", "extra_user_scopes", set()) or ()) | {USER_SCOPE}
     quota_check = None
     if (quotas_text or quotas_file or plan_quotas) and token:
         quota_check = MonitorQuotaCheck(

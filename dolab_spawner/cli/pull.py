@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..hubconfig import config_value
 from .common import CliError, _short, format_table, run_with_timeout
 from .doctor import _config_dir, _docker_reason
 
@@ -52,16 +53,6 @@ class PullRow:
         return self.result in (PULLED, PRESENT)
 
 
-def _config_value(config: Any, section: str, key: str, default: Any = None) -> Any:
-    """``config[section][key]`` without creating it; a ``LazyConfigValue`` (``.append`` in a config) resolved."""
-    from traitlets.config import LazyConfigValue
-
-    if section not in config or key not in config[section]:
-        return default
-    value = config[section][key]
-    return value.get_value(default) if isinstance(value, LazyConfigValue) else value
-
-
 def _image_of(override: Any) -> str:
     image = override.get("image") if isinstance(override, Mapping) else None
     return image.strip() if isinstance(image, str) else ""
@@ -83,11 +74,11 @@ def configured_images(config: Any, default_image: str = "") -> list[str]:
 
     fallback = ""
     for section in ("DockerSpawner", "DockerBackend"):
-        value = _config_value(config, section, "image")
+        value = config_value(config, section, "image")
         if isinstance(value, str) and value.strip():
             add(value.strip())
             fallback = value.strip()  # DockerBackend's wins: it is the subclass
-    profiles = _config_value(config, "DoLabSpawner", "profile_list", [])
+    profiles = config_value(config, "DoLabSpawner", "profile_list", [])
     needs_fallback = False
     for profile in profiles if isinstance(profiles, (list, tuple)) else []:
         if not isinstance(profile, Mapping):
@@ -116,7 +107,7 @@ def configured_engines(config: Any) -> list[dict[str, Any]]:
     from ..backends.docker import check_docker_hosts
 
     try:
-        return check_docker_hosts(_config_value(config, "DoLabSpawner", "docker_hosts", [{"name": "local"}]))
+        return check_docker_hosts(config_value(config, "DoLabSpawner", "docker_hosts", [{"name": "local"}]))
     except ValueError as e:
         raise CliError(f"c.DoLabSpawner.docker_hosts in the hub config is not usable: {e}") from None
 
