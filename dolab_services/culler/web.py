@@ -29,12 +29,12 @@ import logging
 import secrets
 from typing import Any
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 from tornado.template import Template
 
 from ..hubclient import HubAPIError
+from ..web import JsonApiMixin, MetricsHandler, ServiceHandler, access_logger
 from .extensions import extend_offer, headroom_hours
 from .sweeper import Sweeper
 from .times import format_time, utcnow
@@ -105,8 +105,8 @@ the stop time you chose.</p>
 )
 
 
-class _Handler(HubOAuthenticated, web.RequestHandler):
-    """Identifies the user through the hub (asynchronously, before the method runs)."""
+class _Handler(ServiceHandler):
+    """A culler page: the user through the hub, the sweeper, the extension offer."""
 
     def initialize(
         self, sweeper: Sweeper, hub_auth: HubOAuth, extend_hours: float, poll_seconds: float, log: logging.Logger
@@ -117,27 +117,10 @@ class _Handler(HubOAuthenticated, web.RequestHandler):
         self.poll_seconds = poll_seconds
         self.log = log
 
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        # A refusal (HTTPError) is the answer itself, in the access log; only real failures get a traceback.
-        if not isinstance(value, web.HTTPError):
-            super().log_exception(typ, value, tb)
-
-    async def prepare(self) -> None:
-        # Ask the hub without blocking the loop; get_current_user then finds the cached answer.
-        await self.hub_auth.get_user(self, sync=False)
-
     def hub_down(self, error: HubAPIError) -> web.HTTPError:
         """The answer when the hub does not answer the culler; the details go to the log."""
         self.log.error("The hub did not answer the culler: %s", error)
         return web.HTTPError(502, "The hub did not answer; try again in a minute.")
-
-    @property
-    def user_name(self) -> str:
-        return str(self.current_user["name"])
-
-    @property
-    def is_admin(self) -> bool:
-        return bool(self.current_user.get("admin"))
 
 
 class PageHandler(_Handler):
@@ -194,28 +177,8 @@ class PageHandler(_Handler):
         )
 
 
-class _ApiHandler(_Handler):
-    """JSON in and out; errors as ``{"status", "message"}``; no redirect to a login page."""
-
-    def get_login_url(self) -> str:
-        raise web.HTTPError(403, "Log in to the hub first, or send your API token (Authorization: token ...).")
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        message = self._reason
-        exc_info = kwargs.get("exc_info")
-        if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:
-            message = exc_info[1].log_message % exc_info[1].args if exc_info[1].args else exc_info[1].log_message
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
-
-    def body(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.request.body or b"{}")
-        except ValueError:
-            raise web.HTTPError(400, "The body must be JSON.") from None
-        if not isinstance(data, dict):
-            raise web.HTTPError(400, "The body must be a JSON object.")
-        return data
+class _ApiHandler(JsonApiMixin, _Handler):
+    """The culler's JSON API."""
 
     def server_arg(self, data: dict[str, Any]) -> str:
         server = data.get("server", "")
@@ -229,11 +192,6 @@ class _ApiHandler(_Handler):
         if user != self.user_name and not self.is_admin:
             raise web.HTTPError(400, "You can only change your own servers.")
         return str(user)
-
-    def reply(self, data: dict[str, Any]) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(data))
 
 
 class WarningsHandler(_ApiHandler):
@@ -328,27 +286,6 @@ class StopHandler(_ApiHandler):
         self.reply({"user": user, "server": server, "result": outcome})
 
 
-class MetricsHandler(web.RequestHandler):
-    """Prometheus text of the culler's registry."""
-
-    def initialize(self, sweeper: Sweeper) -> None:
-        self.sweeper = sweeper
-
-    def get(self) -> None:
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.sweeper.stop_path.registry))
-
-
-def _access_logger(log: logging.Logger) -> Any:
-    def log_request(handler: web.RequestHandler) -> None:
-        status = handler.get_status()
-        level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
-        request = handler.request
-        log.log(level, "%d %s %s %.1f ms", status, request.method, request.path, 1000 * request.request_time())
-
-    return log_request
-
-
 def make_app(
     sweeper: Sweeper,
     prefix: str,
@@ -379,8 +316,8 @@ def make_app(
             (prefix + "api/extend", ExtendHandler, args),
             (prefix + "api/keepalive", KeepAliveHandler, args),
             (prefix + "api/stop", StopHandler, args),
-            (prefix + "metrics", MetricsHandler, {"sweeper": sweeper}),
+            (prefix + "metrics", MetricsHandler, {"registry": sweeper.stop_path.registry}),
         ],
         cookie_secret=secrets.token_bytes(32),
-        log_function=_access_logger(log or sweeper.log),
+        log_function=access_logger(log or sweeper.log),
     )

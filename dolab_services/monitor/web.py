@@ -21,18 +21,17 @@ config grants it through ``extra_user_scopes``). All requests here are reads (GE
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import secrets
 from datetime import datetime, timezone
 from typing import Any
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 from tornado.template import Template
 
 from ..hubclient import HubAPIError
+from ..web import JsonApiMixin, MetricsHandler, ServiceHandler, access_logger
 from .plots import bar_chart, line_chart
 from .sampler import Monitor
 
@@ -160,29 +159,14 @@ def _label(server: str) -> str:
     return f"Server '{server}'" if server else "Default server"
 
 
-class _Handler(HubOAuthenticated, web.RequestHandler):
-    """Identifies the user through the hub (asynchronously, before the method runs)."""
+class _Handler(ServiceHandler):
+    """A monitor page: the user through the hub, and the monitor."""
 
     def initialize(self, monitor: Monitor, hub_auth: HubOAuth, service_token: str, log: logging.Logger) -> None:
         self.monitor = monitor
         self.hub_auth = hub_auth
         self.service_token = service_token
         self.log = log
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if not isinstance(value, web.HTTPError):
-            super().log_exception(typ, value, tb)
-
-    async def prepare(self) -> None:
-        await self.hub_auth.get_user(self, sync=False)
-
-    @property
-    def user_name(self) -> str:
-        return str(self.current_user["name"])
-
-    @property
-    def is_admin(self) -> bool:
-        return bool(self.current_user.get("admin"))
 
     def target_user(self) -> str:
         """``?user=`` (admins only) or the current user."""
@@ -248,25 +232,8 @@ class PageHandler(_Handler):
         )
 
 
-class _ApiHandler(_Handler):
-    """JSON out; errors as ``{"status", "message"}``; no redirect to a login page."""
-
-    def get_login_url(self) -> str:
-        raise web.HTTPError(403, "Log in to the hub first, or send your API token (Authorization: token ...).")
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        message = self._reason
-        exc_info = kwargs.get("exc_info")
-        if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:
-            text = str(exc_info[1].log_message)
-            message = text % exc_info[1].args if exc_info[1].args else text
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
-
-    def reply(self, data: Any) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(data))
+class _ApiHandler(JsonApiMixin, _Handler):
+    """The monitor's JSON API."""
 
 
 class UsageHandler(_ApiHandler):
@@ -335,27 +302,6 @@ class QuotaHandler(_ApiHandler):
         )
 
 
-class MetricsHandler(web.RequestHandler):
-    """Prometheus text of the monitor's registry."""
-
-    def initialize(self, monitor: Monitor) -> None:
-        self.monitor = monitor
-
-    def get(self) -> None:
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.monitor.metrics.registry))
-
-
-def _access_logger(log: logging.Logger) -> Any:
-    def log_request(handler: web.RequestHandler) -> None:
-        status = handler.get_status()
-        level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
-        request = handler.request
-        log.log(level, "%d %s %s %.1f ms", status, request.method, request.path, 1000 * request.request_time())
-
-    return log_request
-
-
 def make_app(
     monitor: Monitor,
     prefix: str,
@@ -377,8 +323,8 @@ def make_app(
             (prefix + "api/usage", UsageHandler, args),
             (prefix + "api/overview", OverviewHandler, args),
             (prefix + r"api/quota/([^/]+)", QuotaHandler, args),
-            (prefix + "metrics", MetricsHandler, {"monitor": monitor}),
+            (prefix + "metrics", MetricsHandler, {"registry": monitor.metrics.registry}),
         ],
         cookie_secret=secrets.token_bytes(32),
-        log_function=_access_logger(log),
+        log_function=access_logger(log),
     )
