@@ -1,0 +1,648 @@
+"""Backup and restore of a workspace that lives in a running Jupyter server elsewhere (a RunPod pod), through that
+server's REST API. No storage credential ever goes to the server: the hub (or the sync service) reads the files
+through the API and writes the blobs to the store itself.
+
+Reading (backup)
+    The tree is listed with ``GET api/contents/<dir>`` (names, types, sizes, ``last_modified``); each changed file
+    is downloaded from ``GET files/<path>`` streamed into a private temporary file (never whole in memory), hashed,
+    and uploaded to the store as the same blobs and pieces the local engine writes. The snapshot is a normal
+    manifest (:mod:`.manifest`), so remote and local backups are the same kind of snapshot: restore points, the
+    service API and ``dolab backups`` work the same for both.
+
+Change detection
+    A file is downloaded again unless its ``(size, last_modified)`` matches the local hash cache (kept by the
+    caller, ``ctime`` and inode fields 0) or the latest snapshot's record. The API gives no ``ctime``: a file rewritten
+    with the same size and then given back its old mtime (``touch -d``, ``cp -p`` over it, ``tar x``) is **not** seen
+    as changed remotely, unlike a local workspace. Every write through Jupyter, a kernel or a shell moves the mtime.
+
+What the API can and cannot see
+    - The same excludes, size cap and path checks as the local scan apply; every path the server reports is checked
+      (relative, no ``..``, its name inside its folder), and a tree deeper than ``max_depth`` is cut (a symlink loop).
+    - jupyter-server hides hidden files (``.name``) and a few globs (``*.pyc``, ``*.so``, ``*~``...) from listings
+      unless it runs with ``ContentsManager.allow_hidden``; those are not backed up. Symlinks are followed by the
+      server: a link inside the workspace is backed up as a copy, one leading out is refused by ``files/`` (403)
+      and skipped. File modes are not visible: files are recorded 0644 (0444 when not writable).
+    - Restore writes with ``PUT api/contents/<path>`` (folders first; files base64, in ``chunk`` 1..n, -1 for the
+      last, above ``chunk_bytes``); times and modes cannot be set through the API, and symlinks cannot be made:
+      they are skipped with a log line. The hash cache is filled from the replies, so the first backup after a
+      restore downloads nothing.
+
+Every request carries ``no_track_activity=1`` (jupyter-server then does not count it as the user's activity) and
+goes to the server's own address, never through the hub's proxy (which would). Redirects are never followed (a
+redirect would carry the token elsewhere). All of this is blocking (``requests``): callers run it on a thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from .engine import BackupReport, RestoreReport, SnapshotInfo, SyncEngine, _copy_range, _hash_fd, _hash_pieces
+from .manifest import (
+    BLOB_PREFIX,
+    CHUNK_BYTES,
+    CHUNK_THRESHOLD_BYTES,
+    FileRecord,
+    HashCache,
+    Manifest,
+    blob_key,
+    snapshot_key,
+    snapshot_time,
+)
+from .store import ObjectNotFound, ObjectStore, StoreError
+from .workspace import Excludes, UnsafePath, check_relpath, fd_path
+
+__all__ = [
+    "RemoteError",
+    "RemoteFile",
+    "RemoteServer",
+    "RemoteTree",
+    "backup_remote",
+    "restore_remote",
+]
+
+log = logging.getLogger("dolab.sync")
+
+Progress = Callable[[int, int], None]
+
+_READ_CHUNK = 1 << 20
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class RemoteError(StoreError):
+    """The user's server could not be read or written; ``str(error)`` is a sentence."""
+
+
+class _Refused(Exception):
+    """The server refused one path (4xx): that path is skipped, the rest goes on."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file as the server's listing reports it (``mtime_ns`` has microsecond precision)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+@dataclass
+class RemoteTree:
+    """A listing of the whole workspace: files, empty folders, what was skipped (path, why)."""
+
+    files: list[RemoteFile] = field(default_factory=list)
+    empty_dirs: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_time_ns(value: Any) -> int:
+    """``last_modified`` (ISO 8601, as jupyter-server writes it) as nanoseconds since the epoch; 0 when unknown."""
+    if not isinstance(value, str) or not value:
+        return 0
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    delta = when - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+class RemoteServer:
+    """The contents of one running Jupyter server, through its REST API.
+
+    ``url`` is the server's own address with its base URL (``http://10.0.0.5:8888/user/alice/``, the spawner
+    state's ``server_url``); ``token`` a token the server accepts for that server only (the hub's per-server token,
+    or a service token with ``access:servers``). Thread-safe: one ``requests`` session per thread.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout_seconds: float = 60,
+        chunk_bytes: int = 8 << 20,
+        max_depth: int = 64,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"not a server URL: {url!r}")
+        self.url = url.rstrip("/") + "/"
+        self._token = token
+        self.timeout_seconds = timeout_seconds
+        self.chunk_bytes = max(1024, chunk_bytes - chunk_bytes % 3)  # base64 of each chunk stands alone
+        self.max_depth = max_depth
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never the token
+        return f"RemoteServer({self.url!r})"
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["Authorization"] = f"token {self._token}"
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        """Close every connection."""
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def _call(self, method: str, endpoint: str, path: str, doing: str, **kwargs: Any) -> requests.Response:
+        url = self.url + endpoint + quote(path, safe="/")
+        params = {"no_track_activity": "1", **kwargs.pop("params", {})}
+        try:
+            reply = self._session().request(
+                method,
+                url,
+                params=params,
+                timeout=(min(10.0, self.timeout_seconds), self.timeout_seconds),
+                allow_redirects=False,
+                **kwargs,
+            )
+        except requests.Timeout:
+            raise RemoteError(f"Your server did not answer in {self.timeout_seconds:g} s while {doing}.") from None
+        except requests.RequestException as e:
+            raise RemoteError(f"Your server could not be reached while {doing} ({type(e).__name__}).") from e
+        if reply.status_code in (401, 403) and not path:
+            reply.close()
+            raise RemoteError(f"Your server refused the hub's access while {doing} (HTTP {reply.status_code}).")
+        if 300 <= reply.status_code < 400:
+            reply.close()
+            raise RemoteError(f"Your server answered a redirect while {doing}; it is not reachable at {self.url}.")
+        if 400 <= reply.status_code < 500:
+            reply.close()
+            raise _Refused(f"HTTP {reply.status_code}")
+        if reply.status_code >= 500:
+            reply.close()
+            raise RemoteError(f"Your server failed while {doing} (HTTP {reply.status_code}).")
+        return reply
+
+    def wait_ready(self, timeout_seconds: float) -> None:
+        """Wait until the contents API answers (a server still starting); RemoteError after ``timeout_seconds``."""
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            try:
+                self._call("GET", "api/contents", "", "checking that it runs", params={"content": "0"}).close()
+                return
+            except (RemoteError, _Refused):
+                if time.monotonic() >= deadline:
+                    raise RemoteError(f"Your server did not answer within {timeout_seconds:g} s.") from None
+            time.sleep(0.5)
+
+    # ----- reading -------------------------------------------------------------------------------------
+
+    def list_dir(self, path: str) -> list[dict[str, Any]]:
+        """The entries of the folder ``path`` ("" for the root) as the contents API lists them."""
+        reply = self._call("GET", "api/contents/", path, f"listing {path or 'your workspace'}", params={"content": "1"})
+        try:
+            model = reply.json()
+        except ValueError:
+            raise RemoteError("Your server's contents API did not answer JSON.") from None
+        if (
+            not isinstance(model, dict)
+            or model.get("type") != "directory"
+            or not isinstance(model.get("content"), list)
+        ):
+            raise RemoteError(f"Your server's contents API did not list the folder {path or '/'}.")
+        return [e for e in model["content"] if isinstance(e, dict)]
+
+    def scan(self, excludes: Excludes | None = None) -> RemoteTree:
+        """List the whole workspace, with the local scan's excludes, size cap and path checks."""
+        tree = RemoteTree()
+        self._scan_dir("", 0, excludes or Excludes(), tree)
+        tree.files.sort(key=lambda f: f.path)
+        return tree
+
+    def _scan_dir(self, prefix: str, depth: int, excludes: Excludes, tree: RemoteTree) -> bool:
+        """Scan one folder; whether it held anything kept."""
+        if depth > self.max_depth:
+            tree.skipped.append((prefix + "/", f"deeper than {self.max_depth} folders (a symlink loop?)"))
+            return True
+        try:
+            entries = self.list_dir(prefix)
+        except _Refused as e:
+            tree.skipped.append((prefix + "/", f"the server refused to list it ({e})"))
+            log.warning("Sync skips the remote folder %s: the server refused to list it (%s)", prefix, e)
+            return True
+        kept = False
+        for entry in entries:
+            name, kind = entry.get("name"), entry.get("type")
+            path = f"{prefix}/{name}" if prefix else str(name)
+            try:
+                if not isinstance(name, str) or "/" in name:
+                    raise UnsafePath(f"{name!r} is not a file name")
+                check_relpath(path)
+                if entry.get("path") is not None and str(entry["path"]).strip("/") != path:
+                    raise UnsafePath(f"the server reports it as {entry['path']!r}")
+            except UnsafePath as e:
+                tree.skipped.append((path, f"refused: {e}"))
+                log.warning("Sync refuses the remote path %r: %s", path, e)
+                continue
+            if excludes.excluded(path, name):
+                continue
+            if kind == "directory":
+                if self._scan_dir(path, depth + 1, excludes, tree):
+                    kept = True
+                else:
+                    tree.empty_dirs.append(path)
+                    kept = True
+            elif kind in ("file", "notebook"):
+                size = entry.get("size")
+                if not isinstance(size, int) or size < 0:
+                    tree.skipped.append((path, "the server does not say its size"))
+                    continue
+                if excludes.max_file_bytes and size > excludes.max_file_bytes:
+                    tree.skipped.append((path, f"{size} bytes is over the {excludes.max_file_bytes}-byte cap"))
+                    continue
+                mode = 0o644 if entry.get("writable", True) else 0o444
+                tree.files.append(RemoteFile(path, size, parse_time_ns(entry.get("last_modified")), mode))
+                kept = True
+            else:
+                tree.skipped.append((path, f"not a file or folder ({kind})"))
+        return kept
+
+    def is_empty(self, excludes: Excludes | None = None) -> bool:
+        """Whether the workspace root lists nothing (but excluded names)."""
+        excludes = excludes or Excludes()
+        return not any(
+            isinstance(e.get("name"), str) and not excludes.excluded(e["name"], e["name"]) for e in self.list_dir("")
+        )
+
+    def download(self, path: str, fd: int) -> int:
+        """Stream the file ``path`` (``files/``) into the descriptor ``fd`` from offset 0; the bytes written.
+
+        Raises FileNotFoundError when it is gone, :class:`_Refused` when the server will not serve it.
+        """
+        try:
+            reply = self._call("GET", "files/", path, f"reading {path}", stream=True)
+        except _Refused as e:
+            if str(e) == "HTTP 404":
+                raise FileNotFoundError(path) from None
+            raise
+        written = 0
+        try:
+            for data in reply.iter_content(_READ_CHUNK):
+                os.pwrite(fd, data, written)
+                written += len(data)
+        except requests.RequestException as e:
+            raise RemoteError(f"Reading {path} from your server was interrupted ({type(e).__name__}).") from e
+        finally:
+            reply.close()
+        os.ftruncate(fd, written)
+        return written
+
+    # ----- writing -------------------------------------------------------------------------------------
+
+    def make_dir(self, path: str) -> None:
+        """Create the folder ``path`` (its parent exists); an existing folder is fine."""
+        check_relpath(path)
+        self._call("PUT", "api/contents/", path, f"creating the folder {path}", json={"type": "directory"}).close()
+
+    def upload(self, path: str, fd: int, size: int) -> dict[str, Any]:
+        """Write the file ``path`` from ``fd`` (``size`` bytes), in chunks above ``chunk_bytes``; the server's model
+        of the written file (``size``, ``last_modified``)."""
+        check_relpath(path)
+        doing = f"writing {path}"
+        if size <= self.chunk_bytes:
+            body: dict[str, Any] = {"type": "file", "format": "base64"}
+            body["content"] = base64.b64encode(os.pread(fd, size, 0)).decode()
+            reply = self._call("PUT", "api/contents/", path, doing, json=body)
+            return _model(reply)
+        offset, number = 0, 1
+        while True:
+            data = os.pread(fd, self.chunk_bytes, offset)
+            offset += len(data)
+            last = offset >= size or not data
+            body = {
+                "type": "file",
+                "format": "base64",
+                "chunk": -1 if last else number,
+                "content": base64.b64encode(data).decode(),
+            }
+            reply = self._call("PUT", "api/contents/", path, doing, json=body)
+            if last:
+                return _model(reply)
+            reply.close()
+            number += 1
+
+
+def _model(reply: requests.Response) -> dict[str, Any]:
+    try:
+        model = reply.json()
+    except ValueError:
+        model = {}
+    finally:
+        reply.close()
+    return model if isinstance(model, dict) else {}
+
+
+# ----- backup --------------------------------------------------------------------------------------------
+
+
+def backup_remote(
+    engine: SyncEngine,
+    server: RemoteServer,
+    cache_path: Path | None = None,
+    progress: Progress | None = None,
+) -> BackupReport:
+    """Make a snapshot of the workspace of ``server`` in ``engine``'s store if anything changed since the latest
+    one (the same snapshot format as :meth:`SyncEngine.backup`); then apply retention.
+
+    Raises :class:`RemoteError` when the server cannot be read, StoreError when the store fails: no new snapshot
+    is written then, and every earlier one stays whole.
+    """
+    started = time.monotonic()
+    snaps = engine.snapshots()
+    previous = engine.manifest(snaps[-1].id) if snaps else None
+    report = BackupReport(snapshot=None, previous=previous.snapshot if previous else None)
+    tree = server.scan(engine.policy.excludes)
+    report.skipped = list(tree.skipped)
+    cache = HashCache(cache_path)
+    prev_by_path = {f.path: f for f in previous.files} if previous else {}
+
+    records: dict[str, FileRecord] = {}
+    new_cache: dict[str, tuple[int, int, int, int, str]] = {}
+    todo: list[RemoteFile] = []
+    for f in tree.files:
+        prev = prev_by_path.get(f.path)
+        sha = cache.lookup(f.path, f.size, f.mtime_ns, 0, 0)
+        if sha is None and prev is not None and (prev.size, prev.mtime_ns) == (f.size, f.mtime_ns) and f.mtime_ns:
+            sha = prev.sha256
+        chunks: tuple[str, ...] = ()
+        if sha is not None and f.size >= CHUNK_THRESHOLD_BYTES:
+            chunks = prev.chunks if prev is not None and prev.sha256 == sha else ()
+            sha = sha if chunks else None
+        if sha is not None:
+            records[f.path] = FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha, chunks)
+            new_cache[f.path] = (f.size, f.mtime_ns, 0, 0, sha)
+        else:
+            todo.append(f)
+
+    if todo:
+        known = {h for f in previous.files for h in f.blobs} if previous else set()
+        known |= {info.key.rsplit("/", 1)[-1] for info in engine.store.list(BLOB_PREFIX)}
+        copier = _Downloader(engine.store, server, known, sum(f.size for f in todo), progress)
+        with (
+            ThreadPoolExecutor(max(1, engine.policy.workers), thread_name_prefix="dolab-remote") as pool,
+            tempfile.TemporaryDirectory(prefix="dolab-remote-") as scratch,
+        ):
+            copier.scratch = Path(scratch)
+            futures: dict[Future, RemoteFile] = {pool.submit(copier.process, f): f for f in todo}
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((fut for fut in done if fut.exception() is not None), None)
+            if failed is not None:
+                copier.cancelled = True
+                for fut in futures:
+                    fut.cancel()
+                raise failed.exception()  # type: ignore[misc]
+            for fut, f in futures.items():
+                result = fut.result()
+                if isinstance(result, str):
+                    report.skipped.append((f.path, result))
+                    if f.path in prev_by_path:
+                        records[f.path] = prev_by_path[f.path]
+                    continue
+                records[f.path] = result
+                new_cache[f.path] = (f.size, f.mtime_ns, 0, 0, result.sha256)
+        report.hashed_files = copier.hashed
+        report.uploaded_files, report.uploaded_bytes = copier.uploaded, copier.uploaded_bytes
+
+    if engine.policy.deletions == "keep" and previous is not None:
+        engine._carry_deleted(previous, records, tree.empty_dirs, set())
+    manifest = Manifest(
+        snapshot="", files=sorted(records.values(), key=lambda r: r.path), links=[], dirs=sorted(tree.empty_dirs)
+    )
+    report.files, report.total_bytes = len(manifest.files), manifest.total_bytes
+    if not manifest.same_content(previous):
+        manifest.snapshot = engine._unused_id({s.id for s in snaps})
+        engine.store.put_bytes(snapshot_key(manifest.snapshot), manifest.to_bytes())  # last: now it exists
+        report.snapshot = manifest.snapshot
+        snaps.append(SnapshotInfo(manifest.snapshot, snapshot_time(manifest.snapshot)))
+        log.info(
+            "Snapshot %s of %s (remote): %d files, %d bytes; downloaded %d, uploaded %d files (%d bytes)",
+            manifest.snapshot,
+            engine.store.description,
+            report.files,
+            report.total_bytes,
+            report.hashed_files,
+            report.uploaded_files,
+            report.uploaded_bytes,
+        )
+    cache.save(new_cache)
+    report.dropped_snapshots, report.deleted_blobs = engine._retain(snaps)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+class _Downloader:
+    """Downloads changed files into private temporary files, hashes them, uploads contents the store lacks."""
+
+    def __init__(
+        self, store: ObjectStore, server: RemoteServer, known: set[str], total_bytes: int, progress: Progress | None
+    ) -> None:
+        self.store = store
+        self.server = server
+        self.known = set(known)
+        self.claimed: set[str] = set()
+        self.lock = threading.Lock()
+        self.total_bytes = total_bytes
+        self.progress = progress
+        self.done_bytes = 0
+        self.hashed = self.uploaded = self.uploaded_bytes = 0
+        self.cancelled = False
+        self.scratch = Path(tempfile.gettempdir())
+
+    def process(self, f: RemoteFile) -> FileRecord | str:
+        """The file's record, or why it was left out (a sentence)."""
+        fd, tmp = tempfile.mkstemp(dir=self.scratch)
+        os.unlink(tmp)  # private: only the descriptor reaches it
+        try:
+            for _attempt in range(3):
+                if self.cancelled:
+                    return "cancelled"
+                try:
+                    size = self.server.download(f.path, fd)
+                except FileNotFoundError:
+                    return "it was deleted during the sync"
+                except _Refused as e:
+                    log.warning("Sync skips the remote file %s: the server refused to serve it (%s)", f.path, e)
+                    return f"the server refused to serve it ({e}); a symlink out of the workspace?"
+                if size != f.size:
+                    continue  # written while listed or read: the listing's time would not match this content
+                return self._store(f, fd)
+            log.warning("Sync leaves %s as it was: it kept changing while being read", f.path)
+            return "it kept changing while being read"
+        finally:
+            os.close(fd)
+
+    def _store(self, f: RemoteFile, fd: int) -> FileRecord:
+        if f.size >= CHUNK_THRESHOLD_BYTES:
+            sha, chunks = _hash_pieces(fd)
+        else:
+            sha, chunks = _hash_fd(fd), ()
+        pieces = list(dict.fromkeys(chunks or (sha,)))
+        with self.lock:
+            self.hashed += 1
+            upload = [h for h in pieces if h not in self.known and h not in self.claimed]
+            self.claimed.update(upload)
+        try:
+            for h in upload:
+                if chunks:
+                    self._put_piece(fd, h, chunks.index(h))
+                else:
+                    self.store.put_file(blob_key(sha), fd_path(fd))
+        except BaseException:
+            with self.lock:
+                self.claimed.difference_update(upload)
+            raise
+        with self.lock:
+            if upload:
+                self.known.update(upload)
+                self.uploaded += 1
+                self.uploaded_bytes += (
+                    f.size
+                    if not chunks
+                    else sum(min(CHUNK_BYTES, f.size - chunks.index(h) * CHUNK_BYTES) for h in upload)
+                )
+            self.done_bytes += f.size
+            if self.progress is not None:
+                self.progress(self.done_bytes, self.total_bytes)
+        return FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha, chunks)
+
+    def _put_piece(self, fd: int, sha: str, index: int) -> None:
+        tmp_fd, tmp = tempfile.mkstemp(dir=self.scratch)
+        try:
+            _copy_range(fd, tmp_fd, index * CHUNK_BYTES, 0, CHUNK_BYTES)
+            self.store.put_file(blob_key(sha), Path(tmp))
+        finally:
+            os.close(tmp_fd)
+            os.unlink(tmp)
+
+
+# ----- restore -------------------------------------------------------------------------------------------
+
+
+def restore_remote(
+    engine: SyncEngine,
+    server: RemoteServer,
+    snapshot_id: str | None = None,
+    cache_path: Path | None = None,
+    progress: Progress | None = None,
+) -> RestoreReport:
+    """Write a snapshot (the latest by default) into the workspace of ``server`` through its contents API.
+
+    Meant for a new, empty workspace: existing files of the same names are replaced. Contents are checked against
+    their hashes before they are sent. Symlinks are skipped (the API cannot make them), and paths the server
+    refuses (hidden names, unless it allows them) are skipped with a log line. The hash cache at ``cache_path`` is
+    filled from the server's replies, so the next backup downloads nothing.
+    """
+    manifest = engine.manifest(snapshot_id)
+    report = RestoreReport(manifest.snapshot)
+    folders: set[str] = set()
+    for path in [*manifest.dirs, *(f.path.rpartition("/")[0] for f in manifest.files)]:
+        parts = path.split("/") if path else []
+        folders.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    refused: set[str] = set()
+    for folder in sorted(folders, key=lambda p: (p.count("/"), p)):
+        if any(folder == r or folder.startswith(r + "/") for r in refused):
+            continue
+        try:
+            server.make_dir(check_relpath(folder))
+        except _Refused as e:
+            refused.add(folder)
+            log.warning("Restore skips the folder %s: the server refused it (%s)", folder, e)
+    for link in manifest.links:
+        log.warning(
+            "Restore skips the symlink %s -> %s: a Jupyter server's API cannot make links", link.path, link.target
+        )
+
+    files = [f for f in manifest.files if not any(f.path.startswith(r + "/") for r in refused)]
+    total = sum(f.size for f in files)
+    lock = threading.Lock()
+    done = [0]
+    entries: dict[str, tuple[int, int, int, int, str]] = {}
+
+    def one(rec: FileRecord, scratch: Path) -> None:
+        fd, tmp = tempfile.mkstemp(dir=scratch)
+        os.unlink(tmp)
+        try:
+            try:
+                if rec.chunks:
+                    for index, piece in enumerate(rec.chunks):
+                        _fetch_piece(engine.store, piece, fd, index * CHUNK_BYTES, scratch)
+                else:
+                    engine.store.get_file(blob_key(rec.sha256), fd_path(fd))
+            except ObjectNotFound:
+                raise StoreError(
+                    f"The backup of {rec.path} is missing its content; restore it from another restore point."
+                ) from None
+            if _hash_fd(fd) != rec.sha256 or os.fstat(fd).st_size != rec.size:
+                raise StoreError(f"The backup of {rec.path} is damaged; restore it from another restore point.")
+            try:
+                model = server.upload(rec.path, fd, rec.size)
+            except _Refused as e:
+                log.warning("Restore skips %s: the server refused it (%s)", rec.path, e)
+                return
+        finally:
+            os.close(fd)
+        with lock:
+            mtime = parse_time_ns(model.get("last_modified"))
+            if mtime and model.get("size") == rec.size:
+                entries[rec.path] = (rec.size, mtime, 0, 0, rec.sha256)
+            done[0] += rec.size
+            report.files += 1
+            report.bytes += rec.size
+            if progress is not None:
+                progress(done[0], total)
+
+    with (
+        ThreadPoolExecutor(max(1, engine.policy.workers), thread_name_prefix="dolab-remote-restore") as pool,
+        tempfile.TemporaryDirectory(prefix="dolab-remote-restore-") as scratch,
+    ):
+        futures = [pool.submit(one, f, Path(scratch)) for f in files]
+        done_futures, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((fut for fut in done_futures if fut.exception() is not None), None)
+        if failed is not None:
+            for fut in futures:
+                fut.cancel()
+            raise failed.exception()  # type: ignore[misc]
+    if cache_path is not None:
+        HashCache(cache_path).save(entries)
+    log.info(
+        "Restored %d files (%d bytes) of snapshot %s into %s", report.files, report.bytes, manifest.snapshot, server.url
+    )
+    return report
+
+
+def _fetch_piece(store: ObjectStore, sha: str, fd: int, offset: int, scratch: Path) -> None:
+    tmp_fd, tmp = tempfile.mkstemp(dir=scratch)
+    try:
+        store.get_file(blob_key(sha), fd_path(tmp_fd))
+        _copy_range(tmp_fd, fd, 0, offset, os.fstat(tmp_fd).st_size)
+    finally:
+        os.close(tmp_fd)
+        os.unlink(tmp)
