@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from ..times import format_time, parse_time
 from .stop import describe
-from .times import format_time, parse_time
 
 __all__ = ["ExtensionStore", "extend_offer", "extended_stop_at", "headroom_hours"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from ..times import parse_time
 from .policy import ServerFacts
-from .times import parse_time
 
 __all__ = ["InspectionError", "read_busy_kernels", "server_facts", "server_slots"]
 

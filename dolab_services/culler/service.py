@@ -26,7 +26,7 @@ Users extend their stop time in JupyterLab (the notice the ``labextension/`` sho
 the service's page (a one-click button) or with ``POST api/extend``; the culler keeps extended stop times in its
 own file (``--extensions-file``), see :mod:`.extensions`.
 
-The modules, one concept each: :mod:`.times` (timestamps), :mod:`.facts` (what the hub and a server's own API
+The modules, one concept each: :mod:`..times` (timestamps), :mod:`.facts` (what the hub and a server's own API
 say), :mod:`.policy` (pure decisions), :mod:`.telemetry` (GPU use), :mod:`.notices` (warnings and the page's
 view), :mod:`.extensions` (extended stop times), :mod:`.stop` (the stop path), :mod:`.sweeper` (the work),
 :mod:`.registration` (``jupyterhub_config.py``'s part), :mod:`.app` (the program), :mod:`.web` (page and API),
@@ -41,13 +41,13 @@ servers, their activity, options and state), ``users:activity`` (record running 
 
 from __future__ import annotations
 
+from ..times import format_time, parse_time
 from .app import Culler, main
 from .extensions import ExtensionStore, extended_stop_at
 from .facts import InspectionError, read_busy_kernels, server_facts
 from .notices import CullWarning, ServerView
 from .registration import CULLER_SCOPES, SERVICE_NAME, USER_SCOPE, CullerRegistration, culler_service, load_policy
 from .sweeper import Sweeper, SweepReport
-from .times import format_time, parse_time
 
 __all__ = [
     "CULLER_SCOPES",

@@ -21,13 +21,13 @@ from urllib.parse import quote
 from tornado.httpclient import AsyncHTTPClient
 
 from ..hubclient import HubAPIError, HubClient
+from ..times import format_time, hub_time, parse_time, utcnow
 from .extensions import ExtensionStore, extended_stop_at, headroom_hours
 from .facts import InspectionError, read_busy_kernels, server_facts, server_slots
 from .notices import CullWarning, ServerView, server_label
 from .policy import CullPolicy, Decision, ServerFacts, decide, needs_inspection
 from .stop import StopPath, describe
 from .telemetry import TelemetrySource
-from .times import format_time, hub_time, parse_time, utcnow
 
 __all__ = ["SweepReport", "Sweeper"]
 

@@ -34,10 +34,10 @@ from tornado import web
 from tornado.template import Template
 
 from ..hubclient import HubAPIError
+from ..times import format_time, utcnow
 from ..web import JsonApiMixin, MetricsHandler, ServiceHandler, access_logger
 from .extensions import extend_offer, headroom_hours
 from .sweeper import Sweeper
-from .times import format_time, utcnow
 
 __all__ = ["make_app"]
 

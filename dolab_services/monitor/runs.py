@@ -19,23 +19,13 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
+from ..times import parse_time
 from .ledger import Charge
 
-__all__ = ["GpuPrices", "ServerRun", "parse_time", "server_runs"]
-
-
-def parse_time(value: Any) -> datetime | None:
-    """A hub timestamp (ISO 8601; naive means UTC) as an aware datetime, or None."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+__all__ = ["GpuPrices", "ServerRun", "server_runs"]
 
 
 def _number(value: Any) -> float | None:

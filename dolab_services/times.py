@@ -1,4 +1,4 @@
-"""Times as the culler reads and writes them: the hub's and users' ISO 8601 timestamps, always aware, in UTC."""
+"""Times as the services read and write them: the hub's and users' ISO 8601 timestamps, always aware, in UTC."""
 
 from __future__ import annotations
 
