@@ -3,7 +3,9 @@
 :class:`Backups` runs the blocking engine (boto3, file I/O) on a bounded thread pool, one operation per user at a
 time (a lock per user, so a periodic backup, a restore and an API request never interleave), each bounded by a
 timeout. It only ever builds a store for the user it is asked about (:meth:`SyncSettings.store_for`), so nothing
-here can reach another user's prefix. :meth:`Backups.sweep` backs up every running server whose spawner state
+here can reach another user's prefix; it goes to the target the user chose within the admin's policy
+(:mod:`.choices`), and a Drive target in user mode uses that user's own token, read from the hub at each operation
+(:mod:`.tokens`), never another's. :meth:`Backups.sweep` backs up every running server whose spawner state
 names a workspace folder on this machine (``state["workspace"]``, set by DoLabSpawner for the local backend and
 for docker servers with a bind-mounted workspace on the local engine).
 """
@@ -18,9 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..hubclient import HubClient
+from .choices import TargetChoices
 from .config import SyncSettings, user_prefix
 from .engine import BackupReport, RestoreReport, SyncEngine
 from .store import StoreError
+from .tokens import AuthStateReader, user_drive_token
 from .workspace import UnsafePath, check_relpath, open_dir
 
 __all__ = ["Backups", "NoWorkspace"]
@@ -44,8 +48,12 @@ class Backups:
         concurrency: int = 2,
         timeout_seconds: float = 3600,
         log: logging.Logger | None = None,
+        choices: TargetChoices | None = None,
+        auth_states: AuthStateReader | None = None,
     ) -> None:
         self.settings = settings
+        self.choices = choices
+        self.auth_states = auth_states
         self.workspace_root = workspace_root
         self.cache_dir = cache_dir
         self.timeout_seconds = timeout_seconds
@@ -61,12 +69,27 @@ class Backups:
         """The user's workspace folder (as DoLabSpawner names it)."""
         return self.workspace_root / user_prefix(user)
 
-    async def _run(self, user: str, work: Callable[[SyncEngine], T]) -> T:
+    def target_of(self, user: str) -> str:
+        """The target ``user``'s backups go to (their choice within the policy, else the default)."""
+        return self.choices.target_of(user) if self.choices is not None else self.settings.target
+
+    def cache_path(self, user: str, target: str) -> Path:
+        """The hash cache of ``user``'s backups to ``target`` (one per target: each holds its own blobs)."""
+        suffix = "" if target == "s3" else f".{target}"
+        return self.cache_dir / f"{user_prefix(user)}{suffix}.json.gz"
+
+    async def _run(self, user: str, work: Callable[[SyncEngine], T], target: str | None = None) -> T:
         lock = self._locks.setdefault(user, asyncio.Lock())
         async with lock:
+            target = target or self.target_of(user)
+            token = None
+            if self.settings.uses_user_token(target):
+                if self.auth_states is None:
+                    raise StoreError("The backup service cannot read users' Drive tokens; an admin must check it.")
+                token = await user_drive_token(self.settings, user, self.auth_states)  # this user's, read now
 
             def run() -> T:
-                store = self.settings.store_for(user)
+                store = self.settings.store_for(user, target, token=token)
                 try:
                     return work(SyncEngine(store, self.settings.policy()))
                 finally:
@@ -79,8 +102,9 @@ class Backups:
         folder = workspace or self.workspace_of(user)
         if not folder.is_dir():
             raise NoWorkspace(f"{user} has no workspace here yet; start a server first.")
-        cache = self.cache_dir / f"{user_prefix(user)}.json.gz"
-        report = await self._run(user, lambda engine: engine.backup(folder, cache_path=cache))
+        target = self.target_of(user)
+        cache = self.cache_path(user, target)
+        report = await self._run(user, lambda engine: engine.backup(folder, cache_path=cache), target)
         if report.snapshot:
             self.log.info(
                 "Backed up %s: snapshot %s, %d of %d files uploaded (%d bytes) in %.1f s",

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -107,6 +107,11 @@ class UserToken:
     """A user's Google OAuth token, as the authenticator keeps it in auth_state.
 
     ``expires_at`` is when ``access_token`` stops working (aware datetime; None: unknown, refreshed on a 401).
+
+    ``renew``: where a fresh token comes from when this one has expired or Drive refused it (the sync service reads
+    the user's auth_state again from the hub, which renews tokens). It is asked first; the store renews the token
+    itself with ``refresh_token`` only when ``renew`` gives nothing fresher and the OAuth client's id and secret are
+    known. Without either, an expired token ends the operation with the "sign in again" sentence.
     """
 
     access_token: str | None
@@ -115,9 +120,57 @@ class UserToken:
     client_secret: str
     expires_at: datetime | None = None
     token_uri: str = GOOGLE_TOKEN_URI
+    renew: Callable[[], UserToken | None] | None = field(default=None, compare=False)
+
+    @property
+    def can_refresh(self) -> bool:
+        """Whether this token can be renewed here, with the refresh token and the OAuth client's credentials."""
+        return bool(self.refresh_token and self.client_id and self.client_secret)
 
     def __repr__(self) -> str:
         return f"UserToken(client_id={self.client_id!r}, expires_at={self.expires_at!r})"
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    """oauth2client's expiry: a naive UTC datetime."""
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment else None
+
+
+class _RenewableCredentials(OAuth2Credentials):
+    """oauth2client credentials that get a fresh access token from :attr:`UserToken.renew` (the hub) first, and
+    only then, when they can, from the token endpoint with the refresh token."""
+
+    def __init__(self, token: UserToken, scope: str) -> None:
+        super().__init__(
+            access_token=token.access_token,
+            client_id=token.client_id,
+            client_secret=token.client_secret,
+            refresh_token=token.refresh_token,
+            token_expiry=_naive_utc(token.expires_at),
+            token_uri=token.token_uri,
+            user_agent="dolab-sync",
+            scopes=[scope],
+        )
+        self._token = token
+
+    def _do_refresh_request(self, http: Any) -> None:
+        fresh = self._token.renew() if self._token.renew is not None else None
+        soon = datetime.now(timezone.utc) + timedelta(seconds=60)
+        if (
+            fresh is not None
+            and fresh.access_token
+            and fresh.access_token != self.access_token
+            and (fresh.expires_at is None or fresh.expires_at > soon)
+        ):
+            self.access_token = fresh.access_token
+            self.token_expiry = _naive_utc(fresh.expires_at)
+            self.invalid = False
+            return
+        if self._token.can_refresh:
+            super()._do_refresh_request(http)
+            return
+        self.invalid = True
+        raise AccessTokenRefreshError("no fresh access token")
 
 
 DriveCredentials = ServiceAccountKey | UserToken
@@ -251,7 +304,7 @@ class DriveStore:
                     "configured for the sync service."
                 ) from e
         else:
-            if not creds.refresh_token:
+            if not creds.access_token and not creds.can_refresh:
                 raise StoreError(self._auth_sentence())
             auth = GoogleAuth(
                 settings={
@@ -266,17 +319,7 @@ class DriveStore:
                 },
                 http_timeout=self.settings.timeout_seconds,
             )
-            expiry = creds.expires_at.astimezone(timezone.utc).replace(tzinfo=None) if creds.expires_at else None
-            auth.credentials = OAuth2Credentials(
-                access_token=creds.access_token,
-                client_id=creds.client_id,
-                client_secret=creds.client_secret,
-                refresh_token=creds.refresh_token,
-                token_expiry=expiry,
-                token_uri=creds.token_uri,
-                user_agent="dolab-sync",
-                scopes=[self.settings.scope],
-            )
+            auth.credentials = _RenewableCredentials(creds, self.settings.scope)
         auth.http = auth.credentials.authorize(self._new_http())
         auth.service = self._build_service(auth.http)
         return auth

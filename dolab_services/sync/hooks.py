@@ -29,13 +29,18 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from .choices import TargetChoices, choices_path
 from .config import SyncSettings, user_prefix
 from .engine import SyncEngine
 from .store import ObjectNotFound, StoreError
+from .tokens import user_drive_token
+
+if TYPE_CHECKING:
+    from .drive import UserToken
 
 __all__ = ["culler_final_sync", "final_sync", "host_workspace", "restore_new_workspace"]
 
@@ -58,10 +63,24 @@ def _settings() -> SyncSettings:
     return SyncSettings.from_env(os.environ)
 
 
-def _cache_path(username: str) -> Path:
+def _cache_path(username: str, target: str = "s3") -> Path:
     from dolab_spawner.paths import default_data_dir
 
-    return Path(default_data_dir()) / "sync-cache" / f"{user_prefix(username)}.json.gz"
+    suffix = "" if target == "s3" else f".{target}"
+    return Path(default_data_dir()) / "sync-cache" / f"{user_prefix(username)}{suffix}.json.gz"
+
+
+async def _target(spawner: Any, settings: SyncSettings) -> tuple[str, UserToken | None]:
+    """The user's chosen target, and their own Drive token when that target needs it (read from the hub's
+    user object, renewed by the hub; :class:`.tokens.NoDriveToken` when they have none)."""
+    target = TargetChoices(settings, choices_path()).target_of(spawner.user.name)
+    if not settings.uses_user_token(target):
+        return target, None
+
+    async def read(_name: str) -> Any:
+        return await spawner.user.get_auth_state()
+
+    return target, await user_drive_token(settings, spawner.user.name, read)
 
 
 async def final_sync(spawner: Any, reason: str) -> None:
@@ -83,10 +102,12 @@ async def final_sync(spawner: Any, reason: str) -> None:
     if not workspace.is_dir():
         return
 
+    target, token = await _target(spawner, settings)
+
     def run() -> Any:
-        store = settings.store_for(user)
+        store = settings.store_for(user, target, token=token)
         try:
-            return SyncEngine(store, settings.policy()).backup(workspace, cache_path=_cache_path(user))
+            return SyncEngine(store, settings.policy()).backup(workspace, cache_path=_cache_path(user, target))
         finally:
             store.close()
 
@@ -161,7 +182,7 @@ async def restore_new_workspace(spawner: Any) -> None:
             loop.call_soon_threadsafe(emit, 20 + percent // 10, f"Restoring your workspace from backup: {percent}%")
 
     def run() -> Any:
-        store = settings.store_for(user)
+        store = settings.store_for(user, target, token=token)
         try:
             engine = SyncEngine(store, settings.policy())
             if not engine.snapshots():
@@ -175,6 +196,7 @@ async def restore_new_workspace(spawner: Any) -> None:
             store.close()
 
     try:
+        target, token = await _target(spawner, settings)
         report = await asyncio.wrap_future(_pool.submit(run))
     except (StoreError, ObjectNotFound) as e:
         spawner.log.error("Restoring %s's new workspace failed: %s", user, e)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import SECRET_ENV, SyncSettings
-from .service import SERVICE_NAME, SYNC_SCOPES, USER_SCOPE
+from .service import SERVICE_NAME, USER_SCOPE, service_scopes
 
 __all__ = ["CULLER_HOOK", "DEFAULT_PORT", "FINAL_SYNC_HOOK", "RESTORE_HOOK", "SyncRegistration", "sync_service"]
 
@@ -83,7 +83,7 @@ def sync_service(
     role = {
         "name": SERVICE_NAME,
         "description": "Back up running servers' workspaces (dolab-sync)",
-        "scopes": list(SYNC_SCOPES),
+        "scopes": service_scopes(settings),
         "services": [SERVICE_NAME],
     }
     return SyncRegistration(service, role, USER_SCOPE)

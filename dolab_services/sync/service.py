@@ -5,9 +5,10 @@ machine (:meth:`.backups.Backups.sweep`), and it serves the JSON API of :mod:`.w
 now, restore a path). The target and policy come from the ``DOLAB_SYNC_*`` variables the hub passes it
 (:mod:`.config`); storage credentials live only in the hub's config and this process.
 
-Scopes (role ``dolab-sync``, :data:`SYNC_SCOPES`): ``list:users``, ``read:users:name``, ``read:servers`` and
-``admin:server_state`` (which servers run, and their workspace folder from the spawner state). Users get
-``access:services!service=dolab-sync`` to use the API.
+Scopes (role ``dolab-sync``, :func:`service_scopes`): ``list:users``, ``read:users:name``, ``read:servers`` and
+``admin:server_state`` (which servers run, and their workspace folder from the spawner state); ``admin:auth_state``
+only when a Drive target uses each user's own token (``DOLAB_SYNC_DRIVE_AUTH=user``: :mod:`.tokens`). Users get
+``access:services!service=dolab-sync`` to use the API, where they may also choose their target (:mod:`.choices`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,22 @@ from traitlets import Float, Integer, List, Unicode, default
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
 from .backups import Backups
+from .choices import TargetChoices, choices_path
 from .config import SyncSettings
+from .tokens import HubAuthStates
 
-__all__ = ["SERVICE_NAME", "SYNC_SCOPES", "USER_SCOPE", "SyncService", "main"]
+__all__ = ["AUTH_STATE_SCOPE", "SERVICE_NAME", "SYNC_SCOPES", "USER_SCOPE", "SyncService", "main", "service_scopes"]
 
 SERVICE_NAME = "dolab-sync"
 SYNC_SCOPES = ("list:users", "read:users:name", "read:servers", "admin:server_state")
 USER_SCOPE = f"access:services!service={SERVICE_NAME}"
+#: Read users' tokens from auth_state: only with Drive in user-token mode.
+AUTH_STATE_SCOPE = "admin:auth_state"
+
+
+def service_scopes(settings: SyncSettings) -> list[str]:
+    """The scopes the service's role needs for these settings, and no more."""
+    return [*SYNC_SCOPES, AUTH_STATE_SCOPE] if settings.needs_user_tokens else list(SYNC_SCOPES)
 
 
 class SyncService(ServiceApp):
@@ -101,12 +111,12 @@ class SyncService(ServiceApp):
             concurrency=self.concurrency,
             timeout_seconds=self.timeout_minutes * 60,
             log=self.log,
+            choices=TargetChoices(settings, choices_path()),
+            auth_states=HubAuthStates(hub) if settings.needs_user_tokens else None,
         )
-        where = (
-            f"s3://{settings.bucket}/{settings.prefix}"
-            if settings.target == "s3"
-            else f"Google Drive folder {settings.drive_folder_id or settings.drive_folder}"
-        )
+        where = settings.describe(settings.target)
+        if len(settings.allowed_targets) > 1:
+            where += f" by default (users may choose {', '.join(settings.allowed_targets)})"
         self.log.info(
             "Backing up to %s every %g min (keep %d, deletions %s)",
             where,

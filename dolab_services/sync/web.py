@@ -6,7 +6,10 @@
 - ``POST {prefix}api/backup``: back up the workspace now; ``{"snapshot", "previous", "files", "uploaded_files",
   "uploaded_bytes"}`` (``snapshot`` null: nothing had changed);
 - ``POST {prefix}api/restore``: ``{"snapshot": id (default: the latest), "paths": [...] (default: everything),
-  "into": "sub/folder" (default: the workspace itself)}``; answers ``{"snapshot", "files", "bytes"}``.
+  "into": "sub/folder" (default: the workspace itself)}``; answers ``{"snapshot", "files", "bytes"}``;
+- ``GET  {prefix}api/target``: ``{"user", "target", "default", "allowed", "where", "note"}``, the target the user's
+  backups go to and the admin's policy; ``PUT {prefix}api/target`` with ``{"target": "drive"}`` chooses another
+  one of ``allowed`` (400 with a sentence otherwise). Old backups stay where they were made (``note``).
 
 Every request is about the current user's own backups. Admins may add ``user`` (a query argument, or in the
 body), and so may the hub services named in ``trusted_services`` for ``api/backup`` only (the culler, before a
@@ -25,7 +28,9 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from tornado import web
 
 from .backups import Backups, NoWorkspace
+from .choices import SWITCH_NOTE
 from .store import ObjectNotFound, StoreError
+from .tokens import NoDriveToken
 from .workspace import UnsafePath
 
 __all__ = ["make_app"]
@@ -93,7 +98,7 @@ class _ApiHandler(HubOAuthenticated, web.RequestHandler):
         """The answer for an engine failure: a sentence, the details in the log."""
         if isinstance(error, ObjectNotFound):
             return web.HTTPError(404, str(error))
-        if isinstance(error, NoWorkspace):
+        if isinstance(error, NoWorkspace | NoDriveToken):
             return web.HTTPError(409, str(error))
         if isinstance(error, (UnsafePath, ValueError)):
             return web.HTTPError(400, str(error))
@@ -114,7 +119,43 @@ class BackupsHandler(_ApiHandler):
             target, snaps = await self.backups.snapshots(user)
         except Exception as e:
             raise self.failed(e) from None
-        self.reply({"user": user, "target": target, "snapshots": snaps})
+        self.reply({"user": user, "target": target, "target_name": self.backups.target_of(user), "snapshots": snaps})
+
+
+class TargetHandler(_ApiHandler):
+    """Where the user's backups go, and their choice within the admin's policy."""
+
+    def describe(self, user: str) -> dict[str, Any]:
+        settings = self.backups.settings
+        target = self.backups.target_of(user)
+        return {
+            "user": user,
+            "target": target,
+            "default": settings.target,
+            "allowed": list(settings.allowed_targets),
+            "where": settings.describe(target),
+            "note": SWITCH_NOTE,
+        }
+
+    @web.authenticated
+    async def get(self) -> None:
+        self.reply(self.describe(self.owner()))
+
+    @web.authenticated
+    async def put(self) -> None:
+        data = self.body()
+        user = self.owner(data.get("user"))
+        target = data.get("target")
+        if not isinstance(target, str) or not target:
+            raise web.HTTPError(400, "target must be the name of a backup target, e.g. s3 or drive.")
+        if self.backups.choices is None:
+            raise web.HTTPError(409, "This backup service does not keep users' choices of target.")
+        try:
+            self.backups.choices.choose(user, target)
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        self.log.info("%s set the backup target of %s to %s", self.current_user["name"], user, target)
+        self.reply(self.describe(user))
 
 
 class SnapshotHandler(_ApiHandler):
@@ -204,6 +245,7 @@ def make_app(
             (prefix + r"api/backups/([A-Za-z0-9]+)", SnapshotHandler, args),
             (prefix + "api/backup", BackupNowHandler, args),
             (prefix + "api/restore", RestoreHandler, args),
+            (prefix + "api/target", TargetHandler, args),
         ],
         cookie_secret=secrets.token_bytes(32),
         log_function=_access_logger(log),
