@@ -22,6 +22,8 @@ Variables (all optional unless a target is wanted; README.md, "Workspace backup"
 - ``DOLAB_SYNC_KEEP`` (10): restore points kept per user; ``DOLAB_SYNC_DELETIONS``: ``mirror`` (default) or
   ``keep``; ``DOLAB_SYNC_EXCLUDE``: comma-separated globs; ``DOLAB_SYNC_MAX_FILE_MB`` (0: no cap);
   ``DOLAB_SYNC_INTERVAL_MINUTES`` (15): periodic backups of running servers.
+- ``DOLAB_SYNC_REMOTE_SERVERS`` (``1``/``0``; default: on when the hub has ``RUNPOD_API_KEY``): the service also
+  backs up remote servers (RunPod pods) through their REST API, and its role gets ``access:servers`` for that.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class SyncSettings:
     drive_client_secret: str = field(default="", repr=False)
     drive_token_uri: str = GOOGLE_TOKEN_URI
     targets: tuple[str, ...] = ()
+    remote_servers: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -196,6 +199,8 @@ class SyncSettings:
             drive_client_secret=env.get("DOLAB_SYNC_DRIVE_CLIENT_SECRET", "").strip(),
             drive_token_uri=env.get("DOLAB_SYNC_DRIVE_TOKEN_URI", "").strip() or GOOGLE_TOKEN_URI,
             targets=targets,
+            remote_servers=env.get("DOLAB_SYNC_REMOTE_SERVERS", "").strip().lower() in ("1", "true", "yes")
+            or (not env.get("DOLAB_SYNC_REMOTE_SERVERS", "").strip() and bool(env.get("RUNPOD_API_KEY", "").strip())),
         )
 
     def policy(self) -> SyncPolicy:

@@ -7,16 +7,18 @@ In ``jupyterhub_config.py`` (the shipped config does this when ``DOLAB_SYNC_S3_B
 
 :func:`final_sync` runs in ``DoLabSpawner.stop()`` before the backend destroys the server. It backs up the
 workspace when it is a folder on the hub's machine (local backend, docker backend with a bind-mounted workspace on
-the local engine). A docker workspace in a named volume outlives its container, so it is left alone. Any other
-backend (a RunPod pod) cannot be backed up from here yet: the hook raises, so the spawner stops the server but
-keeps its storage. A failed backup raises too (same outcome); the user and admin are told through the log and the
-server's state. The target comes from the hub's ``DOLAB_SYNC_*`` environment (:mod:`.config`).
+the local engine). A docker workspace in a named volume outlives its container, so it is left alone. A remote
+server (a RunPod pod) is backed up through its own REST API with its own token (:mod:`.remote_hooks`); on success
+the backend then terminates the pod. A failed backup raises, so the spawner stops the server but keeps its storage
+(a pod is stopped with its disk); the user and admin are told through the log and the server's state. Any other
+backend raises the same way. The target comes from the hub's ``DOLAB_SYNC_*`` environment (:mod:`.config`).
 
 :func:`culler_final_sync` is the culler's pre-stop hook: it asks the dolab-sync service for the backup, so a failure
 keeps the server running (the culler tries again later) instead of stopping it.
 
 :func:`restore_new_workspace` runs in ``DoLabSpawner.start()`` before the backend starts: a workspace folder that
 does not exist yet, or is empty, is filled from the user's latest backup, with progress events on the spawn page.
+For a remote server it registers the restore with the backend, which runs it once the new pod's server answers.
 
 Blocking work (boto3, file I/O) runs on a small thread pool of its own, never on the hub's event loop.
 """
@@ -36,6 +38,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from .choices import TargetChoices, choices_path
 from .config import SyncSettings, user_prefix
 from .engine import SyncEngine
+from .remote_hooks import arm_remote_restore, is_remote, remote_final_sync
 from .store import ObjectNotFound, StoreError
 from .tokens import user_drive_token
 
@@ -92,6 +95,17 @@ async def final_sync(spawner: Any, reason: str) -> None:
     workspace = host_workspace(spawner)
     backend = getattr(spawner, "backend_name", "")
     if workspace is None:
+        if is_remote(spawner):
+            target, token = await _target(spawner, settings)
+            await remote_final_sync(
+                spawner,
+                lambda: settings.store_for(user, target, token=token),
+                settings.policy(),
+                _cache_path(user).parent,
+                reason,
+                FINAL_SYNC_TIMEOUT_SECONDS,
+            )
+            return
         if backend == "docker":
             spawner.log.info("No final sync for %s: a Docker volume outlives its container", user)
             return
@@ -166,6 +180,17 @@ async def restore_new_workspace(spawner: Any) -> None:
     """Fill a new (missing or empty) workspace folder from the user's latest backup, with progress events."""
     settings = _settings()
     workspace = host_workspace(spawner)
+    if settings.enabled and workspace is None and is_remote(spawner):
+        name = spawner.user.name
+        try:
+            target, token = await _target(spawner, settings)
+        except StoreError as e:
+            spawner.log.error("Restoring %s's new workspace failed: %s", name, e)
+            return
+        arm_remote_restore(
+            spawner, lambda: settings.store_for(name, target, token=token), settings.policy(), _cache_path(name).parent
+        )
+        return
     if not settings.enabled or workspace is None:
         return
     if workspace.exists() and any(workspace.iterdir()):

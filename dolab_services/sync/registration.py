@@ -71,6 +71,8 @@ def sync_service(
         raise ValueError(f"DOLAB_SYNC_PORT must be a TCP port number, not {port_text!r}")
     passed = {k: v for k, v in env.items() if k.startswith("DOLAB_SYNC_") or k in _AWS_ENV or k in SECRET_ENV}
     passed.update(DOLAB_WORKSPACE_ROOT=workspace_root, DOLAB_DATA_DIR=data_dir)
+    if settings.remote_servers:
+        passed["DOLAB_SYNC_REMOTE_SERVERS"] = "1"  # the service never sees RUNPOD_API_KEY
     service = {
         "name": SERVICE_NAME,
         "command": [python, "-m", "dolab_services.sync"],

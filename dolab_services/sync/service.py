@@ -7,7 +7,10 @@ now, restore a path). The target and policy come from the ``DOLAB_SYNC_*`` varia
 
 Scopes (role ``dolab-sync``, :func:`service_scopes`): ``list:users``, ``read:users:name``, ``read:servers`` and
 ``admin:server_state`` (which servers run, and their workspace folder from the spawner state); ``admin:auth_state``
-only when a Drive target uses each user's own token (``DOLAB_SYNC_DRIVE_AUTH=user``: :mod:`.tokens`). Users get
+only when a Drive target uses each user's own token (``DOLAB_SYNC_DRIVE_AUTH=user``: :mod:`.tokens`);
+``access:servers`` only when remote servers are backed up too (``DOLAB_SYNC_REMOTE_SERVERS``, on with RunPod): the
+service reads their workspaces through their REST API at their own address (``state["server_url"]``, never through
+the proxy, so a backup is not the user's activity; :mod:`.remote_hooks`). Users get
 ``access:services!service=dolab-sync`` to use the API, where they may also choose their target (:mod:`.choices`).
 """
 
@@ -29,20 +32,33 @@ from ..hubclient import HubAPIError, HubClient
 from .backups import Backups
 from .choices import TargetChoices, choices_path
 from .config import SyncSettings
+from .remote_hooks import sweep_remote
 from .tokens import HubAuthStates
 
-__all__ = ["AUTH_STATE_SCOPE", "SERVICE_NAME", "SYNC_SCOPES", "USER_SCOPE", "SyncService", "main", "service_scopes"]
+__all__ = [
+    "AUTH_STATE_SCOPE",
+    "REMOTE_SCOPE",
+    "SERVICE_NAME",
+    "SYNC_SCOPES",
+    "USER_SCOPE",
+    "SyncService",
+    "main",
+    "service_scopes",
+]
 
 SERVICE_NAME = "dolab-sync"
 SYNC_SCOPES = ("list:users", "read:users:name", "read:servers", "admin:server_state")
 USER_SCOPE = f"access:services!service={SERVICE_NAME}"
+#: Read remote servers' workspaces through their REST API: only when remote servers are backed up.
+REMOTE_SCOPE = "access:servers"
 #: Read users' tokens from auth_state: only with Drive in user-token mode.
 AUTH_STATE_SCOPE = "admin:auth_state"
 
 
 def service_scopes(settings: SyncSettings) -> list[str]:
     """The scopes the service's role needs for these settings, and no more."""
-    return [*SYNC_SCOPES, AUTH_STATE_SCOPE] if settings.needs_user_tokens else list(SYNC_SCOPES)
+    scopes = [*SYNC_SCOPES, AUTH_STATE_SCOPE] if settings.needs_user_tokens else list(SYNC_SCOPES)
+    return [*scopes, REMOTE_SCOPE] if settings.remote_servers else scopes
 
 
 class SyncService(ServiceApp):
@@ -143,6 +159,9 @@ class SyncService(ServiceApp):
                 if interval_minutes > 0:
                     try:
                         outcomes = await backups.sweep(hub)
+                        if backups.settings.remote_servers:
+                            token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+                            outcomes.update(await sweep_remote(backups, hub, token))
                         if outcomes:
                             self.log.info("Periodic backup: %s", "; ".join(f"{u}: {o}" for u, o in outcomes.items()))
                     except HubAPIError as e:

@@ -173,6 +173,11 @@ class RunPodBackend(BackendMixin, Spawner):
     # Set by DoLabSpawner.
     pod_request = Dict(help="What to rent: the selection's GPU types in order, count, cloud, image, price cap...")
     progress_callback: Any = AnyTrait(None, allow_none=True, help="DoLabSpawner.emit, for progress events.")
+    server_ready_hooks: List[Any] = List(
+        help="""Async ``hook(server_url, token)`` callables run once the pod's server answers, before start() returns
+        (``server_url`` is its own address with the base URL). The sync's restore of a new workspace registers here
+        (``dolab_services.sync.remote_hooks``); a hook that raises fails the start (the pod is terminated)."""
+    )
 
     # State.
     _resumed = False
@@ -442,6 +447,9 @@ class RunPodBackend(BackendMixin, Spawner):
                     url,
                 )
                 await self._wait_server(url)
+                base_url = self.server.base_url if self.server is not None else "/"
+                for hook in self.server_ready_hooks:
+                    await hook(url.rstrip("/") + base_url, self.api_token)
                 return url
             if pod.running and not announced:
                 self._emit(70, "Pod running, waiting for its server port")
