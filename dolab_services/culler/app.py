@@ -7,11 +7,9 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from traitlets import Bool, Float, Integer, List, Unicode, default
 
@@ -168,36 +166,19 @@ class Culler(ServiceApp):
                     self.log.error("Cannot list the hub's servers: %s", e)
                     return 1
                 return 0
-            service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
-            if service_url:
-                where = urlsplit(service_url)
-                prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-                # The JupyterLab notice polls as often as warnings can change, at most once a minute.
-                poll_seconds = min(60.0, self.interval_seconds)
-                app = make_app(sweeper, prefix, extend_hours=self.extend_hours, poll_seconds=poll_seconds, log=self.log)
-                try:
-                    server = app.listen(where.port or 80, where.hostname or "127.0.0.1", xheaders=True)
-                except OSError as e:
-                    # Culling is the part that protects the machine: it goes on without the page.
-                    self.log.error(
-                        "Cannot listen on %s (%s): the page and API are off, culling goes on. Is another "
-                        "service on that port? Set DOLAB_CULLER_PORT.",
-                        service_url,
-                        e.strerror or e,
-                    )
-                else:
-                    self.log.info("Page and API at %s (listening on %s)", prefix, service_url)
-            else:
-                self.log.warning("No JUPYTERHUB_SERVICE_URL: sweeping without the page and API")
-            while True:
-                began = time.monotonic()
-                try:
-                    await sweeper.sweep(wait_seconds=self.interval_seconds)
-                except HubAPIError as e:
-                    self.log.error("Cannot list the hub's servers, so nothing is done this sweep: %s", e)
-                except Exception:  # a bug in one sweep must not end the service
-                    self.log.exception("The sweep failed; trying again in %g s", self.interval_seconds)
-                await asyncio.sleep(max(0.0, self.interval_seconds - (time.monotonic() - began)))
+            # The JupyterLab notice polls as often as warnings can change, at most once a minute.
+            poll_seconds = min(60.0, self.interval_seconds)
+            server = self.serve_page(
+                lambda prefix: make_app(
+                    sweeper, prefix, extend_hours=self.extend_hours, poll_seconds=poll_seconds, log=self.log
+                ),
+                SERVICE_NAME,
+                serves="page and API",
+                goes_on="sweeps",  # culling is the part that protects the machine: it goes on without the page
+                port_variable="DOLAB_CULLER_PORT",
+            )
+            await self.repeat(lambda: sweeper.sweep(wait_seconds=self.interval_seconds), self.interval_seconds, "sweep")
+            return 0
         finally:
             if server is not None:
                 server.stop()

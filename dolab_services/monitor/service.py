@@ -20,12 +20,10 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 from traitlets.config import Config
@@ -271,32 +269,21 @@ class MonitorApp(ServiceApp):
                     return 1
                 await monitor.enforcer.drain()
                 return 0
-            service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
-            if service_url:
-                where = urlsplit(service_url)
-                prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-                app = make_app(monitor, prefix, service_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""), log=self.log)
-                try:
-                    server = app.listen(where.port or 80, where.hostname or "127.0.0.1", xheaders=True)
-                except OSError as e:
-                    self.log.error(
-                        "Cannot listen on %s (%s): the page, API and metrics are off, accounting and quotas go on. "
-                        "Is another service on that port? Set DOLAB_MONITOR_PORT.",
-                        service_url,
-                        e.strerror or e,
-                    )
-                else:
-                    self.log.info("Page, API and metrics at %s (listening on %s)", prefix, service_url)
-            while True:
-                began = time.monotonic()
+            token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+            server = self.serve_page(
+                lambda prefix: make_app(monitor, prefix, service_token=token, log=self.log),
+                SERVICE_NAME,
+                serves="page, API and metrics",
+                goes_on="accounting and quotas",
+                port_variable="DOLAB_MONITOR_PORT",
+            )
+
+            async def tick() -> None:
                 self._reload_quotas(monitor, quotas_seen)
-                try:
-                    await monitor.tick()
-                except HubAPIError as e:
-                    self.log.error("Cannot list the hub's servers, so nothing is booked this tick: %s", e)
-                except Exception:  # a bug in one tick must not end the service
-                    self.log.exception("The tick failed; trying again in %g s", self.interval_seconds)
-                await asyncio.sleep(max(0.0, self.interval_seconds - (time.monotonic() - began)))
+                await monitor.tick()
+
+            await self.repeat(tick, self.interval_seconds, "tick")
+            return 0
         finally:
             if server is not None:
                 server.stop()
