@@ -4,7 +4,9 @@
 - ``dolab backups show SNAPSHOT``: the files one holds;
 - ``dolab backups now``: back the workspace up now;
 - ``dolab backups restore [--snapshot ID] [--into FOLDER] [PATH ...]``: bring files back into the workspace (all of
-  the latest snapshot by default; a deleted file from an older one with ``--snapshot``).
+  the latest snapshot by default; a deleted file from an older one with ``--snapshot``);
+- ``dolab backups target [TARGET]``: where the backups go (``s3``, ``drive``), and the targets the admin allows;
+  with TARGET, choose it. Old backups stay where they were made: listing and restoring read the chosen target.
 
 The token is the user's own API token (the hub's Token page): ``--token``, else ``$DOLAB_TOKEN``, else
 ``$JUPYTERHUB_API_TOKEN``. Admins may add ``--user NAME``. Errors are one sentence (the service's own message).
@@ -66,6 +68,8 @@ def _list(args: argparse.Namespace) -> int:
     rows = [(s["id"], s.get("created") or "") for s in data["snapshots"]]
     if not rows:
         print(f"No backups yet for {data['user']} (in {data['target']}).")
+        if data.get("target_name"):
+            print("Backups made to another target stay there: `dolab backups target` shows where yours go.")
         return 0
     print(format_table(("restore point", "taken (UTC)"), rows))
     return 0
@@ -100,8 +104,25 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(args: argparse.Namespace) -> int:
+    if args.target:
+        data = service_request(args, "PUT", "target", {"target": args.target})
+    else:
+        data = service_request(args, "GET", "target")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    chosen = "chosen" if args.target else "now"
+    print(f"Backups of {data['user']} go to {data['target']} ({data['where']}), {chosen}.")
+    others = [t for t in data["allowed"] if t != data["target"]]
+    if others:
+        print(f"Allowed here: {', '.join(data['allowed'])} (default {data['default']}).")
+        print(data["note"])
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    handler = {"list": _list, "show": _show, "now": _now, "restore": _restore}[args.action]
+    handler = {"list": _list, "show": _show, "now": _now, "restore": _restore, "target": _target}[args.action]
     return handler(args)
 
 
@@ -127,4 +148,7 @@ def add_parser(commands: Any, url_help: str) -> None:
     restore.add_argument("paths", nargs="*", metavar="PATH", help="files or folders, relative to the workspace")
     restore.add_argument("--snapshot", help="the restore point (default: the latest)")
     restore.add_argument("--into", help="a folder of the workspace to restore into (default: where they were)")
+    target = actions.add_parser("target", help="where your backups go; choose another allowed target")
+    target.add_argument("target", nargs="?", metavar="TARGET", help="the target to choose (s3 or drive)")
+    target.add_argument("--json", action="store_true", help="print the answer as JSON")
     parser.set_defaults(handler=_run)
