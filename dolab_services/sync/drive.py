@@ -10,9 +10,10 @@ Layout
 Authentication (two kinds of :data:`DriveCredentials`)
     - :class:`ServiceAccountKey`: the JSON key file of a service account (its ``token_uri`` is honoured); the
       backups then live in the service account's own Drive, one folder per user.
-    - :class:`UserToken`: a user's OAuth token (access + refresh token, the OAuth client's id and secret), as the
-      DO-LAB authenticator stores it with the ``drive.file`` scope; the backups live in the user's own Drive and the
-      access token is refreshed here whenever it has expired (or Drive answers 401).
+    - :class:`UserToken`: a user's OAuth token, as the DO-LAB authenticator stores it with the ``drive.file`` scope
+      (:mod:`.tokens` reads it from auth_state); the backups live in the user's own Drive. When the access token has
+      expired (or Drive answers 401) a fresh one comes from ``UserToken.renew`` (the hub, which renews tokens), and
+      only failing that from the token endpoint, when the OAuth client's id and secret are known.
     Credentials Google refuses become a :class:`~.store.StoreError` saying so ("sign in again" for a user).
 
 Transfers
