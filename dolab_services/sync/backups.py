@@ -24,7 +24,7 @@ from .choices import TargetChoices
 from .config import SyncSettings, user_prefix
 from .engine import BackupReport, RestoreReport, SyncEngine
 from .store import StoreError
-from .tokens import AuthStateReader, user_drive_token
+from .tokens import AuthStateReader, NoDriveToken, user_drive_token
 from .workspace import UnsafePath, check_relpath, open_dir
 
 __all__ = ["Backups", "NoWorkspace"]
@@ -180,6 +180,9 @@ class Backups:
             try:
                 report = await self.backup(name, folder)
                 outcomes[name] = f"snapshot {report.snapshot}" if report.snapshot else "unchanged"
+            except NoDriveToken as e:
+                outcomes[name] = "skipped: no Google Drive token"  # theirs to fix by signing in, not an error
+                self.log.warning("Periodic backup of %s skipped: %s", name, e)
             except (StoreError, NoWorkspace, UnsafePath, OSError, asyncio.TimeoutError) as e:
                 outcomes[name] = f"failed: {e}"
                 self.log.error("Periodic backup of %s failed: %s", name, e)
