@@ -269,11 +269,15 @@ def test_one_user_cannot_choose_for_another(hub: Hub) -> None:
 
 
 def test_the_hubs_stop_and_spawn_hooks_use_the_users_own_token(hub: Hub, emulator: DriveEmulatorClient) -> None:
-    sign_in_with_drive(hub, emulator, "gina")
+    grant = sign_in_with_drive(hub, emulator, "gina")
     sign_in_with_drive(hub, emulator, "hank")  # another user with a token, never used for gina
     reply = hub.start_server("gina", {})
     assert reply.status_code in (201, 202), reply.text
-    hub.wait_ready("gina")
+    server = hub.wait_ready("gina")
+    # Neither her tokens nor any backup setting reach her server.
+    environ = Path(f"/proc/{server['state']['backend_state']['pid']}/environ").read_bytes()
+    assert grant.access_token.encode() not in environ and grant.refresh_token.encode() not in environ
+    assert b"DOLAB_SYNC_" not in environ
     write(workspace(hub, "gina"), "results/run1.txt", "accuracy 0.93")
 
     emulator.clear_requests()
