@@ -1,7 +1,7 @@
 """How ``jupyterhub_config.py`` registers workspace backups (:func:`sync_service`): the ``dolab-sync`` service with
 its own least-privilege role, every user's access to its API, and the spawner's hooks (final backup before a server
 is destroyed, restore into a new workspace). Nothing when no target is set (``DOLAB_SYNC_S3_BUCKET``,
-``DOLAB_SYNC_DRIVE_KEY_FILE``)."""
+``DOLAB_SYNC_DRIVE_KEY_FILE``, ``DOLAB_SYNC_DRIVE_AUTH=user``)."""
 
 from __future__ import annotations
 

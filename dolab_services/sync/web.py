@@ -1,6 +1,7 @@
 """The sync service's JSON API, under its prefix (``/services/dolab-sync/``), behind the hub's OAuth.
 
-- ``GET  {prefix}api/backups``: ``{"user", "target", "snapshots": [{"id", "created"}, ...]}``, newest first;
+- ``GET  {prefix}api/backups``: ``{"user", "target" (where), "target_name" (s3, drive), "snapshots": [{"id",
+  "created"}, ...]}``, newest first, from the target the user chose;
 - ``GET  {prefix}api/backups/<id>``: one restore point: ``{"id", "files": [{"path", "size", "mtime_ns"}], "links",
   "dirs", "total_bytes"}``;
 - ``POST {prefix}api/backup``: back up the workspace now; ``{"snapshot", "previous", "files", "uploaded_files",
