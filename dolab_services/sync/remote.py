@@ -66,6 +66,7 @@ from .store import ObjectNotFound, ObjectStore, StoreError
 from .workspace import Excludes, UnsafePath, check_relpath, fd_path
 
 __all__ = [
+    "AccessRefused",
     "RemoteError",
     "RemoteFile",
     "RemoteServer",
@@ -84,6 +85,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 class RemoteError(StoreError):
     """The user's server could not be read or written; ``str(error)`` is a sentence."""
+
+
+class AccessRefused(RemoteError):
+    """The server refused the token (401 or 403): waiting or retrying will not help."""
 
 
 class _Refused(Exception):
@@ -189,7 +194,7 @@ class RemoteServer:
             raise RemoteError(f"Your server could not be reached while {doing} ({type(e).__name__}).") from e
         if reply.status_code in (401, 403) and not path:
             reply.close()
-            raise RemoteError(f"Your server refused the hub's access while {doing} (HTTP {reply.status_code}).")
+            raise AccessRefused(f"Your server refused the hub's access while {doing} (HTTP {reply.status_code}).")
         if 300 <= reply.status_code < 400:
             reply.close()
             raise RemoteError(f"Your server answered a redirect while {doing}; it is not reachable at {self.url}.")
@@ -208,6 +213,8 @@ class RemoteServer:
             try:
                 self._call("GET", "api/contents", "", "checking that it runs", params={"content": "0"}).close()
                 return
+            except AccessRefused:
+                raise
             except (RemoteError, _Refused):
                 if time.monotonic() >= deadline:
                     raise RemoteError(f"Your server did not answer within {timeout_seconds:g} s.") from None
