@@ -366,6 +366,14 @@ class DiscoveryHandler(BaseHandler):
         self.send_json(doc)
 
 
+class UserInfoHandler(BaseHandler):
+    """``GET /oauth2/v3/userinfo``: Google's OpenID user info, which a login asks for when it renews a token."""
+
+    def get(self) -> None:
+        email = self.require_account()
+        self.send_json({"sub": email, "email": email, "email_verified": True, "name": email})
+
+
 class AboutHandler(BaseHandler):
     """``GET /drive/v2/about``."""
 
@@ -750,6 +758,7 @@ def make_app(world: World | None = None) -> web.Application:
         [
             (r"/token", TokenHandler, args),
             (r"/discovery/v1/apis/drive/v2/rest", DiscoveryHandler, args),
+            (r"/oauth2/v3/userinfo", UserInfoHandler, args),
             (r"/drive/v2/about", AboutHandler, args),
             (r"/drive/v2/files", FilesHandler, args),
             (r"/drive/v2/files/([^/]+)", FileHandler, args),

@@ -294,3 +294,60 @@ def test_the_hubs_stop_and_spawn_hooks_use_the_users_own_token(hub: Hub, emulato
     hub.wait_ready("gina")
     assert (workspace(hub, "gina") / "results" / "run1.txt").read_text() == "accuracy 0.93"
     hub.stop_server("gina")
+
+
+@pytest.fixture(scope="module")
+def google_hub(
+    emulator: DriveEmulatorClient, s3_server: S3Server, sync_bucket: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hub]:
+    """A hub logging in with DoLabGoogleAuthenticator (drive_backup), Google's token and user info endpoints
+    being the emulator's, renewing tokens about to expire every half second. The sync service has no OAuth client
+    secret: it can only read the tokens the hub renews."""
+    root = tmp_path_factory.mktemp("drive-google-hub")
+    overlay = f"""
+from dolab_spawner.auth import DoLabGoogleAuthenticator
+c.JupyterHub.authenticator_class = DoLabGoogleAuthenticator
+c.DoLabGoogleAuthenticator.client_id = {CLIENT_ID!r}
+c.DoLabGoogleAuthenticator.client_secret = {CLIENT_SECRET!r}
+c.DoLabGoogleAuthenticator.oauth_callback_url = "http://127.0.0.1/hub/oauth_callback"
+c.DoLabGoogleAuthenticator.token_url = {emulator.token_uri!r}
+c.DoLabGoogleAuthenticator.userdata_url = {emulator.url + "/oauth2/v3/userinfo"!r}
+c.DoLabGoogleAuthenticator.drive_backup = True
+c.DoLabGoogleAuthenticator.allow_all = True
+c.DoLabGoogleAuthenticator.token_refresh_interval_seconds = 0.5
+"""
+    env = hub_env(root, emulator, s3_server, sync_bucket)
+    assert "DOLAB_SYNC_DRIVE_CLIENT_SECRET" not in env
+    hub = Hub(root, overlay=overlay, env=env).start()
+    try:
+        wait_for_service(hub)
+        yield hub
+    finally:
+        hub.shutdown()
+
+
+def test_the_hub_renews_the_token_and_the_service_uses_the_fresh_one(
+    google_hub: Hub, emulator: DriveEmulatorClient
+) -> None:
+    hub = google_hub
+    hub.create_user("ivy")
+    grant = emulator.user_grant(email("ivy"), CLIENT_ID, CLIENT_SECRET)
+    emulator.expire_access_tokens(email("ivy"))  # Google no longer takes the stored access token
+    store_auth_state(hub, "ivy", grant.access_token, grant.refresh_token, expires_in=30)  # within the renewal margin
+
+    deadline = time.monotonic() + 60
+    while hub.user("ivy")["auth_state"]["access_token"] == grant.access_token:
+        assert time.monotonic() < deadline, f"the hub did not renew ivy's token:\n{hub.log_tail()}"
+        time.sleep(0.2)
+    renewed = hub.user("ivy")["auth_state"]
+    assert renewed["refresh_token"] == grant.refresh_token and renewed["expires_at"] > time.time() + 60
+
+    write(workspace(hub, "ivy"), "paper.tex", "\\section{Results}")
+    emulator.clear_requests()
+    reply = api(hub, hub.user_token("ivy"), "POST", "backup")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["snapshot"]
+    assert [r for r in emulator.requests() if r["path"] == "/token"] == []  # the service renewed nothing itself
+    assert any(t.startswith("snapshots/") for t in drive_titles(emulator, email("ivy")))
+    log = hub.log_path.read_text(errors="replace")
+    assert renewed["access_token"] not in log and grant.refresh_token not in log
