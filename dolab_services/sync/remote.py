@@ -293,11 +293,24 @@ class RemoteServer:
         return kept
 
     def is_empty(self, excludes: Excludes | None = None) -> bool:
-        """Whether the workspace root lists nothing (but excluded names)."""
+        """Whether the workspace holds no file (but excluded ones): a new pod's workspace, maybe with the empty
+        folders its image made. Stops listing at the first file found."""
         excludes = excludes or Excludes()
-        return not any(
-            isinstance(e.get("name"), str) and not excludes.excluded(e["name"], e["name"]) for e in self.list_dir("")
-        )
+        folders = [("", 0)]
+        while folders:
+            folder, depth = folders.pop()
+            for entry in self.list_dir(folder):
+                name = entry.get("name")
+                if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+                    continue
+                path = f"{folder}/{name}" if folder else name
+                if excludes.excluded(path, name):
+                    continue
+                if entry.get("type") != "directory":
+                    return False
+                if depth < self.max_depth:
+                    folders.append((path, depth + 1))
+        return True
 
     def download(self, path: str, fd: int) -> int:
         """Stream the file ``path`` (``files/``) into the descriptor ``fd`` from offset 0; the bytes written.
