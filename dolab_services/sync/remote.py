@@ -91,7 +91,7 @@ class AccessRefused(RemoteError):
     """The server refused the token (401 or 403): waiting or retrying will not help."""
 
 
-class _Refused(Exception):
+class _Refused(RemoteError):
     """The server refused one path (4xx): that path is skipped, the rest goes on."""
 
 
@@ -192,7 +192,7 @@ class RemoteServer:
             raise RemoteError(f"Your server did not answer in {self.timeout_seconds:g} s while {doing}.") from None
         except requests.RequestException as e:
             raise RemoteError(f"Your server could not be reached while {doing} ({type(e).__name__}).") from e
-        if reply.status_code in (401, 403) and not path:
+        if reply.status_code == 401 or (reply.status_code == 403 and not path):
             reply.close()
             raise AccessRefused(f"Your server refused the hub's access while {doing} (HTTP {reply.status_code}).")
         if 300 <= reply.status_code < 400:
@@ -224,7 +224,13 @@ class RemoteServer:
 
     def list_dir(self, path: str) -> list[dict[str, Any]]:
         """The entries of the folder ``path`` ("" for the root) as the contents API lists them."""
-        reply = self._call("GET", "api/contents/", path, f"listing {path or 'your workspace'}", params={"content": "1"})
+        doing = f"listing {path or 'your workspace'}"
+        try:
+            reply = self._call("GET", "api/contents/", path, doing, params={"content": "1"})
+        except _Refused as e:
+            if path:
+                raise
+            raise RemoteError(f"Your server answered {e} while {doing}; is its address right?") from None
         try:
             model = reply.json()
         except ValueError:

@@ -302,6 +302,8 @@ def test_a_wrong_token_or_a_dead_server_is_a_sentence(jupyter, store: S3Store) -
     write(server.root, "a.txt", "a")
     with pytest.raises(RemoteError, match="refused the hub's access"):
         backup_remote(SyncEngine(store), RemoteServer(server.url, "wrong-token"))
+    with pytest.raises(RemoteError, match="is its address right"):
+        backup_remote(SyncEngine(store), RemoteServer(server.url.replace("/alice/", "/bob/"), server.token))
     server.proc.terminate()
     server.proc.wait(10)
     with pytest.raises(RemoteError, match="could not be reached"):
