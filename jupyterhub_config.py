@@ -116,7 +116,7 @@ c.JupyterHub.load_roles = [
     }
 ]
 
-# --- workspace backups: when DOLAB_SYNC_S3_BUCKET or DOLAB_SYNC_DRIVE_KEY_FILE is set (README, "Workspace backup") -
+# --- workspace backups: when a target is configured (DOLAB_SYNC_*; README, "Workspace backup") ---------------------
 # The dolab-sync service (periodic backups, restore API), a final backup before a server is destroyed, and a restore
 # into a new, empty workspace. Storage credentials go to the service's environment only.
 try:
