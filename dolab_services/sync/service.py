@@ -20,15 +20,13 @@ import asyncio
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from traitlets import Float, Integer, List, Unicode, default
 
 from ..app import ServiceApp
-from ..hubclient import HubAPIError, HubClient
+from ..hubclient import HubClient
 from .backups import Backups
 from .choices import TargetChoices, choices_path
 from .config import SyncSettings
@@ -147,29 +145,27 @@ class SyncService(ServiceApp):
 
         server = None
         try:
-            service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
-            if service_url:
-                where = urlsplit(service_url)
-                prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", f"/services/{SERVICE_NAME}/")
-                app = make_app(backups, prefix, log=self.log, trusted_services=frozenset(self.trusted_services))
-                server = app.listen(where.port or 80, where.hostname or "127.0.0.1", xheaders=True)
-                self.log.info("API at %s (listening on %s)", prefix, service_url)
-            while True:
-                began = time.monotonic()
-                if interval_minutes > 0:
-                    try:
-                        outcomes = await backups.sweep(hub)
-                        if backups.settings.remote_servers:
-                            token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
-                            outcomes.update(await sweep_remote(backups, hub, token))
-                        if outcomes:
-                            self.log.info("Periodic backup: %s", "; ".join(f"{u}: {o}" for u, o in outcomes.items()))
-                    except HubAPIError as e:
-                        self.log.error("Cannot list the hub's servers, so nothing is backed up this round: %s", e)
-                    except Exception:  # one bad round must not end the service
-                        self.log.exception("The periodic backup failed")
-                wait = interval_minutes * 60 if interval_minutes > 0 else 3600
-                await asyncio.sleep(max(1.0, wait - (time.monotonic() - began)))
+            server = self.serve_page(
+                lambda prefix: make_app(
+                    backups, prefix, log=self.log, trusted_services=frozenset(self.trusted_services)
+                ),
+                SERVICE_NAME,
+                serves="API",
+                goes_on="periodic backups",
+                port_variable="DOLAB_SYNC_PORT",
+            )
+
+            async def backup_round() -> None:
+                outcomes = await backups.sweep(hub)
+                if backups.settings.remote_servers:
+                    outcomes.update(await sweep_remote(backups, hub, os.environ.get("JUPYTERHUB_API_TOKEN", "")))
+                if outcomes:
+                    self.log.info("Periodic backup: %s", "; ".join(f"{u}: {o}" for u, o in outcomes.items()))
+
+            if interval_minutes > 0:
+                await self.repeat(backup_round, interval_minutes * 60, "backup round", min_wait_seconds=1)
+            await asyncio.Event().wait()  # no periodic backups: serve the API until stopped
+            return 0
         finally:
             if server is not None:
                 server.stop()

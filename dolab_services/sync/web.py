@@ -20,14 +20,14 @@ token>``; users need ``access:services!service=dolab-sync`` (the shipped config 
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from typing import Any
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 
+from ..web import JsonApiMixin, ServiceHandler, access_logger
 from .backups import Backups, NoWorkspace
 from .choices import SWITCH_NOTE
 from .store import ObjectNotFound, StoreError
@@ -37,8 +37,8 @@ from .workspace import UnsafePath
 __all__ = ["make_app"]
 
 
-class _ApiHandler(HubOAuthenticated, web.RequestHandler):
-    """JSON in and out; errors as ``{"status", "message"}``; the user comes from the hub."""
+class _ApiHandler(JsonApiMixin, ServiceHandler):
+    """The sync service's JSON API; the user comes from the hub."""
 
     def initialize(
         self, backups: Backups, hub_auth: HubOAuth, log: logging.Logger, trusted_services: frozenset[str]
@@ -47,33 +47,6 @@ class _ApiHandler(HubOAuthenticated, web.RequestHandler):
         self.hub_auth = hub_auth
         self.log = log
         self.trusted_services = trusted_services
-
-    async def prepare(self) -> None:
-        await self.hub_auth.get_user(self, sync=False)
-
-    def get_login_url(self) -> str:
-        raise web.HTTPError(403, "Log in to the hub first, or send your API token (Authorization: token ...).")
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if not isinstance(value, web.HTTPError):
-            super().log_exception(typ, value, tb)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        message = self._reason
-        exc_info = kwargs.get("exc_info")
-        if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:
-            message = exc_info[1].log_message % exc_info[1].args if exc_info[1].args else exc_info[1].log_message
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
-
-    def body(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.request.body or b"{}")
-        except ValueError:
-            raise web.HTTPError(400, "The body must be JSON.") from None
-        if not isinstance(data, dict):
-            raise web.HTTPError(400, "The body must be a JSON object.")
-        return data
 
     def owner(self, named: Any = None, trusted_ok: bool = False) -> str:
         """The user whose backups are meant: the current one, or (admins only) the one named."""
@@ -89,11 +62,6 @@ class _ApiHandler(HubOAuthenticated, web.RequestHandler):
     def trusted_caller(self) -> bool:
         """A hub service allowed to act for any user (the culler, which backs a server up before stopping it)."""
         return self.current_user.get("kind") == "service" and self.current_user.get("name") in self.trusted_services
-
-    def reply(self, data: dict[str, Any]) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(data))
 
     def failed(self, error: Exception) -> web.HTTPError:
         """The answer for an engine failure: a sentence, the details in the log."""
@@ -217,16 +185,6 @@ class RestoreHandler(_ApiHandler):
         self.reply({"user": user, "snapshot": report.snapshot, "files": report.files, "bytes": report.bytes})
 
 
-def _access_logger(log: logging.Logger) -> Any:
-    def log_request(handler: web.RequestHandler) -> None:
-        status = handler.get_status()
-        level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.ERROR
-        request = handler.request
-        log.log(level, "%d %s %s %.1f ms", status, request.method, request.path, 1000 * request.request_time())
-
-    return log_request
-
-
 def make_app(
     backups: Backups,
     prefix: str,
@@ -249,5 +207,5 @@ def make_app(
             (prefix + "api/target", TargetHandler, args),
         ],
         cookie_secret=secrets.token_bytes(32),
-        log_function=_access_logger(log),
+        log_function=access_logger(log),
     )
