@@ -629,10 +629,35 @@ def idle_culler_sweep(bench: Bench, module: ModuleType) -> Callable[[], Awaitabl
     return sweep
 
 
+def culler_peak_rss_mb(bench: Bench) -> float:
+    """Peak RSS (MiB) of the culler service itself over one sweep: ``python -m dolab_services.culler --once
+    --dry-run`` as the hub would start it, with the culler's token, run under a small wrapper so that the peak
+    (``RUSAGE_CHILDREN``) is the service's alone."""
+    wrapper = (
+        "import resource, subprocess, sys, json;"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+        "print(json.dumps({'rc': p.returncode, 'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,"
+        " 'err': p.stderr[-400:]}))"
+    )
+    env = {
+        **os.environ,
+        "JUPYTERHUB_API_TOKEN": bench.tokens[DOLAB],
+        "JUPYTERHUB_API_URL": bench.api_url,
+    }
+    command = [sys.executable, "-c", wrapper, sys.executable, "-m", "dolab_services.culler", "--once", "--dry-run"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=True)
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    if data["rc"] != 0:
+        raise BenchFailed(f"the culler service exited with {data['rc']}: {data['err']}")
+    return float(data["rss"])
+
+
 # ----- the report ----------------------------------------------------------------------------------------
 
 
-def report(measures: list[Measure], machine: dict[str, Any], args: argparse.Namespace, setup_s: float) -> None:
+def report(
+    measures: list[Measure], machine: dict[str, Any], args: argparse.Namespace, setup_s: float, rss_mb: float | None
+) -> None:
     """Print every sweep, the medians and the target line."""
     print()
     print(
@@ -684,6 +709,11 @@ def report(measures: list[Measure], machine: dict[str, Any], args: argparse.Name
         print(
             f"target: DO-LAB no slower than idle-culler when nothing is near its timeout: median wall"
             f" {dolab:.3f} s vs {idle:.3f} s (ratio {dolab / idle:.2f}): {verdict}"
+        )
+    if rss_mb is not None:
+        print(
+            f"memory: the culler service's peak RSS over one sweep of {args.users} servers"
+            f" (python -m dolab_services.culler --once --dry-run): {rss_mb:.0f} MiB (target: under 200 MB at 500)"
         )
 
 
@@ -761,10 +791,12 @@ def main(argv: list[str] | None = None) -> int:
                         f" {m.request_count} requests, {m.kernel_reads} kernel reads ({m.note})"
                     )
             machine["loadavg_after"] = list(os.getloadavg())
+            rss_mb = culler_peak_rss_mb(bench)
+            progress(f"culler service peak RSS over one sweep: {rss_mb:.0f} MiB")
     except KeyboardInterrupt:
         print("culler_sweep: interrupted; cleaning up", file=sys.stderr)
         return 130
-    except (BenchFailed, requests.RequestException, OSError) as e:
+    except (BenchFailed, requests.RequestException, OSError, subprocess.SubprocessError, ValueError) as e:
         print(f"culler_sweep: the run failed: {e}", file=sys.stderr)
         return 1
     finally:
@@ -773,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(bench.log_path, args.log)
             bench.stop()
             shutil.rmtree(bench.root, ignore_errors=True)
-    report(measures, machine, args, setup_s)
+    report(measures, machine, args, setup_s, rss_mb)
     return 0
 
 
