@@ -140,8 +140,9 @@ async def culler_final_sync(user: str, server: str, reason: str) -> None:
 
     Runs in the culler's process (which holds no storage credentials): ``POST api/backup`` on
     ``$DOLAB_SYNC_SERVICE_URL`` with the culler's own token. A failed backup raises, so the culler keeps the
-    server running and tries again at its next sweep. A workspace the service cannot see from here (a Docker
-    volume, a remote server) is left to the spawner's own final sync.
+    server running and tries again at its next sweep. A remote server (a RunPod pod) is read by the service through
+    its own REST API; a workspace the service cannot see at all (a Docker volume on another engine) is left to the
+    spawner's own final sync.
     """
     url = os.environ.get("DOLAB_SYNC_SERVICE_URL", "").rstrip("/")
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
@@ -150,7 +151,7 @@ async def culler_final_sync(user: str, server: str, reason: str) -> None:
     request = HTTPRequest(
         f"{url}/api/backup",
         method="POST",
-        body=json.dumps({"user": user}),
+        body=json.dumps({"user": user, "server": server}),
         headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
         connect_timeout=10,
         request_timeout=FINAL_SYNC_TIMEOUT_SECONDS,

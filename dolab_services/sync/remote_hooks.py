@@ -28,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..hubclient import HubClient
 from .config import user_prefix
@@ -43,6 +44,7 @@ from .workspace import UnsafePath
 __all__ = [
     "REMOTE_BACKENDS",
     "arm_remote_restore",
+    "backup_remote_server",
     "is_remote",
     "remote_cache_path",
     "remote_final_sync",
@@ -194,35 +196,51 @@ def arm_remote_restore(
     return restore
 
 
+def _remote_urls(user: Mapping[str, Any], server_name: str | None = None) -> dict[str, str]:
+    """Server name -> address of the user's ready remote servers (``server_name``: only that one)."""
+    urls = {}
+    for name, server in (user.get("servers") or {}).items():
+        state = server.get("state") or {}
+        url = state.get("server_url")
+        if (
+            (server_name is None or name == server_name)
+            and server.get("ready")
+            and not state.get("workspace")
+            and state.get("backend") in REMOTE_BACKENDS
+            and isinstance(url, str)
+            and url.startswith(("http://", "https://"))
+        ):
+            urls[str(name)] = url
+    return urls
+
+
+async def _backup_at(backups: Any, name: str, url: str, token: str) -> BackupReport:
+    """Back up ``name``'s remote server at ``url`` under the service's per-user lock, pool and timeout."""
+
+    def work(engine: SyncEngine) -> BackupReport:
+        remote = RemoteServer(url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+        try:
+            cache = remote_cache_path(backups.cache_dir, name, engine.store)
+            return backup_remote(engine, remote, cache_path=cache)
+        finally:
+            remote.close()
+
+    report: BackupReport = await backups._run(name, work)
+    return report
+
+
 async def sweep_remote(backups: Any, hub: HubClient, token: str) -> dict[str, str]:
     """The service's periodic round for remote servers: back up each ready one at its own address; user ->
     outcome. ``backups`` is the service's :class:`.backups.Backups` (its per-user lock, pool and timeout)."""
     servers: dict[str, str] = {}
     async for user in hub.users(state="ready"):
-        for server in (user.get("servers") or {}).values():
-            state = server.get("state") or {}
-            url = state.get("server_url")
-            if (
-                server.get("ready")
-                and not state.get("workspace")
-                and state.get("backend") in REMOTE_BACKENDS
-                and isinstance(url, str)
-                and url.startswith(("http://", "https://"))
-            ):
-                servers.setdefault(user["name"], url)
+        for url in _remote_urls(user).values():
+            servers.setdefault(user["name"], url)
     outcomes: dict[str, str] = {}
 
     async def one(name: str, url: str) -> None:
-        def work(engine: SyncEngine) -> BackupReport:
-            remote = RemoteServer(url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
-            try:
-                cache = remote_cache_path(backups.cache_dir, name, engine.store)
-                return backup_remote(engine, remote, cache_path=cache)
-            finally:
-                remote.close()
-
         try:
-            report = await backups._run(name, work)
+            report = await _backup_at(backups, name, url, token)
             outcomes[name] = f"snapshot {report.snapshot} (remote)" if report.snapshot else "unchanged (remote)"
         except (StoreError, UnsafePath, OSError, ValueError, asyncio.TimeoutError) as e:
             outcomes[name] = f"failed: {e}"
@@ -230,3 +248,13 @@ async def sweep_remote(backups: Any, hub: HubClient, token: str) -> dict[str, st
 
     await asyncio.gather(*(one(n, u) for n, u in servers.items()))
     return outcomes
+
+
+async def backup_remote_server(backups: Any, hub: HubClient, token: str, user: str, server: str) -> BackupReport | None:
+    """Back up one user's running remote server now (the culler's backup before a stop, ``POST api/backup`` with
+    ``server``); None when that server is not a ready remote one. Errors propagate as the engine raises them."""
+    model = await hub.request("GET", f"/users/{quote(user, safe='')}")
+    urls = _remote_urls(model or {}, server)
+    if not urls:
+        return None
+    return await _backup_at(backups, user, urls[server], token)

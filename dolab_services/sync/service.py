@@ -30,7 +30,8 @@ from ..hubclient import HubClient
 from .backups import Backups
 from .choices import TargetChoices, choices_path
 from .config import SyncSettings
-from .remote_hooks import sweep_remote
+from .engine import BackupReport
+from .remote_hooks import backup_remote_server, sweep_remote
 from .tokens import HubAuthStates
 
 __all__ = [
@@ -145,10 +146,15 @@ class SyncService(ServiceApp):
 
         server = None
         try:
+            trusted = frozenset(self.trusted_services)
+            token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+
+            async def remote_backup(user: str, server: str) -> BackupReport | None:
+                return await backup_remote_server(backups, hub, token, user, server)
+
+            remote = remote_backup if backups.settings.remote_servers else None
             server = self.serve_page(
-                lambda prefix: make_app(
-                    backups, prefix, log=self.log, trusted_services=frozenset(self.trusted_services)
-                ),
+                lambda prefix: make_app(backups, prefix, log=self.log, trusted_services=trusted, remote_backup=remote),
                 SERVICE_NAME,
                 serves="API",
                 goes_on="periodic backups",
@@ -158,7 +164,7 @@ class SyncService(ServiceApp):
             async def backup_round() -> None:
                 outcomes = await backups.sweep(hub)
                 if backups.settings.remote_servers:
-                    outcomes.update(await sweep_remote(backups, hub, os.environ.get("JUPYTERHUB_API_TOKEN", "")))
+                    outcomes.update(await sweep_remote(backups, hub, token))
                 if outcomes:
                     self.log.info("Periodic backup: %s", "; ".join(f"{u}: {o}" for u, o in outcomes.items()))
 

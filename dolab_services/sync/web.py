@@ -5,7 +5,8 @@
 - ``GET  {prefix}api/backups/<id>``: one restore point: ``{"id", "files": [{"path", "size", "mtime_ns"}], "links",
   "dirs", "total_bytes"}``;
 - ``POST {prefix}api/backup``: back up the workspace now; ``{"snapshot", "previous", "files", "uploaded_files",
-  "uploaded_bytes"}`` (``snapshot`` null: nothing had changed);
+  "uploaded_bytes"}`` (``snapshot`` null: nothing had changed). With ``"server": name`` a user without a folder on
+  the hub's machine is backed up from that running remote server (a RunPod pod) through its REST API;
 - ``POST {prefix}api/restore``: ``{"snapshot": id (default: the latest), "paths": [...] (default: everything),
   "into": "sub/folder" (default: the workspace itself)}``; answers ``{"snapshot", "files", "bytes"}``;
 - ``GET  {prefix}api/target``: ``{"user", "target", "default", "allowed", "where", "note"}``, the target the user's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
@@ -30,20 +32,30 @@ from tornado import web
 from ..web import JsonApiMixin, ServiceHandler, access_logger
 from .backups import Backups, NoWorkspace
 from .choices import SWITCH_NOTE
+from .engine import BackupReport
 from .store import ObjectNotFound, StoreError
 from .tokens import NoDriveToken
 from .workspace import UnsafePath
 
-__all__ = ["make_app"]
+__all__ = ["RemoteBackup", "make_app"]
+
+#: ``(user, server) -> report``: back up a user's remote server now, None when it is not a ready remote one.
+RemoteBackup = Callable[[str, str], Awaitable["BackupReport | None"]]
 
 
 class _ApiHandler(JsonApiMixin, ServiceHandler):
     """The sync service's JSON API; the user comes from the hub."""
 
     def initialize(
-        self, backups: Backups, hub_auth: HubOAuth, log: logging.Logger, trusted_services: frozenset[str]
+        self,
+        backups: Backups,
+        hub_auth: HubOAuth,
+        log: logging.Logger,
+        trusted_services: frozenset[str],
+        remote_backup: RemoteBackup | None = None,
     ) -> None:
         self.backups = backups
+        self.remote_backup = remote_backup
         self.hub_auth = hub_auth
         self.log = log
         self.trusted_services = trusted_services
@@ -140,13 +152,30 @@ class SnapshotHandler(_ApiHandler):
 
 
 class BackupNowHandler(_ApiHandler):
-    """Back up the user's workspace now."""
+    """Back up the user's workspace now (``server``: the server meant, so a remote one is read through its API)."""
+
+    async def _remote(self, user: str, server: str) -> BackupReport | None:
+        assert self.remote_backup is not None
+        try:
+            return await self.remote_backup(user, server)
+        except Exception as e:
+            raise self.failed(e) from None
 
     @web.authenticated
     async def post(self) -> None:
-        user = self.owner(self.body().get("user"), trusted_ok=True)
+        data = self.body()
+        user = self.owner(data.get("user"), trusted_ok=True)
+        server = data.get("server")
+        if server is not None and not isinstance(server, str):
+            raise web.HTTPError(400, "server must be a server name ('' for the default server).")
         try:
             report = await self.backups.backup(user)
+        except NoWorkspace as e:
+            # No folder here: the server may be remote (a RunPod pod), read through its own REST API.
+            remote = await self._remote(user, server) if server is not None and self.remote_backup else None
+            if remote is None:
+                raise self.failed(e) from None
+            report = remote
         except Exception as e:
             raise self.failed(e) from None
         self.reply(
@@ -192,11 +221,18 @@ def make_app(
     hub_auth: HubOAuth | None = None,
     log: logging.Logger,
     trusted_services: frozenset[str] = frozenset(),
+    remote_backup: RemoteBackup | None = None,
 ) -> web.Application:
     """The tornado application under ``prefix``; OAuth settings from the environment the hub gives the service."""
     prefix = "/" + prefix.strip("/") + "/"
     hub_auth = hub_auth or HubOAuth.instance(cache_max_age=60)
-    args = {"backups": backups, "hub_auth": hub_auth, "log": log, "trusted_services": trusted_services}
+    args = {
+        "backups": backups,
+        "hub_auth": hub_auth,
+        "log": log,
+        "trusted_services": trusted_services,
+        "remote_backup": remote_backup,
+    }
     return web.Application(
         [
             (prefix + "oauth_callback", HubOAuthCallbackHandler),

@@ -17,7 +17,7 @@ from dolab_services.sync.backups import Backups
 from dolab_services.sync.config import SyncSettings
 from dolab_services.sync.engine import SyncEngine
 from dolab_services.sync.registration import sync_service
-from dolab_services.sync.remote_hooks import sweep_remote
+from dolab_services.sync.remote_hooks import backup_remote_server, sweep_remote
 from dolab_services.sync.store import StoreError
 
 from .conftest import CREDENTIALS, S3Server
@@ -173,6 +173,10 @@ class FakeHub:
         for user in self._users:
             yield user
 
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        self.asked.append(f"{method} {path}")
+        return next(u for u in self._users if path == f"/users/{u['name']}")
+
 
 @pytest.fixture
 def backups(sync_env: dict[str, str], tmp_path: Path) -> Iterator[Backups]:
@@ -230,3 +234,32 @@ def test_the_service_gets_access_to_servers_only_for_remote_backups(sync_env: di
 
     off = sync_service({**sync_env, "RUNPOD_API_KEY": "rp-key", "DOLAB_SYNC_REMOTE_SERVERS": "0"}, "/srv/ws", "/d")
     assert off is not None and "access:servers" not in off.role["scopes"]
+
+
+async def test_one_remote_server_is_backed_up_on_request(
+    jupyter,  # noqa: F811
+    sync_env: dict[str, str],
+    backups: Backups,
+) -> None:
+    """The culler's backup before a stop (POST api/backup with the server's name) reaches a remote server."""
+    server = jupyter()
+    write(server.root, "work/b.txt", "b")
+    hub = FakeHub(
+        [
+            {
+                "name": "alice",
+                "servers": {
+                    "gpu": {"ready": True, "state": {"backend": "runpod", "server_url": server.url}},
+                    "cpu": {"ready": True, "state": {"backend": "local", "workspace": "/srv/a"}},
+                },
+            }
+        ]
+    )
+
+    report = await backup_remote_server(backups, hub, server.token, "alice", "gpu")
+
+    assert report is not None and report.snapshot
+    assert [f.path for f in engine_of(sync_env).manifest().files] == ["work/b.txt"]
+    # A local server, or one the user does not have, is not the remote path's to back up.
+    assert await backup_remote_server(backups, hub, server.token, "alice", "cpu") is None
+    assert await backup_remote_server(backups, hub, server.token, "alice", "other") is None
