@@ -993,6 +993,6 @@ def test_a_taken_port_leaves_the_page_off_but_culling_on(lab: Lab) -> None:
             subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=6)
     stderr = ended.value.stderr
     stderr = stderr.decode() if isinstance(stderr, bytes) else stderr or ""
-    assert "the page and API are off, culling goes on" in stderr
+    assert "the page and API are off, sweeps go on" in stderr
     assert "Stopped server idle/, reason idle" in stderr
     assert lab.stops() == ["idle"]
