@@ -12,7 +12,6 @@ import importlib
 import os
 import string
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +42,7 @@ from .profiles import (
     parse_stop_at,
     resolve_options,
 )
+from .progress import ProgressEvents
 from .slots import LOCAL_HOST, GpuSlot, NoFreeSlot, SlotAllocator, inventory_from_config, load_inventory
 
 __all__ = ["DoLabSpawner"]
@@ -73,7 +73,7 @@ class _SlotPool:
         self.retry_at = 0.0
 
 
-class DoLabSpawner(LabNoticeTraits, Spawner):
+class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     """Profiles, GPU slots and backends behind one spawner.
 
     Extension points, in the order ``start()`` uses them: :meth:`get_profiles`, :meth:`check_quota`,
@@ -469,50 +469,6 @@ class DoLabSpawner(LabNoticeTraits, Spawner):
         except OptionsError as e:
             raise ValueError(str(e)) from None
         return selection.user_options()
-
-    # ----- progress ------------------------------------------------------------------------------------
-
-    _events_changed: asyncio.Event | None = None
-    _start_finished = True
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._events: list[dict[str, Any]] = []
-
-    def _progress_reset(self) -> None:
-        self._events = []
-        self._events_changed = asyncio.Event()
-        self._start_finished = False
-
-    def emit(self, progress: int, message: str) -> None:
-        """Record a progress event for the spawn page (``progress`` in 0-100)."""
-        self.log.debug("%s: %s", self._log_name, message)
-        self._events.append({"progress": progress, "message": message})
-        if self._events_changed is not None:
-            self._events_changed.set()
-
-    def _progress_done(self) -> None:
-        self._start_finished = True
-        if self._events_changed is not None:
-            self._events_changed.set()
-
-    async def progress(self) -> AsyncIterator[dict[str, Any]]:
-        """Each phase of the start as it happens; may be called before ``start()`` has begun."""
-        sent = 0
-        while True:
-            while sent < len(self._events):
-                yield self._events[sent]
-                sent += 1
-            if self._start_finished and self._events_changed is not None:
-                return
-            if self._events_changed is None:
-                await asyncio.sleep(0.1)
-                continue
-            self._events_changed.clear()
-            try:
-                await asyncio.wait_for(self._events_changed.wait(), timeout=1)
-            except asyncio.TimeoutError:
-                pass
 
     # ----- start / poll / stop -------------------------------------------------------------------------
 
