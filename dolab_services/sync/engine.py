@@ -409,14 +409,14 @@ def _restore_file(
             os.close(fd)
 
 
-class _Uploader:
-    """Hashes changed files and uploads contents the store does not have yet (shared by the pool's threads)."""
+class _BlobWriter:
+    r"""What a backup's pool threads share: the contents the store holds (``known``), those being uploaded now
+    (``claimed``, so two files with one content upload it once), the counts, and the progress. A worker hashes a
+    file it holds open, :meth:`claim`\ s the pieces the store lacks, :meth:`put`\ s them, then :meth:`account`\ s
+    for it."""
 
-    def __init__(
-        self, store: ObjectStore, root: Path, known: set[str], total_bytes: int, progress: Progress | None
-    ) -> None:
+    def __init__(self, store: ObjectStore, known: set[str], total_bytes: int, progress: Progress | None) -> None:
         self.store = store
-        self.root = root
         self.known = set(known)
         self.claimed: set[str] = set()
         self.lock = threading.Lock()
@@ -425,8 +425,69 @@ class _Uploader:
         self.done_bytes = 0
         self.hashed = self.uploaded = self.uploaded_bytes = 0
         self.cancelled = False
-        self.listed = threading.Event()
+        #: Where a large file's pieces are copied before their upload (a private folder of the sync's).
         self.pieces_dir = Path(tempfile.gettempdir())
+
+    def claim(self, sha: str, chunks: tuple[str, ...]) -> list[str]:
+        """The content's pieces (its whole hash when it has none) that no one has stored or is uploading: now
+        this worker's to upload."""
+        pieces = list(dict.fromkeys(chunks or (sha,)))
+        with self.lock:
+            self.hashed += 1
+            upload = [h for h in pieces if h not in self.known and h not in self.claimed]
+            self.claimed.update(upload)
+        return upload
+
+    def release(self, upload: list[str]) -> None:
+        """Give claimed pieces back (their upload failed or was dropped)."""
+        with self.lock:
+            self.claimed.difference_update(upload)
+
+    def put(self, fd: int, sha: str, chunks: tuple[str, ...], upload: list[str]) -> None:
+        """Upload the claimed pieces of the content open at ``fd``; a failure gives them back and propagates."""
+        try:
+            for h in upload:
+                if chunks:
+                    self._put_piece(fd, h, chunks.index(h))
+                else:
+                    self.store.put_file(blob_key(sha), fd_path(fd))
+        except BaseException:
+            self.release(upload)
+            raise
+
+    def account(self, size: int, listed_size: int, chunks: tuple[str, ...], upload: list[str]) -> None:
+        """Count a file done: ``size`` bytes as read, ``listed_size`` as the scan saw it (for the progress)."""
+        with self.lock:
+            if upload:
+                self.known.update(upload)
+                self.uploaded += 1
+                self.uploaded_bytes += (
+                    size if not chunks else sum(min(CHUNK_BYTES, size - chunks.index(h) * CHUNK_BYTES) for h in upload)
+                )
+            self.done_bytes += listed_size
+            if self.progress is not None:
+                self.progress(self.done_bytes, self.total_bytes)
+
+    def _put_piece(self, fd: int, sha: str, index: int) -> None:
+        """Upload piece ``index`` of a large file: copied (in the kernel) to a private temporary file first."""
+        tmp_fd, tmp = tempfile.mkstemp(dir=self.pieces_dir)
+        try:
+            _copy_range(fd, tmp_fd, index * CHUNK_BYTES, 0, CHUNK_BYTES)
+            self.store.put_file(blob_key(sha), Path(tmp))
+        finally:
+            os.close(tmp_fd)
+            os.unlink(tmp)
+
+
+class _Uploader(_BlobWriter):
+    """Hashes changed files of the workspace and uploads contents the store does not have yet."""
+
+    def __init__(
+        self, store: ObjectStore, root: Path, known: set[str], total_bytes: int, progress: Progress | None
+    ) -> None:
+        super().__init__(store, known, total_bytes, progress)
+        self.root = root
+        self.listed = threading.Event()
 
     def list_stored(self) -> None:
         """Add every blob the store holds to the known ones (uploads wait for this)."""
@@ -445,26 +506,10 @@ class _Uploader:
             try:
                 with open_file(self.root, f.path) as fd:
                     before = os.fstat(fd)
-                    if before.st_size >= CHUNK_THRESHOLD_BYTES:
-                        sha, chunks = _hash_pieces(fd)
-                    else:
-                        sha, chunks = _hash_fd(fd), ()
+                    sha, chunks = _hash_content(fd, before.st_size)
                     self.listed.wait()
-                    pieces = list(dict.fromkeys(chunks or (sha,)))
-                    with self.lock:
-                        self.hashed += 1
-                        upload = [h for h in pieces if h not in self.known and h not in self.claimed]
-                        self.claimed.update(upload)
-                    try:
-                        for h in upload:
-                            if chunks:
-                                self._put_piece(fd, h, chunks.index(h))
-                            else:
-                                self.store.put_file(blob_key(sha), fd_path(fd))
-                    except BaseException:
-                        with self.lock:
-                            self.claimed.difference_update(upload)
-                        raise
+                    upload = self.claim(sha, chunks)
+                    self.put(fd, sha, chunks, upload)
                     after = os.fstat(fd)
             except FileNotFoundError:
                 return "it was deleted during the sync"
@@ -476,21 +521,9 @@ class _Uploader:
                 # Written while we read it: the blob may not match its name. Remove it and read again.
                 if upload:
                     self.store.delete(blob_key(h) for h in upload)
-                    with self.lock:
-                        self.claimed.difference_update(upload)
+                    self.release(upload)
                 continue
-            with self.lock:
-                if upload:
-                    self.known.update(upload)
-                    self.uploaded += 1
-                    self.uploaded_bytes += (
-                        after.st_size
-                        if not chunks
-                        else sum(min(CHUNK_BYTES, after.st_size - chunks.index(h) * CHUNK_BYTES) for h in upload)
-                    )
-                self.done_bytes += f.size
-                if self.progress is not None:
-                    self.progress(self.done_bytes, self.total_bytes)
+            self.account(after.st_size, f.size, chunks, upload)
             mode = after.st_mode & 0o777
             return (
                 FileRecord(f.path, after.st_size, after.st_mtime_ns, mode, sha, chunks),
@@ -499,15 +532,10 @@ class _Uploader:
         log.warning("Sync leaves %s as it was: it kept changing while being read", f.path)
         return "it kept changing while being read"
 
-    def _put_piece(self, fd: int, sha: str, index: int) -> None:
-        """Upload piece ``index`` of a large file: copied (in the kernel) to a private temporary file first."""
-        tmp_fd, tmp = tempfile.mkstemp(dir=self.pieces_dir)
-        try:
-            _copy_range(fd, tmp_fd, index * CHUNK_BYTES, 0, CHUNK_BYTES)
-            self.store.put_file(blob_key(sha), Path(tmp))
-        finally:
-            os.close(tmp_fd)
-            os.unlink(tmp)
+
+def _hash_content(fd: int, size: int) -> tuple[str, tuple[str, ...]]:
+    """The content's hash, and its pieces' hashes when it is large enough to be stored in pieces."""
+    return _hash_pieces(fd) if size >= CHUNK_THRESHOLD_BYTES else (_hash_fd(fd), ())
 
 
 def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:

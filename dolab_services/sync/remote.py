@@ -50,7 +50,16 @@ from urllib.parse import quote
 
 import requests
 
-from .engine import BackupReport, RestoreReport, SnapshotInfo, SyncEngine, _copy_range, _hash_fd, _hash_pieces
+from .engine import (
+    BackupReport,
+    RestoreReport,
+    SnapshotInfo,
+    SyncEngine,
+    _BlobWriter,
+    _get_piece,
+    _hash_content,
+    _hash_fd,
+)
 from .manifest import (
     BLOB_PREFIX,
     CHUNK_BYTES,
@@ -436,7 +445,7 @@ def backup_remote(
             ThreadPoolExecutor(max(1, engine.policy.workers), thread_name_prefix="dolab-remote") as pool,
             tempfile.TemporaryDirectory(prefix="dolab-remote-") as scratch,
         ):
-            copier.scratch = Path(scratch)
+            copier.pieces_dir = Path(scratch)
             futures: dict[Future, RemoteFile] = {pool.submit(copier.process, f): f for f in todo}
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((fut for fut in done if fut.exception() is not None), None)
@@ -484,27 +493,18 @@ def backup_remote(
     return report
 
 
-class _Downloader:
+class _Downloader(_BlobWriter):
     """Downloads changed files into private temporary files, hashes them, uploads contents the store lacks."""
 
     def __init__(
         self, store: ObjectStore, server: RemoteServer, known: set[str], total_bytes: int, progress: Progress | None
     ) -> None:
-        self.store = store
+        super().__init__(store, known, total_bytes, progress)
         self.server = server
-        self.known = set(known)
-        self.claimed: set[str] = set()
-        self.lock = threading.Lock()
-        self.total_bytes = total_bytes
-        self.progress = progress
-        self.done_bytes = 0
-        self.hashed = self.uploaded = self.uploaded_bytes = 0
-        self.cancelled = False
-        self.scratch = Path(tempfile.gettempdir())
 
     def process(self, f: RemoteFile) -> FileRecord | str:
         """The file's record, or why it was left out (a sentence)."""
-        fd, tmp = tempfile.mkstemp(dir=self.scratch)
+        fd, tmp = tempfile.mkstemp(dir=self.pieces_dir)
         os.unlink(tmp)  # private: only the descriptor reaches it
         try:
             for _attempt in range(3):
@@ -526,47 +526,11 @@ class _Downloader:
             os.close(fd)
 
     def _store(self, f: RemoteFile, fd: int) -> FileRecord:
-        if f.size >= CHUNK_THRESHOLD_BYTES:
-            sha, chunks = _hash_pieces(fd)
-        else:
-            sha, chunks = _hash_fd(fd), ()
-        pieces = list(dict.fromkeys(chunks or (sha,)))
-        with self.lock:
-            self.hashed += 1
-            upload = [h for h in pieces if h not in self.known and h not in self.claimed]
-            self.claimed.update(upload)
-        try:
-            for h in upload:
-                if chunks:
-                    self._put_piece(fd, h, chunks.index(h))
-                else:
-                    self.store.put_file(blob_key(sha), fd_path(fd))
-        except BaseException:
-            with self.lock:
-                self.claimed.difference_update(upload)
-            raise
-        with self.lock:
-            if upload:
-                self.known.update(upload)
-                self.uploaded += 1
-                self.uploaded_bytes += (
-                    f.size
-                    if not chunks
-                    else sum(min(CHUNK_BYTES, f.size - chunks.index(h) * CHUNK_BYTES) for h in upload)
-                )
-            self.done_bytes += f.size
-            if self.progress is not None:
-                self.progress(self.done_bytes, self.total_bytes)
+        sha, chunks = _hash_content(fd, f.size)
+        upload = self.claim(sha, chunks)
+        self.put(fd, sha, chunks, upload)
+        self.account(f.size, f.size, chunks, upload)
         return FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha, chunks)
-
-    def _put_piece(self, fd: int, sha: str, index: int) -> None:
-        tmp_fd, tmp = tempfile.mkstemp(dir=self.scratch)
-        try:
-            _copy_range(fd, tmp_fd, index * CHUNK_BYTES, 0, CHUNK_BYTES)
-            self.store.put_file(blob_key(sha), Path(tmp))
-        finally:
-            os.close(tmp_fd)
-            os.unlink(tmp)
 
 
 # ----- restore -------------------------------------------------------------------------------------------
@@ -619,7 +583,7 @@ def restore_remote(
             try:
                 if rec.chunks:
                     for index, piece in enumerate(rec.chunks):
-                        _fetch_piece(engine.store, piece, fd, index * CHUNK_BYTES, scratch)
+                        _get_piece(engine.store, piece, fd, index * CHUNK_BYTES, scratch)
                 else:
                     engine.store.get_file(blob_key(rec.sha256), fd_path(fd))
             except ObjectNotFound:
@@ -662,13 +626,3 @@ def restore_remote(
         "Restored %d files (%d bytes) of snapshot %s into %s", report.files, report.bytes, manifest.snapshot, server.url
     )
     return report
-
-
-def _fetch_piece(store: ObjectStore, sha: str, fd: int, offset: int, scratch: Path) -> None:
-    tmp_fd, tmp = tempfile.mkstemp(dir=scratch)
-    try:
-        store.get_file(blob_key(sha), fd_path(tmp_fd))
-        _copy_range(tmp_fd, fd, 0, offset, os.fstat(tmp_fd).st_size)
-    finally:
-        os.close(tmp_fd)
-        os.unlink(tmp)
