@@ -47,6 +47,7 @@ from dolab_services.culler.service import (
 from dolab_services.culler.stop import STOP_REASONS, StopPath, load_hooks
 from dolab_services.culler.telemetry import StaticTelemetry
 from dolab_services.hubclient import HubClient
+from dolab_services.servertokens import ServerTokens
 from dolab_spawner.plans import plans_from_env
 
 from .cli_support import isolate_env, unused_url
@@ -430,6 +431,9 @@ class Lab:
         self.kernels: dict[str, list[dict]] = {}  # user -> api/kernels answer
         self.hang: set[str] = set()
         self.kernel_reads: list[str] = []
+        self.minted: list[str] = []
+        self.refused_tokens: set[str] = set()
+        self.revoked: list[str] = []
         hub.respond = self.hub_answer
         servers.respond = self.server_answer
 
@@ -442,6 +446,14 @@ class Lab:
         self.kernels.setdefault(name, kernels("idle"))
 
     def hub_answer(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any]:
+        if path.endswith("/tokens") and method == "POST":  # a token for one server, owned by its user
+            name = path.split("/")[4]
+            assert body["scopes"] == [f"access:servers!server={name}/"], body
+            self.minted.append(name)
+            return 201, {"token": server_token(name, len(self.minted)), "id": f"a{len(self.minted)}"}
+        if "/tokens/" in path and method == "DELETE":
+            self.revoked.append(path.split("/")[4])
+            return 204, None
         if method == "GET" and path == "/hub/api/users":
             return 200, {"items": self.users, "_pagination": {"offset": 0, "limit": 200, "total": len(self.users)}}
         if method == "GET" and path.startswith("/hub/api/users/"):
@@ -460,16 +472,26 @@ class Lab:
 
     def server_answer(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any]:
         user = path.split("/")[2]
+        sent = next(r for r in reversed(self.servers.requests) if r["path"] == path)["headers"].get("Authorization", "")
+        if not sent.startswith(f"token {server_token(user, 0)[:-1]}"):  # only a token minted for this server
+            return 403, {"message": "Forbidden"}
+        if sent.removeprefix("token ") in self.refused_tokens:  # its owner revoked it on her token page
+            return 403, {"message": "Forbidden"}
         self.kernel_reads.append(user)
         if user in self.hang:
             time.sleep(3)
         return 200, self.kernels[user]
 
     def activity_posts(self) -> list[str]:
-        return [r["path"].split("/")[4] for r in self.hub.requests if r["method"] == "POST"]
+        return [r["path"].split("/")[4] for r in self.hub.requests if r["path"].endswith("/activity")]
 
     def stops(self) -> list[str]:
-        return [r["path"].split("/")[4] for r in self.hub.requests if r["method"] == "DELETE"]
+        return [r["path"].split("/")[4] for r in self.hub.requests if r["path"].endswith("/server")]
+
+
+def server_token(user: str, number: int) -> str:
+    """The token the hub double mints for ``user``'s default server (the ``number``-th minted)."""
+    return f"server-token-{user}-{number}"
 
 
 @pytest.fixture
@@ -485,7 +507,7 @@ def sweeper(
         policy,
         telemetry or StaticTelemetry(),
         StopPath(client),
-        "culler-token",
+        ServerTokens(client, "test"),
         kernel_timeout_seconds=kwargs.pop("kernel_timeout_seconds", 1),
         **kwargs,
     )
@@ -506,7 +528,7 @@ async def test_a_sweep_reads_only_servers_near_their_timeout_and_acts(lab: Lab) 
     assert sorted(lab.kernel_reads) == ["busy", "idle", "soon"]
     assert lab.stops() == ["idle"]
     assert lab.activity_posts() == ["busy"]
-    post = next(r for r in lab.hub.requests if r["method"] == "POST")
+    post = next(r for r in lab.hub.requests if r["path"].endswith("/activity"))
     stamp = post["body"]["servers"][""]["last_activity"]
     assert post["body"]["last_activity"] == stamp
     assert abs((parse_time(stamp) - datetime.now(timezone.utc)).total_seconds()) < 5  # type: ignore[operator]
@@ -601,15 +623,46 @@ async def test_deadline_warns_then_stops_even_a_busy_exempt_server(lab: Lab) -> 
     assert culler.warnings_for("exempt") == []
 
 
+async def test_kernels_are_read_with_a_token_for_that_server_only(lab: Lab) -> None:
+    lab.add("alice", last_activity=ago(90))
+    lab.add("bob", last_activity=ago(90))
+    lab.kernels["alice"] = lab.kernels["bob"] = kernels("busy")
+    async with HubClient(lab.hub.api_url, "culler-token") as client:
+        culler = sweeper(lab, client)
+        await culler.sweep()
+        # The servers never see the culler's own token; each sees a token minted for it, owned by its user.
+        seen = {r["headers"]["Authorization"] for r in lab.servers.requests}
+        assert seen == {f"token {server_token('alice', 1)}", f"token {server_token('bob', 2)}"} or seen == {
+            f"token {server_token('alice', 2)}",
+            f"token {server_token('bob', 1)}",
+        }
+        # The next sweep reuses them; one its owner revoked is replaced, and the read still succeeds.
+        minted = len(lab.minted)
+        await culler.sweep()
+        assert len(lab.minted) == minted
+        lab.refused_tokens.add(lab.servers.requests[-1]["headers"]["Authorization"].removeprefix("token "))
+        report = await culler.sweep()
+        assert len(lab.minted) == minted + 1 and report.unreadable == 0 and lab.stops() == []
+        # A server that is gone has its token revoked.
+        lab.users = [u for u in lab.users if u["name"] != "alice"]
+        before = len(lab.revoked)
+        await culler.sweep()
+        assert lab.revoked[before:] == ["alice"]
+        culler.close()
+
+
 async def test_dry_run_changes_nothing(lab: Lab) -> None:
     lab.add("idle", last_activity=ago(90))
     lab.add("busy", last_activity=ago(90))
     lab.kernels["busy"] = kernels("busy")
     async with HubClient(lab.hub.api_url, "t") as client:
-        culler = Sweeper(client, POLICY, StaticTelemetry(), StopPath(client, dry_run=True), "t", dry_run=True)
+        tokens = ServerTokens(client, "test")
+        culler = Sweeper(client, POLICY, StaticTelemetry(), StopPath(client, dry_run=True), tokens, dry_run=True)
         await culler.sweep()
         culler.close()
-    assert [r["method"] for r in lab.hub.requests] == ["GET"]
+    # Kernels are still read (with tokens minted for those servers), but no activity is recorded, nothing stopped.
+    assert [r["method"] for r in lab.hub.requests if not r["path"].endswith("/tokens")] == ["GET"]
+    assert sorted(lab.kernel_reads) == ["busy", "idle"]
 
 
 async def test_extend_and_keep_alive(lab: Lab, tmp_path: Path) -> None:

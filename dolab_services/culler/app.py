@@ -18,6 +18,7 @@ from dolab_spawner.plans import plans_from_env
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
+from ..servertokens import ServerTokens, revoke_quietly
 from .extensions import ExtensionStore
 from .policy import CullPolicy
 from .registration import SERVICE_NAME, load_policy
@@ -149,7 +150,7 @@ class Culler(ServiceApp):
             policy,
             telemetry,
             stop_path,
-            os.environ.get("JUPYTERHUB_API_TOKEN", ""),
+            ServerTokens(hub, f"{SERVICE_NAME}: reads this server's kernels"),
             concurrency=self.concurrency,
             kernel_timeout_seconds=self.kernel_timeout_seconds,
             max_run_hours=self.max_run_hours,
@@ -183,6 +184,7 @@ class Culler(ServiceApp):
             if server is not None:
                 server.stop()
             sweeper.close()
+            await revoke_quietly(sweeper.server_tokens)
             hub.close()
             await telemetry.close()
 

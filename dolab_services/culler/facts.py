@@ -3,7 +3,8 @@
 :func:`server_facts` turns a hub user model's server (with ``state`` when the token may read it) into the policy's
 :class:`~.policy.ServerFacts`. :func:`read_busy_kernels` asks the server itself, at the ``server_url`` its spawner
 state records, with ``api/kernels?no_track_activity=1``: never through the proxy, which would count the read as
-the user's activity and so keep every server alive forever."""
+the user's activity and so keep every server alive forever. The token it sends is one the hub minted for that
+server alone (:mod:`dolab_services.servertokens`), never the culler's own: the server is its user's to control."""
 
 from __future__ import annotations
 
@@ -51,15 +52,25 @@ def server_slots(server: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [s for s in slots if isinstance(s, Mapping)] if isinstance(slots, list) else []
 
 
+#: The most a kernel list may weigh (a server that sends more is not answering honestly).
+MAX_KERNELS_BODY_BYTES = 4 << 20
+
+
 class InspectionError(Exception):
-    """A server's kernels could not be read; the message says why, in a few words."""
+    """A server's kernels could not be read; the message says why, in a few words. ``refused``: the server
+    refused the token (401/403), so a new one may help."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 async def read_busy_kernels(http: AsyncHTTPClient, server_url: str, token: str, timeout_seconds: float) -> int:
     """How many kernels of the server at ``server_url`` (its own address, base URL included) are executing.
 
-    Reads ``api/kernels?no_track_activity=1`` with ``token``, directly, not through the proxy. Raises
-    :class:`InspectionError` on no answer, an error status or an answer that is not a kernel list.
+    Reads ``api/kernels?no_track_activity=1`` with ``token`` (one for that server only), directly, not through
+    the proxy. Raises :class:`InspectionError` on no answer, an error status or an answer that is not a kernel
+    list. ``http`` should bound the body (``max_body_size``, :data:`MAX_KERNELS_BODY_BYTES`).
     """
     if not server_url:
         raise InspectionError("its state has no server_url")
@@ -82,7 +93,7 @@ async def read_busy_kernels(http: AsyncHTTPClient, server_url: str, token: str, 
         reason = f"no answer in {timeout_seconds:g} s" if "Timeout" in str(error) else f"no answer ({error})"
         raise InspectionError(reason)
     if response.code != 200:
-        raise InspectionError(f"HTTP {response.code} from api/kernels")
+        raise InspectionError(f"HTTP {response.code} from api/kernels", refused=response.code in (401, 403))
     try:
         kernels = json.loads(response.body or b"")
     except ValueError:

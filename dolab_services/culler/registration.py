@@ -4,7 +4,8 @@ every user's access to its page (:func:`culler_service`).
 Scopes (role ``dolab-culler``, :data:`CULLER_SCOPES`): ``list:users``, ``read:users:name`` and
 ``read:users:groups`` (who, and their groups for exemptions), ``read:servers`` and ``admin:server_state`` (the
 servers, their activity, options and state), ``users:activity`` (record running work), ``delete:servers`` (stop),
-``access:servers`` (read kernels on the servers). Users get ``access:services!service=dolab-culler`` through
+``tokens`` (mint, for each server whose kernels it reads, a token of that server's user limited to
+``access:servers!server=<user>/<name>``: the culler's own token never reaches a user's server). Users get ``access:services!service=dolab-culler`` through
 ``c.JupyterHub.extra_user_scopes`` to open the page."""
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ CULLER_SCOPES = (
     "admin:server_state",
     "users:activity",
     "delete:servers",
-    "access:servers",
+    "tokens",
 )
 #: What every user needs to open the culler's page and API.
 USER_SCOPE = f"access:services!service={SERVICE_NAME}"

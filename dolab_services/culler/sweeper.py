@@ -5,7 +5,10 @@ facts; only servers near their idle timeout get their kernels read, and every GP
 telemetry call. Then the policy decides: running work is recorded as activity, a stop within the warning window
 becomes a warning, a due stop goes through the :class:`~.stop.StopPath`. Each server is handled in its own task (at
 most ``concurrency`` kernel reads at once), a sweep waits at most ``wait_seconds`` for them, and a server still being
-handled is skipped by the next sweep; a server whose kernels cannot be read is kept from an idle stop."""
+handled is skipped by the next sweep; a server whose kernels cannot be read is kept from an idle stop.
+
+Kernels are read with a token the hub mints for that one server (:class:`~dolab_services.servertokens.ServerTokens`),
+never with the culler's own: a user controls her server and can record whatever it is sent."""
 
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from urllib.parse import quote
 from tornado.httpclient import AsyncHTTPClient
 
 from ..hubclient import HubAPIError, HubClient
+from ..servertokens import ServerTokens
 from ..times import format_time, hub_time, parse_time, utcnow
 from .extensions import ExtensionStore, extended_stop_at, headroom_hours
-from .facts import InspectionError, read_busy_kernels, server_facts, server_slots
+from .facts import MAX_KERNELS_BODY_BYTES, InspectionError, read_busy_kernels, server_facts, server_slots
 from .notices import CullWarning, ServerView, server_label
 from .policy import CullPolicy, Decision, ServerFacts, decide, needs_inspection
 from .stop import StopPath, describe
@@ -65,7 +69,7 @@ class Sweeper:
         policy: CullPolicy,
         telemetry: TelemetrySource,
         stop_path: StopPath,
-        token: str,
+        server_tokens: ServerTokens,
         *,
         concurrency: int = 10,
         kernel_timeout_seconds: float = 10,
@@ -85,7 +89,7 @@ class Sweeper:
         self.extensions = extensions or ExtensionStore()
         self.dry_run = dry_run
         self.log = log or logging.getLogger("dolab.culler")
-        self._token = token
+        self.server_tokens = server_tokens
         self.concurrency = concurrency
         self._semaphore = asyncio.Semaphore(concurrency)
         self._http: AsyncHTTPClient | None = None
@@ -136,6 +140,7 @@ class Sweeper:
         self._warnings = {k: w for k, w in self._warnings.items() if k in present}
         self._problems = {k: p for k, p in self._problems.items() if k in present or k == ("", "")}
         self.extensions.prune(listed)
+        await self.server_tokens.prune(present)
         await self._read_gpus(runs)
         tasks = []
         for run in runs:
@@ -194,12 +199,7 @@ class Sweeper:
                 report.inspected += 1
                 try:
                     async with self._semaphore:
-                        busy = await read_busy_kernels(
-                            self._client(),
-                            str((run.model.get("state") or {}).get("server_url") or ""),
-                            self._token,
-                            self.kernel_timeout_seconds,
-                        )
+                        busy = await self._read_kernels(run)
                 except InspectionError as e:
                     unknown = str(e)
                     report.unreadable += 1
@@ -230,6 +230,25 @@ class Sweeper:
         finally:
             self._in_flight.discard(key)
 
+    async def _read_kernels(self, run: _Run) -> int:
+        """How many of the server's kernels are busy, read with a token for that server alone."""
+        user, server = run.facts.user, run.name
+        url = str((run.model.get("state") or {}).get("server_url") or "")
+        if not url:
+            raise InspectionError("its state has no server_url")
+        for attempt in range(2):
+            try:
+                token = await self.server_tokens.get(user, server, valid_for_seconds=self.kernel_timeout_seconds + 60)
+            except HubAPIError as e:
+                raise InspectionError(f"the hub gave no token for it: {e}") from None
+            try:
+                return await read_busy_kernels(self._client(), url, token, self.kernel_timeout_seconds)
+            except InspectionError as e:
+                if not e.refused or attempt:
+                    raise
+                await self.server_tokens.refused(user, server, token)  # revoked by its owner: mint another
+        raise AssertionError("unreachable")
+
     def _warn(self, facts: ServerFacts, decision: Decision) -> None:
         key = (facts.user, facts.server)
         assert decision.stop_at is not None
@@ -254,7 +273,9 @@ class Sweeper:
 
     def _client(self) -> AsyncHTTPClient:
         if self._http is None:
-            self._http = AsyncHTTPClient(force_instance=True, max_clients=max(10, self.concurrency))
+            self._http = AsyncHTTPClient(
+                force_instance=True, max_clients=max(10, self.concurrency), max_body_size=MAX_KERNELS_BODY_BYTES
+            )
         return self._http
 
     # ----- what users and admins ask -----
