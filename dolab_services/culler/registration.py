@@ -5,8 +5,8 @@ Scopes (role ``dolab-culler``, :data:`CULLER_SCOPES`): ``list:users``, ``read:us
 ``read:users:groups`` (who, and their groups for exemptions), ``read:servers`` and ``admin:server_state`` (the
 servers, their activity, options and state), ``users:activity`` (record running work), ``delete:servers`` (stop),
 ``tokens`` (mint, for each server whose kernels it reads, a token of that server's user limited to
-``access:servers!server=<user>/<name>``: the culler's own token never reaches a user's server). Users get ``access:services!service=dolab-culler`` through
-``c.JupyterHub.extra_user_scopes`` to open the page."""
+``access:servers!server=<user>/<name>``: the culler's own token never reaches a user's server). Users get
+``access:services!service=dolab-culler`` through ``c.JupyterHub.extra_user_scopes`` to open the page."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from traitlets.config import Config
 from dolab_spawner.hubconfig import config_value, env_float
 from dolab_spawner.plans import service_environment
 
+from ..scopes import EXTEND_SERVERS, STOP_SERVERS
 from .policy import CullPolicy
 
 __all__ = [
@@ -100,6 +101,8 @@ def culler_service(
         # Plans with cull_exempt and max_run_hours: the spawner's plans, read the same way.
         "environment": service_environment(config_value(config, "DoLabSpawner", "plans", None)),
         "oauth_no_confirm": True,
+        # What the culler checks for other users' servers: a browser's token carries them when its user has them.
+        "oauth_client_allowed_scopes": [STOP_SERVERS, EXTEND_SERVERS],
         "info": {"description": "Your servers' stop times and warnings; extend a stop time"},
     }
     role = {

@@ -35,8 +35,8 @@ view), :mod:`.extensions` (extended stop times), :mod:`.stop` (the stop path), :
 Scopes (role ``dolab-culler``, :data:`CULLER_SCOPES`): ``list:users``, ``read:users:name`` and
 ``read:users:groups`` (who, and their groups for exemptions), ``read:servers`` and ``admin:server_state`` (the
 servers, their activity, options and state), ``users:activity`` (record running work), ``delete:servers`` (stop),
-``access:servers`` (read kernels on the servers). Users get ``access:services!service=dolab-culler`` through
-``c.JupyterHub.extra_user_scopes`` to open the page.
+``tokens`` (a token per server whose kernels it reads, owned by its user and limited to that server). Users get
+``access:services!service=dolab-culler`` through ``c.JupyterHub.extra_user_scopes`` to open the page.
 """
 
 from __future__ import annotations

@@ -11,16 +11,16 @@
   does not exist yet, so it registers a restore the backend runs once the pod's server answers
   (``RunPodBackend.server_ready_hooks``). A new, empty workspace is filled from the latest snapshot, with
   progress events; a pod that kept its disk (resumed) is not empty and is left alone.
-- :func:`sweep_remote` (from the ``dolab-sync`` service's periodic round): backs up every ready remote server at
-  its own address (``state["server_url"]``, never through the proxy), with the service's token (its role needs
-  ``access:servers``).
+- :func:`sweep_remote` (from the ``dolab-sync`` service's periodic round) and :func:`backup_remote_server` (the
+  culler's backup before a stop, through the service's API): back up a ready remote server at its own address
+  (``state["server_url"]``, never through the proxy).
 
-Which token: the hub-side hooks use the server's own API token (``spawner.api_token``), the one the hub minted for
-this server and already put into the pod. Its ``server`` role holds ``access:servers!server=<user>/<name>``:
-exactly this server, nothing else; it dies with the server; and nothing new (no other token, no storage
-credential) has to reach the pod. Asking the hub for a fresh scoped token would need the hub's database from a
-hook, and give no narrower access. The store's credentials stay in the hub: the hub reads the files and writes
-the blobs itself.
+Which token: never one that grants more than the pod already has, since whoever is root in the pod records what it
+is sent. The hub-side hooks use the server's own API token (``spawner.api_token``), the one the hub minted for this
+server and already put into the pod: its ``server`` role holds ``access:servers!server=<user>/<name>``, exactly
+this server. The ``dolab-sync`` service asks the hub for a token owned by the pod's user and limited to that same
+scope (:class:`~dolab_services.servertokens.ServerTokens`; its role holds ``tokens`` for that), never sending its
+own. The store's credentials stay in the hub: the hub reads the files and writes the blobs itself.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..hubclient import HubClient
+from ..hubclient import HubAPIError, HubClient
+from ..servertokens import ServerTokens
 from .config import user_prefix
 from .engine import BackupReport, RestoreReport, SyncEngine, SyncPolicy
-from .remote import RemoteServer, backup_remote, restore_remote
+from .remote import AccessRefused, RemoteServer, backup_remote, restore_remote
 from .store import ObjectStore, StoreError
 from .workspace import UnsafePath
 
@@ -214,47 +215,62 @@ def _remote_urls(user: Mapping[str, Any], server_name: str | None = None) -> dic
     return urls
 
 
-async def _backup_at(backups: Any, name: str, url: str, token: str) -> BackupReport:
-    """Back up ``name``'s remote server at ``url`` under the service's per-user lock, pool and timeout."""
-
-    def work(engine: SyncEngine) -> BackupReport:
-        remote = RemoteServer(url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+async def _backup_at(backups: Any, tokens: ServerTokens, name: str, server: str, url: str) -> BackupReport:
+    """Back up ``name``'s remote server ``server`` at ``url`` under the service's per-user lock, pool and timeout,
+    with a token for that server alone (minted again once if the server refuses it: its owner may revoke it)."""
+    for attempt in range(2):
         try:
-            cache = remote_cache_path(backups.cache_dir, name, engine.store)
-            return backup_remote(engine, remote, cache_path=cache)
-        finally:
-            remote.close()
+            token = await tokens.get(name, server, valid_for_seconds=backups.timeout_seconds + 60)
+        except HubAPIError as e:
+            raise StoreError(f"The hub gave no token to read the server ({e})") from None
 
-    report: BackupReport = await backups._run(name, work)
-    return report
+        def work(engine: SyncEngine, token: str = token) -> BackupReport:
+            remote = RemoteServer(url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+            try:
+                cache = remote_cache_path(backups.cache_dir, name, engine.store)
+                return backup_remote(engine, remote, cache_path=cache)
+            finally:
+                remote.close()
+
+        try:
+            report: BackupReport = await backups._run(name, work)
+            return report
+        except AccessRefused:
+            await tokens.refused(name, server, token)
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
 
 
-async def sweep_remote(backups: Any, hub: HubClient, token: str) -> dict[str, str]:
+async def sweep_remote(backups: Any, hub: HubClient, tokens: ServerTokens) -> dict[str, str]:
     """The service's periodic round for remote servers: back up each ready one at its own address; user ->
     outcome. ``backups`` is the service's :class:`.backups.Backups` (its per-user lock, pool and timeout)."""
-    servers: dict[str, str] = {}
+    servers: dict[str, tuple[str, str]] = {}
     async for user in hub.users(state="ready"):
-        for url in _remote_urls(user).values():
-            servers.setdefault(user["name"], url)
+        for server, url in _remote_urls(user).items():
+            servers.setdefault(user["name"], (server, url))
+    await tokens.prune({(name, server) for name, (server, _) in servers.items()})
     outcomes: dict[str, str] = {}
 
-    async def one(name: str, url: str) -> None:
+    async def one(name: str, server: str, url: str) -> None:
         try:
-            report = await _backup_at(backups, name, url, token)
+            report = await _backup_at(backups, tokens, name, server, url)
             outcomes[name] = f"snapshot {report.snapshot} (remote)" if report.snapshot else "unchanged (remote)"
         except (StoreError, UnsafePath, OSError, ValueError, asyncio.TimeoutError) as e:
             outcomes[name] = f"failed: {e}"
             backups.log.error("Periodic backup of %s's remote server failed: %s", name, e)
 
-    await asyncio.gather(*(one(n, u) for n, u in servers.items()))
+    await asyncio.gather(*(one(n, s, u) for n, (s, u) in servers.items()))
     return outcomes
 
 
-async def backup_remote_server(backups: Any, hub: HubClient, token: str, user: str, server: str) -> BackupReport | None:
+async def backup_remote_server(
+    backups: Any, hub: HubClient, tokens: ServerTokens, user: str, server: str
+) -> BackupReport | None:
     """Back up one user's running remote server now (the culler's backup before a stop, ``POST api/backup`` with
     ``server``); None when that server is not a ready remote one. Errors propagate as the engine raises them."""
     model = await hub.request("GET", f"/users/{quote(user, safe='')}")
     urls = _remote_urls(model or {}, server)
     if not urls:
         return None
-    return await _backup_at(backups, user, urls[server], token)
+    return await _backup_at(backups, tokens, user, server, urls[server])

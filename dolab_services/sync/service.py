@@ -8,9 +8,10 @@ now, restore a path). The target and policy come from the ``DOLAB_SYNC_*`` varia
 Scopes (role ``dolab-sync``, :func:`service_scopes`): ``list:users``, ``read:users:name``, ``read:servers`` and
 ``admin:server_state`` (which servers run, and their workspace folder from the spawner state); ``admin:auth_state``
 only when a Drive target uses each user's own token (``DOLAB_SYNC_DRIVE_AUTH=user``: :mod:`.tokens`);
-``access:servers`` only when remote servers are backed up too (``DOLAB_SYNC_REMOTE_SERVERS``, on with RunPod): the
-service reads their workspaces through their REST API at their own address (``state["server_url"]``, never through
-the proxy, so a backup is not the user's activity; :mod:`.remote_hooks`). Users get
+``tokens`` only when remote servers are backed up too (``DOLAB_SYNC_REMOTE_SERVERS``, on with RunPod): the service
+reads their workspaces through their REST API at their own address (``state["server_url"]``, never through the
+proxy, so a backup is not the user's activity; :mod:`.remote_hooks`), each with a token the hub mints for that one
+server, owned by its user (:mod:`dolab_services.servertokens`): the pod's root never sees the service's token. Users get
 ``access:services!service=dolab-sync`` to use the API, where they may also choose their target (:mod:`.choices`).
 """
 
@@ -27,6 +28,7 @@ from traitlets import Float, Integer, List, Unicode, default
 
 from ..app import ServiceApp
 from ..hubclient import HubClient
+from ..servertokens import ServerTokens, revoke_quietly
 from .backups import Backups
 from .choices import TargetChoices, choices_path
 from .config import SyncSettings
@@ -48,8 +50,9 @@ __all__ = [
 SERVICE_NAME = "dolab-sync"
 SYNC_SCOPES = ("list:users", "read:users:name", "read:servers", "admin:server_state")
 USER_SCOPE = f"access:services!service={SERVICE_NAME}"
-#: Read remote servers' workspaces through their REST API: only when remote servers are backed up.
-REMOTE_SCOPE = "access:servers"
+#: Mint per-server tokens to read remote servers' workspaces through their REST API: only when remote servers are
+#: backed up.
+REMOTE_SCOPE = "tokens"
 #: Read users' tokens from auth_state: only with Drive in user-token mode.
 AUTH_STATE_SCOPE = "admin:auth_state"
 
@@ -145,12 +148,14 @@ class SyncService(ServiceApp):
         from .web import make_app  # the API needs jupyterhub's OAuth helpers
 
         server = None
+        # Each remote backup may take the whole timeout: tokens outlive it.
+        lifetime = int(max(3600, backups.timeout_seconds + 900))
+        tokens = ServerTokens(hub, f"{SERVICE_NAME}: backs up this server's workspace", lifetime_seconds=lifetime)
         try:
             trusted = frozenset(self.trusted_services)
-            token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
 
             async def remote_backup(user: str, server: str) -> BackupReport | None:
-                return await backup_remote_server(backups, hub, token, user, server)
+                return await backup_remote_server(backups, hub, tokens, user, server)
 
             remote = remote_backup if backups.settings.remote_servers else None
             server = self.serve_page(
@@ -164,7 +169,7 @@ class SyncService(ServiceApp):
             async def backup_round() -> None:
                 outcomes = await backups.sweep(hub)
                 if backups.settings.remote_servers:
-                    outcomes.update(await sweep_remote(backups, hub, token))
+                    outcomes.update(await sweep_remote(backups, hub, tokens))
                 if outcomes:
                     self.log.info("Periodic backup: %s", "; ".join(f"{u}: {o}" for u, o in outcomes.items()))
 
@@ -176,6 +181,7 @@ class SyncService(ServiceApp):
             if server is not None:
                 server.stop()
             backups.close()
+            await revoke_quietly(tokens)
             hub.close()
 
 

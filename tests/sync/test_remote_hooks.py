@@ -178,6 +178,26 @@ class FakeHub:
         return next(u for u in self._users if path == f"/users/{u['name']}")
 
 
+class OneServerTokens:
+    """ServerTokens as the hub mints them, for one test server whose token is known: records who asked for what."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.asked: list[tuple[str, str]] = []
+        self.refused_tokens: list[str] = []
+        self.present: set[tuple[str, str]] | None = None
+
+    async def get(self, user: str, server: str, *, valid_for_seconds: float = 300) -> str:
+        self.asked.append((user, server))
+        return self.token
+
+    async def refused(self, user: str, server: str, token: str) -> None:
+        self.refused_tokens.append(token)
+
+    async def prune(self, present: set[tuple[str, str]]) -> None:
+        self.present = present
+
+
 @pytest.fixture
 def backups(sync_env: dict[str, str], tmp_path: Path) -> Iterator[Backups]:
     b = Backups(SyncSettings.from_env(sync_env), tmp_path / "ws", tmp_path / "cache", concurrency=2)
@@ -209,31 +229,53 @@ async def test_the_periodic_backup_reads_remote_servers_at_their_own_address(
         ]
     )
 
-    outcomes = await sweep_remote(backups, hub, server.token)
+    tokens = OneServerTokens(server.token)
+    outcomes = await sweep_remote(backups, hub, tokens)
 
     assert list(outcomes) == ["alice"]
     assert outcomes["alice"].startswith("snapshot ")
     assert [f.path for f in engine_of(sync_env).manifest().files] == ["work/a.txt"]
     assert server.last_activity() == before
-    again = await sweep_remote(backups, hub, server.token)
+    again = await sweep_remote(backups, hub, tokens)
     assert again == {"alice": "unchanged (remote)"}
+    # Each backup asked for a token of alice's server alone; tokens of servers no longer listed are let go.
+    assert tokens.asked == [("alice", ""), ("alice", "")] and tokens.present == {("alice", "")}
 
 
-def test_the_service_gets_access_to_servers_only_for_remote_backups(sync_env: dict[str, str]) -> None:
+async def test_a_token_the_server_refuses_is_replaced_once(
+    jupyter,  # noqa: F811
+    sync_env: dict[str, str],
+    backups: Backups,
+) -> None:
+    server = jupyter()
+    write(server.root, "work/a.txt", "a")
+    hub = FakeHub(
+        [{"name": "alice", "servers": {"": {"ready": True, "state": {"backend": "runpod", "server_url": server.url}}}}]
+    )
+    tokens = OneServerTokens("revoked-by-its-owner")
+    outcomes = await sweep_remote(backups, hub, tokens)
+    assert outcomes["alice"].startswith("failed: Your server refused the hub's access")
+    assert tokens.refused_tokens == ["revoked-by-its-owner"] * 2 and len(tokens.asked) == 2
+
+
+def test_the_service_mints_server_tokens_only_for_remote_backups(sync_env: dict[str, str]) -> None:
     plain = sync_service(sync_env, "/srv/ws", "/srv/data")
     assert plain is not None
-    assert "access:servers" not in plain.role["scopes"]
+    assert "tokens" not in plain.role["scopes"]
+    # Never access to every server: its own token must not be what a user's server receives.
+    assert not any(s.startswith("access:servers") for s in plain.role["scopes"])
     assert "DOLAB_SYNC_REMOTE_SERVERS" not in plain.service["environment"]
 
     with_runpod = sync_service({**sync_env, "RUNPOD_API_KEY": "rp-key"}, "/srv/ws", "/srv/data")
     assert with_runpod is not None
-    assert with_runpod.role["scopes"][-1] == "access:servers"
+    assert with_runpod.role["scopes"][-1] == "tokens"
+    assert not any(s.startswith("access:servers") for s in with_runpod.role["scopes"])
     # The service learns it from its own variable; the RunPod key never reaches it.
     assert with_runpod.service["environment"]["DOLAB_SYNC_REMOTE_SERVERS"] == "1"
     assert "RUNPOD_API_KEY" not in with_runpod.service["environment"]
 
     off = sync_service({**sync_env, "RUNPOD_API_KEY": "rp-key", "DOLAB_SYNC_REMOTE_SERVERS": "0"}, "/srv/ws", "/d")
-    assert off is not None and "access:servers" not in off.role["scopes"]
+    assert off is not None and "tokens" not in off.role["scopes"]
 
 
 async def test_one_remote_server_is_backed_up_on_request(
@@ -256,10 +298,12 @@ async def test_one_remote_server_is_backed_up_on_request(
         ]
     )
 
-    report = await backup_remote_server(backups, hub, server.token, "alice", "gpu")
+    tokens = OneServerTokens(server.token)
+    report = await backup_remote_server(backups, hub, tokens, "alice", "gpu")
 
     assert report is not None and report.snapshot
     assert [f.path for f in engine_of(sync_env).manifest().files] == ["work/b.txt"]
     # A local server, or one the user does not have, is not the remote path's to back up.
-    assert await backup_remote_server(backups, hub, server.token, "alice", "cpu") is None
-    assert await backup_remote_server(backups, hub, server.token, "alice", "other") is None
+    assert tokens.asked == [("alice", "gpu")]
+    assert await backup_remote_server(backups, hub, tokens, "alice", "cpu") is None
+    assert await backup_remote_server(backups, hub, tokens, "alice", "other") is None
