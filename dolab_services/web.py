@@ -6,6 +6,12 @@ endpoints::
 
     class _Handler(ServiceHandler): ...                 # initialize() sets self.hub_auth and self.log
     class _ApiHandler(JsonApiMixin, _Handler): ...
+
+Who may do what is decided from the request's scopes (:meth:`ServiceHandler.require_scope` with DO-LAB's own
+scopes, :mod:`dolab_services.scopes`), never from the hub's ``admin`` flag: a token limited to one service must not
+act as its admin owner. Everything a request brings is bounded: the body's size and depth, numbers (finite, within
+a range: :func:`bounded_number`), names (:func:`name_arg`); refusals are 400s with a sentence that quotes at most a
+short piece of what was sent (:func:`shown`).
 """
 
 from __future__ import annotations
@@ -15,11 +21,60 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from jupyterhub.scopes import has_scope
 from jupyterhub.services.auth import HubOAuth, HubOAuthenticated
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from tornado import web
 
-__all__ = ["JsonApiMixin", "MetricsHandler", "ServiceHandler", "access_logger"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_NAME_CHARS",
+    "JsonApiMixin",
+    "MetricsHandler",
+    "ServiceHandler",
+    "access_logger",
+    "bounded_number",
+    "name_arg",
+    "shown",
+]
+
+#: The largest JSON body a service API reads (a restore's list of paths is the biggest legitimate one).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+#: The hub keeps user and server names in 255-character columns; anything longer names nobody.
+MAX_NAME_CHARS = 255
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``value`` as a sentence may quote it: its ``repr``, cut to about ``limit`` characters (a user's megabyte
+    string or 4000-digit number must not come back whole, nor break the message)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a number too long to show"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def bounded_number(value: Any, what: str, *, minimum: float, maximum: float, above_minimum: bool = False) -> float:
+    """``value`` as a float when it is a JSON number within ``[minimum, maximum]`` (``above_minimum``: the minimum
+    itself excluded); ValueError with a sentence otherwise (a string, a bool, NaN, an infinity, a huge int).
+
+    Compared before any conversion: Python compares a 400-digit int with a float exactly, where ``float()`` of it
+    would raise OverflowError.
+    """
+    low = f"above {minimum:g}" if above_minimum else f"from {minimum:g}"
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        inside = (minimum < value if above_minimum else minimum <= value) and value <= maximum  # NaN: False
+        if inside:
+            return float(value)
+    raise ValueError(f"{what} must be a number {low} to {maximum:g}, not {shown(value)}.")
+
+
+def name_arg(value: Any, what: str) -> str:
+    """A user's or server's name from a request: a string of at most :data:`MAX_NAME_CHARS` characters;
+    ValueError with a sentence otherwise."""
+    if not isinstance(value, str) or len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{what} must be a name of at most {MAX_NAME_CHARS} characters, not {shown(value)}.")
+    return value
 
 
 class ServiceHandler(HubOAuthenticated, web.RequestHandler):
@@ -45,10 +100,26 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         """The name of the user (or service) making the request."""
         return str(self.current_user["name"])
 
-    @property
-    def is_admin(self) -> bool:
-        """Whether the hub says the requester is an admin."""
-        return bool(self.current_user.get("admin"))
+    def has_scope(
+        self, scope: str, user: str | None = None, server: str | None = None, *, post_filter: bool = False
+    ) -> bool:
+        """Whether the request's token holds ``scope``: for every user (``user`` None), for ``user``, or for the
+        server ``user``/``server`` (``""``: the default one); with ``post_filter``, for anyone at all (the caller
+        checks the filter later). Filters follow the hub's: ``!user=`` grants that user's servers, ``!server=`` one
+        server. The scopes are the token's (the hub's answer for it), so a token its owner limited holds only what
+        it was given, admin or not."""
+        held = frozenset(self.current_user.get("scopes") or ())
+        if user is None:
+            return bool(has_scope(scope, held, post_filter=post_filter))
+        if not user:
+            return False  # names nobody (and the hub's helper refuses an empty filter)
+        wanted = f"{scope}!user={user}" if server is None else f"{scope}!server={user}/{server}"
+        return bool(has_scope(wanted, held))
+
+    def require_scope(self, scope: str, message: str, user: str | None = None, server: str | None = None) -> None:
+        """403 with ``message`` unless the request holds ``scope`` (as :meth:`has_scope` asks it)."""
+        if not self.has_scope(scope, user, server):
+            raise web.HTTPError(403, message)
 
 
 class JsonApiMixin(web.RequestHandler):
@@ -67,20 +138,50 @@ class JsonApiMixin(web.RequestHandler):
         self.finish(json.dumps({"status": status_code, "message": message}))
 
     def body(self) -> dict[str, Any]:
-        """The request's JSON object (empty body: ``{}``); 400 with a sentence otherwise."""
+        """The request's JSON object (empty body: ``{}``); 400 with a sentence otherwise: not JSON, over
+        :data:`MAX_BODY_BYTES`, nested too deep, or with ``NaN``/``Infinity`` (which Python's json would accept)."""
+        raw = self.request.body or b"{}"
+        if len(raw) > MAX_BODY_BYTES:
+            raise web.HTTPError(413, f"The body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB; send less.")
         try:
-            data = json.loads(self.request.body or b"{}")
-        except ValueError:
-            raise web.HTTPError(400, "The body must be JSON.") from None
+            data = json.loads(raw, parse_constant=_no_constant)
+        except RecursionError:
+            raise web.HTTPError(400, "The body is nested too deeply.") from None
+        except ValueError as e:  # also a number of more than 4300 digits, and _no_constant's
+            raise web.HTTPError(400, str(e) if isinstance(e, _NotJsonNumber) else "The body must be JSON.") from None
         if not isinstance(data, dict):
             raise web.HTTPError(400, "The body must be a JSON object.")
         return data
+
+    def number(
+        self, data: dict[str, Any], key: str, *, minimum: float, maximum: float, above_minimum: bool = False
+    ) -> float:
+        """``data[key]`` checked by :func:`bounded_number`; 400 with its sentence."""
+        try:
+            return bounded_number(data.get(key), key, minimum=minimum, maximum=maximum, above_minimum=above_minimum)
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+
+    def name(self, value: Any, what: str) -> str:
+        """``value`` checked by :func:`name_arg`; 400 with its sentence."""
+        try:
+            return name_arg(value, what)
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
 
     def reply(self, data: Any) -> None:
         """Answer ``data`` as JSON, never cached."""
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(data))
+
+
+class _NotJsonNumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a body: not JSON, though Python's json reads them."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJsonNumber(f"{name} is not a JSON number; send finite numbers only.")
 
 
 class MetricsHandler(web.RequestHandler):

@@ -24,6 +24,11 @@
 
 Everything here is pure: config in, data out, errors as sentences. The spawner turns
 :class:`ProfileConfigError` into a start-up error and :class:`OptionsError` into an HTTP 400.
+
+``user_options`` come from anyone who may spawn (the REST API takes any JSON), so every number is compared before
+it is converted (a 400-digit int has no float), text is read as a number or time only up to :data:`MAX_TEXT_CHARS`,
+a stop time is at most :data:`MAX_RUN_HOURS_EVER` ahead even without a maximum, and a refusal quotes at most a
+short piece of what was sent.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from typing import Any
 from .slots import GpuSlot
 
 __all__ = [
+    "MAX_OPTION_KEYS",
+    "MAX_RUN_HOURS_EVER",
+    "MAX_TEXT_CHARS",
     "RESERVED_KEYS",
     "Choice",
     "OptionsError",
@@ -56,6 +64,12 @@ __all__ = [
 
 #: user_options keys that are not profile options.
 RESERVED_KEYS = ("profile", "gpus", "run_hours", "stop_at", "gpu_type", "max_price_per_hour")
+#: The longest text read as a number, a time or a GPU count; a longer one is refused unread.
+MAX_TEXT_CHARS = 64
+#: The most keys a user_options object may have (a profile takes the reserved keys plus its options).
+MAX_OPTION_KEYS = 64
+#: How far ahead a stop time may be even when no maximum is set (about 11 years): bounds every hour count sent.
+MAX_RUN_HOURS_EVER = 100_000
 
 _PROFILE_KEYS = {
     "slug",
@@ -93,6 +107,34 @@ class ProfileConfigError(ValueError):
 
 class OptionsError(ValueError):
     """A user's options are not allowed; the message says what is."""
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """``value`` as a refusal may quote it: its repr, cut to about ``limit`` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a number too long to show"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _option_number(value: Any) -> float | None:
+    """A user_options number (a JSON number, or the form's text) as a float; None when it is not one. An int too
+    large for a float becomes an infinity, so callers refuse it as not finite instead of overflowing."""
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > MAX_TEXT_CHARS:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 @dataclass(frozen=True)
@@ -448,22 +490,24 @@ def default_profiles(inventory: Iterable[GpuSlot]) -> list[Profile]:
 def parse_stop_at(value: Any) -> datetime:
     """Parse an ISO 8601 time; a time without offset is taken as UTC. Raises :class:`OptionsError`."""
     if not isinstance(value, str):
-        raise OptionsError(f"stop_at must be an ISO 8601 time string such as 2030-01-31T18:00:00Z, not {value!r}")
+        raise OptionsError(f"stop_at must be an ISO 8601 time string such as 2030-01-31T18:00:00Z, not {_shown(value)}")
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError("too long to be a time")
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise OptionsError(
-            f"stop_at {value!r} is not an ISO 8601 time; write it like 2030-01-31T18:00:00Z (UTC)"
+            f"stop_at {_shown(value)} is not an ISO 8601 time; write it like 2030-01-31T18:00:00Z (UTC)"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     try:
         return parsed.astimezone(timezone.utc)
     except OverflowError:
-        raise OptionsError(f"stop_at {value!r} is too far ahead") from None
+        raise OptionsError(f"stop_at {_shown(value)} is too far ahead") from None
 
 
 def format_stop_at(when: datetime) -> str:
@@ -480,24 +524,27 @@ def _pick_profile(profiles: list[Profile], value: Any) -> Profile:
     for profile in profiles:
         if profile.slug == value:
             return profile
-    raise OptionsError(f"Unknown profile {value!r}. Choose one of: {slugs}.")
+    raise OptionsError(f"Unknown profile {_shown(value)}. Choose one of: {slugs}.")
 
 
 def _pick_gpus(profile: Profile, value: Any) -> int:
     if value is None:
         return profile.gpus
     if not isinstance(value, int) or isinstance(value, bool):
-        if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():
-            value = int(value)
+        text = value.strip() if isinstance(value, str) else ""
+        # Bounded before int(): past 4300 digits int() raises, and no profile has a 9-digit GPU count.
+        if text and len(text) <= 8 and text.isascii() and text.isdecimal():
+            value = int(text)
         else:
-            raise OptionsError(f"gpus must be a whole number from 1 to {profile.gpus}, not {value!r}")
+            raise OptionsError(f"gpus must be a whole number from 1 to {profile.gpus}, not {_shown(value)}")
     if not profile.gpus:
         if value == 0:
             return 0
         raise OptionsError(f"Profile {profile.slug!r} has no GPUs; leave gpus out or pick a GPU profile.")
     if not 1 <= value <= profile.gpus:
         raise OptionsError(
-            f"Profile {profile.slug!r} gives at most {profile.gpus} GPU(s); ask for 1 to {profile.gpus}, not {value}."
+            f"Profile {profile.slug!r} gives at most {profile.gpus} GPU(s); ask for 1 to {profile.gpus}, "
+            f"not {_shown(value)}."
         )
     return value
 
@@ -506,19 +553,17 @@ def _pick_stop_at(
     options: Mapping[str, Any], now: datetime, max_run_hours: float
 ) -> tuple[datetime | None, float | None]:
     limit = f"at most {max_run_hours:g} hours from now" if max_run_hours > 0 else "in the future"
-    run_hours = options.get("run_hours")
-    if run_hours is not None and run_hours != "":
-        if isinstance(run_hours, str):
-            try:
-                run_hours = float(run_hours)
-            except ValueError:
-                raise OptionsError(f"run_hours must be a number of hours, not {run_hours!r}") from None
-        if isinstance(run_hours, bool) or not isinstance(run_hours, (int, float)) or not math.isfinite(run_hours):
-            raise OptionsError(f"run_hours must be a number of hours, not {run_hours!r}")
+    raw_hours = options.get("run_hours")
+    if raw_hours is not None and raw_hours != "":
+        run_hours = _option_number(raw_hours)
+        if run_hours is None or not math.isfinite(run_hours):
+            raise OptionsError(f"run_hours must be a number of hours, not {_shown(raw_hours)}")
         if run_hours <= 0:
             raise OptionsError("run_hours must be more than 0")
         if max_run_hours > 0 and run_hours > max_run_hours:
             raise OptionsError(f"You can run a server for at most {max_run_hours:g} hours, not {run_hours:g}.")
+        if run_hours > MAX_RUN_HOURS_EVER:
+            raise OptionsError(f"run_hours {run_hours:g} is too far ahead; ask for at most {MAX_RUN_HOURS_EVER} hours.")
         try:
             return now + timedelta(hours=run_hours), float(run_hours)
         except OverflowError:
@@ -543,18 +588,17 @@ def _pick_runpod(profile: Profile, options: Mapping[str, Any]) -> tuple[str | No
         gpu_type = None
     elif not isinstance(gpu_type, str) or gpu_type not in offer.gpu_types:
         raise OptionsError(
-            f"{gpu_type!r} is not a GPU type of profile {profile.slug!r}; choose one of: {', '.join(offer.gpu_types)}."
+            f"{_shown(gpu_type)} is not a GPU type of profile {profile.slug!r}; "
+            f"choose one of: {', '.join(offer.gpu_types)}."
         )
-    price = options.get("max_price_per_hour")
-    if price is None or price == "":
+    raw_price = options.get("max_price_per_hour")
+    if raw_price is None or raw_price == "":
         return gpu_type, None
-    if isinstance(price, str):
-        try:
-            price = float(price)
-        except ValueError:
-            raise OptionsError(f"max_price_per_hour must be a number of USD per hour, not {price!r}") from None
-    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price <= 0:
-        raise OptionsError(f"max_price_per_hour must be a number of USD per hour above 0, not {price!r}")
+    price = _option_number(raw_price)
+    if price is None and isinstance(raw_price, str):
+        raise OptionsError(f"max_price_per_hour must be a number of USD per hour, not {_shown(raw_price)}")
+    if price is None or not math.isfinite(price) or price <= 0:
+        raise OptionsError(f"max_price_per_hour must be a number of USD per hour above 0, not {_shown(raw_price)}")
     if offer.max_price_per_hour and price > offer.max_price_per_hour:
         raise OptionsError(
             f"You can pay at most ${offer.max_price_per_hour:g} per hour with profile {profile.slug!r}, not ${price:g}."
@@ -580,13 +624,17 @@ def resolve_options(
         user_options = {}
     if not isinstance(user_options, Mapping):
         raise OptionsError('user_options must be a JSON object such as {"profile": "cpu"}')
+    if len(user_options) > MAX_OPTION_KEYS:
+        raise OptionsError(f"user_options has {len(user_options)} keys; a profile takes at most {MAX_OPTION_KEYS}.")
     now = now or datetime.now(timezone.utc)
     profile = _pick_profile(profiles, user_options.get("profile"))
     unknown = sorted(set(user_options) - set(profile.allowed_keys), key=str)
     if unknown:
+        named = ", ".join(_shown(key) for key in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
         raise OptionsError(
-            f"Unknown option(s) {', '.join(map(repr, unknown))} for profile {profile.slug!r}; "
-            f"allowed: {', '.join(profile.allowed_keys)}."
+            f"Unknown option(s) {named} for profile {profile.slug!r}; allowed: {', '.join(profile.allowed_keys)}."
         )
     choices: dict[str, Choice] = {}
     for option in profile.options:
@@ -597,7 +645,7 @@ def resolve_options(
         choice = option.choice(value) if isinstance(value, str) else None
         if choice is None:
             allowed = ", ".join(c.slug for c in option.choices)
-            raise OptionsError(f"{value!r} is not a choice for {option.name!r}; choose one of: {allowed}.")
+            raise OptionsError(f"{_shown(value)} is not a choice for {option.name!r}; choose one of: {allowed}.")
         choices[option.name] = choice
     gpus = _pick_gpus(profile, user_options.get("gpus"))
     stop_at, run_hours = _pick_stop_at(user_options, now, max_run_hours)

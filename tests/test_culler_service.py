@@ -47,6 +47,7 @@ from dolab_services.culler.service import (
 from dolab_services.culler.stop import STOP_REASONS, StopPath, load_hooks
 from dolab_services.culler.telemetry import StaticTelemetry
 from dolab_services.hubclient import HubClient
+from dolab_services.scopes import STOP_SERVERS as STOP
 from dolab_services.servertokens import ServerTokens
 from dolab_spawner.plans import plans_from_env
 
@@ -702,7 +703,8 @@ async def test_extend_and_keep_alive(lab: Lab, tmp_path: Path) -> None:
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def web(lab: Lab) -> Any:
-    """The culler's tornado app on a free port; tokens ``alice-token`` (user) and ``root-token`` (admin)."""
+    """The culler's tornado app on a free port; tokens ``alice-token`` (user), ``root-token`` (an admin's, with
+    DO-LAB's stop scope) and ``narrow-token`` (an admin's, limited to the culler's page: the admin flag alone)."""
     from jupyterhub.services.auth import HubOAuth
     from tornado.httpserver import HTTPServer
     from tornado.testing import bind_unused_port
@@ -711,7 +713,8 @@ async def web(lab: Lab) -> Any:
 
     identities = {
         "alice-token": {"kind": "user", "name": "alice", "admin": False, "groups": [], "scopes": [USER_SCOPE]},
-        "root-token": {"kind": "user", "name": "root", "admin": True, "groups": [], "scopes": [USER_SCOPE]},
+        "root-token": {"kind": "user", "name": "root", "admin": True, "groups": [], "scopes": [USER_SCOPE, STOP]},
+        "narrow-token": {"kind": "user", "name": "root", "admin": True, "groups": [], "scopes": [USER_SCOPE]},
         "eve-token": {"kind": "user", "name": "eve", "admin": False, "groups": [], "scopes": []},
     }
     users_answer = lab.hub_answer
@@ -768,7 +771,14 @@ async def test_api_warnings_extend_and_stop(web: Any, lab: Lab) -> None:
     reply = await run("POST", "api/extend", json={"server": "", "hours": 30})
     assert reply.status_code == 400 and "at most 24 hours from now" in reply.json()["message"]
     reply = await run("POST", "api/extend", json={"server": "", "hours": 1, "user": "bob"})
-    assert reply.status_code == 400 and reply.json()["message"] == "You can only change your own servers."
+    assert reply.status_code == 403 and reply.json()["message"].startswith("You can only change your own servers")
+    for hours in (10**400, -5, "1", True, None, 0, 1e6):
+        reply = await run("POST", "api/extend", data=json.dumps({"server": "", "hours": hours}))
+        assert reply.status_code == 400 and reply.json()["message"].startswith("hours must be a number"), hours
+    reply = await run("POST", "api/extend", data='{"server": "", "hours": NaN}')
+    assert reply.status_code == 400 and "NaN is not a JSON number" in reply.json()["message"]
+    reply = await run("POST", "api/extend", data="[" * 100_000 + "]" * 100_000)
+    assert reply.status_code == 400 and reply.json()["message"] == "The body is nested too deeply."
     reply = await run("POST", "api/extend", data="[1]")
     assert reply.status_code == 400 and "JSON object" in reply.json()["message"]
     reply = await run("POST", "api/extend", json={"server": "", "hours": 1})
@@ -777,7 +787,9 @@ async def test_api_warnings_extend_and_stop(web: Any, lab: Lab) -> None:
     assert (await run("GET", "api/warnings")).json() == {"warnings": []}, "the deadline warning went"
 
     reply = await run("POST", "api/stop", json={"user": "alice", "server": ""})
-    assert reply.status_code == 403 and "Only admins" in reply.json()["message"]
+    assert reply.status_code == 403 and "custom:dolab:stop-servers" in reply.json()["message"]
+    reply = await run("POST", "api/stop", "narrow-token", json={"user": "alice", "server": ""})
+    assert reply.status_code == 403, "the admin flag without the scope stops nothing"
     reply = await run("POST", "api/stop", "root-token", json={"user": "alice", "server": ""})
     assert reply.status_code == 200 and reply.json()["result"] == "stopped"
     assert lab.stops() == ["alice"]
@@ -857,6 +869,8 @@ def test_culler_service_defaults() -> None:
         "url": "http://127.0.0.1:10101",
         "environment": {},
         "oauth_no_confirm": True,
+        # An admin's browser token carries DO-LAB's scopes the culler checks (the admin flag alone allows nothing).
+        "oauth_client_allowed_scopes": ["custom:dolab:stop-servers", "custom:dolab:extend-servers"],
         "info": found.service["info"],
     }
     assert found.role == {

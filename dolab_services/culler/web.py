@@ -7,14 +7,19 @@
 - ``GET  {prefix}api/warnings``: ``{"warnings": [{"server", "reason", "stop_at", "message"}, ...]}``, soonest
   first, for the current user; a deadline warning adds ``extend_hours``, what one click extends by (0: none);
 - ``POST {prefix}api/extend``: ``{"server": name, "hours": n}``, answers ``{"server", "stop_at"}``; a 400 with a
-  sentence beyond ``--max-run-hours`` from now, for a server the user does not run, or one with no stop time;
+  sentence beyond ``--max-run-hours`` from now (or :data:`MAX_EXTEND_HOURS`), for a server the user does not run,
+  or one with no stop time;
 - ``POST {prefix}api/keepalive``: ``{"server": name}``: record the server as used now (an idle warning goes);
-- ``POST {prefix}api/stop``: admins only, ``{"user": name, "server": name}``: the stop path, reason ``admin``;
+- ``POST {prefix}api/stop``: ``{"user": name, "server": name}``: the stop path, reason ``admin``, for a token with
+  ``custom:dolab:stop-servers`` (for that user or server);
 - ``GET  {prefix}metrics``: Prometheus text (stop counters by reason; no secrets, so no login).
 
 Everything but the metrics is behind the hub's OAuth (``HubOAuthenticated``): a browser logs in through the hub,
 a script sends ``Authorization: token <the user's API token>``. Users need ``access:services!service=dolab-culler``
-(the shipped config grants it to every user). XSRF: a cookie-authenticated POST is accepted only with the
+(the shipped config grants it to every user); that is all it takes to extend or keep alive one's own servers.
+Naming another user's server (``"user"`` in the body) takes ``custom:dolab:extend-servers`` for that user, and
+``api/stop`` takes ``custom:dolab:stop-servers``: the token's scopes decide, never the hub's admin flag
+(:mod:`dolab_services.scopes`). XSRF: a cookie-authenticated POST is accepted only with the
 session's ``_xsrf`` value (a form field, or the ``X-XSRFToken`` header); JupyterHub's ``HubOAuth`` checks it before
 it accepts the cookie, so no global ``xsrf_cookies`` setting is needed (it would refuse token-authenticated API
 calls, which need none). JupyterHub 6.1 asks for it on a script's ``fetch`` GET too (only page navigations are
@@ -34,12 +39,16 @@ from tornado import web
 from tornado.template import Template
 
 from ..hubclient import HubAPIError
+from ..scopes import EXTEND_SERVERS, STOP_SERVERS
 from ..times import format_time, utcnow
-from ..web import JsonApiMixin, MetricsHandler, ServiceHandler, access_logger
+from ..web import JsonApiMixin, MetricsHandler, ServiceHandler, access_logger, bounded_number
 from .extensions import extend_offer, headroom_hours
 from .sweeper import Sweeper
 
-__all__ = ["make_app"]
+__all__ = ["MAX_EXTEND_HOURS", "make_app"]
+
+#: The most hours one extension may add, whatever the policy (about 11 years: beyond it a stop time means nothing).
+MAX_EXTEND_HOURS = 100_000.0
 
 PAGE = Template(
     """<!doctype html>
@@ -136,11 +145,12 @@ class PageHandler(_Handler):
         server = self.get_body_argument("server", "")
         try:
             if action == "extend":
+                text = self.get_body_argument("hours", "")
                 try:
-                    hours: Any = float(self.get_body_argument("hours", ""))
+                    hours: Any = float(text) if len(text) <= 40 else text
                 except ValueError:
-                    hours = self.get_body_argument("hours", "")
-                new = await self.sweeper.extend(self.user_name, server, hours)
+                    hours = text
+                new = await self.sweeper.extend(self.user_name, server, extend_hours(hours))
                 notice = f"Extended: it now stops at {format_time(new)}."
             elif action == "keepalive":
                 await self.sweeper.keep_alive(self.user_name, server)
@@ -182,16 +192,22 @@ class _ApiHandler(JsonApiMixin, _Handler):
 
     def server_arg(self, data: dict[str, Any]) -> str:
         server = data.get("server", "")
-        if not isinstance(server, str):
+        if not isinstance(server, str) or len(server) > 255:
             raise web.HTTPError(400, 'server must be a server name ("" for the default server).')
         return server
 
-    def owner(self, data: dict[str, Any]) -> str:
-        """The user named in the body (default: the current one); only admins may name another."""
-        user = data.get("user", self.user_name)
-        if user != self.user_name and not self.is_admin:
-            raise web.HTTPError(400, "You can only change your own servers.")
-        return str(user)
+    def owner(self, data: dict[str, Any], server: str) -> str:
+        """The user named in the body (default: the current one); another user's server takes a token with
+        ``custom:dolab:extend-servers`` for it."""
+        user = self.name(data.get("user", self.user_name), "user")
+        if user != self.user_name:
+            self.require_scope(
+                EXTEND_SERVERS,
+                "You can only change your own servers (another user's takes the custom:dolab:extend-servers scope).",
+                user,
+                server,
+            )
+        return user
 
 
 class WarningsHandler(_ApiHandler):
@@ -238,9 +254,10 @@ class ExtendHandler(_ApiHandler):
     @web.authenticated
     async def post(self) -> None:
         data = self.body()
-        user, server = self.owner(data), self.server_arg(data)
+        server = self.server_arg(data)
+        user = self.owner(data, server)
         try:
-            new = await self.sweeper.extend(user, server, data.get("hours"))
+            new = await self.sweeper.extend(user, server, extend_hours(data.get("hours")))
         except ValueError as e:
             raise web.HTTPError(400, str(e)) from None
         except HubAPIError as e:
@@ -254,7 +271,8 @@ class KeepAliveHandler(_ApiHandler):
     @web.authenticated
     async def post(self) -> None:
         data = self.body()
-        user, server = self.owner(data), self.server_arg(data)
+        server = self.server_arg(data)
+        user = self.owner(data, server)
         try:
             await self.sweeper.keep_alive(user, server)
         except ValueError as e:
@@ -265,17 +283,20 @@ class KeepAliveHandler(_ApiHandler):
 
 
 class StopHandler(_ApiHandler):
-    """An admin stops a server through the stop path (pre-stop hooks first), reason ``admin``."""
+    """A token with ``custom:dolab:stop-servers`` stops a server through the stop path (pre-stop hooks first),
+    reason ``admin``."""
 
     @web.authenticated
     async def post(self) -> None:
-        if not self.is_admin:
-            raise web.HTTPError(403, "Only admins can stop servers here.")
+        refusal = "Stopping servers here takes the custom:dolab:stop-servers scope."
+        if not self.has_scope(STOP_SERVERS, post_filter=True):
+            raise web.HTTPError(403, refusal)  # no grant at all: refused before the body is read
         data = self.body()
         user, server = data.get("user"), self.server_arg(data)
-        if not isinstance(user, str) or not user:
+        if not isinstance(user, str) or not user or len(user) > 255:
             raise web.HTTPError(400, "user must be the name of the server's owner.")
-        self.log.info("Admin %s asks to stop server %s/%s", self.user_name, user, server)
+        self.require_scope(STOP_SERVERS, refusal, user, server)
+        self.log.info("%s asks to stop server %s/%s", self.user_name, user, server)
         outcome = await self.sweeper.stop_path.stop(user, server, "admin", f"by {self.user_name}")
         if outcome == "gone":
             raise web.HTTPError(404, f"{user} has no running server {server!r}.")
@@ -284,6 +305,11 @@ class StopHandler(_ApiHandler):
         if outcome == "failed":
             raise web.HTTPError(502, "The hub did not stop the server (see the culler's log).")
         self.reply({"user": user, "server": server, "result": outcome})
+
+
+def extend_hours(value: Any) -> float:
+    """An extension's ``hours``: a number above 0 and at most :data:`MAX_EXTEND_HOURS`; ValueError, a sentence."""
+    return bounded_number(value, "hours", minimum=0, maximum=MAX_EXTEND_HOURS, above_minimum=True)
 
 
 def make_app(

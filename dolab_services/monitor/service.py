@@ -34,6 +34,7 @@ from dolab_spawner.plans import parse_plans, plans_from_env, service_environment
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
+from ..scopes import READ_USAGE
 from .enforcer import QuotaEnforcer
 from .ledger import AsyncLedger, UsageLedger
 from .metrics import MonitorMetrics
@@ -375,6 +376,8 @@ def monitor_service(
         "command": command,
         "url": url,
         "oauth_no_confirm": True,
+        # What the monitor checks for other users' usage: a browser's token carries it when its user has it.
+        "oauth_client_allowed_scopes": [READ_USAGE],
         "environment": environment,
         "info": {"description": "GPU use, spend and quotas"},
     }

@@ -1,16 +1,19 @@
 """The monitor's page and JSON API, under the service's prefix (``/services/dolab-monitor/``).
 
 - ``GET {prefix}``: the user's servers with their GPU use over time (inline SVG plots), spend, remaining quota,
-  warnings and quota stops; admins also see every GPU with its holder and readings, every server and the totals.
-  Admins may look at one user's page with ``?user=NAME``.
-- ``GET {prefix}api/usage[?user=NAME]``: the same data as JSON (:meth:`~.sampler.Monitor.user_view`); only admins
-  may name another user (403 otherwise).
-- ``GET {prefix}api/overview``: admins only; every GPU, server, totals and warnings
-  (:meth:`~.sampler.Monitor.overview`).
+  warnings and quota stops; with ``custom:dolab:read-usage`` (unfiltered) also every GPU with its holder and
+  readings, every server and the totals. ``?user=NAME`` shows NAME's page, with that scope for NAME.
+- ``GET {prefix}api/usage[?user=NAME]``: the same data as JSON (:meth:`~.sampler.Monitor.user_view`); naming
+  another user takes ``custom:dolab:read-usage`` for them (403 otherwise).
+- ``GET {prefix}api/overview``: every GPU, server, totals and warnings (:meth:`~.sampler.Monitor.overview`), with
+  ``custom:dolab:read-usage`` for every user.
 - ``GET {prefix}api/quota/NAME``: ``{"user", "allowed", "message", "limits", "warnings"}``: whether NAME may start a
-  GPU or paid server now, with a sentence. Answered to NAME themself, to admins, and to the monitor's own service
-  token, which is what :class:`~.quotacheck.MonitorQuotaCheck` sends from the hub process (compared in constant
-  time, without asking the hub).
+  GPU or paid server now, with a sentence. Answered to NAME themself, to a token with ``custom:dolab:read-usage``
+  for NAME, and to the monitor's own service token, which is what :class:`~.quotacheck.MonitorQuotaCheck` sends
+  from the hub process (compared in constant time, without asking the hub).
+
+The token's scopes decide, never the hub's admin flag (:mod:`dolab_services.scopes`): an admin's token limited to
+``access:services!service=dolab-monitor`` sees only that admin's own usage.
 - ``GET {prefix}metrics``: Prometheus text (:mod:`.metrics`); no login, nothing secret.
 
 Everything else is behind the hub's OAuth (``HubOAuthenticated``): a browser logs in through the hub, a script sends
@@ -31,7 +34,8 @@ from tornado import web
 from tornado.template import Template
 
 from ..hubclient import HubAPIError
-from ..web import JsonApiMixin, MetricsHandler, ServiceHandler, access_logger
+from ..scopes import READ_USAGE
+from ..web import MAX_NAME_CHARS, JsonApiMixin, MetricsHandler, ServiceHandler, access_logger
 from .plots import bar_chart, line_chart
 from .sampler import Monitor
 
@@ -169,11 +173,20 @@ class _Handler(ServiceHandler):
         self.log = log
 
     def target_user(self) -> str:
-        """``?user=`` (admins only) or the current user."""
+        """``?user=`` (another user: with ``custom:dolab:read-usage`` for them) or the current user."""
         user = self.get_query_argument("user", "") or self.user_name
-        if user != self.user_name and not self.is_admin:
-            raise web.HTTPError(403, "You can only see your own usage.")
+        self.check_reader(user)
         return user
+
+    def check_reader(self, user: str) -> None:
+        """403 unless ``user`` is the requester or the token may read their usage; 400 for an impossible name."""
+        if user == self.user_name:
+            return
+        if not self.has_scope(READ_USAGE, post_filter=True):
+            raise web.HTTPError(403, "You can only see your own usage.")
+        if len(user) > MAX_NAME_CHARS:
+            raise web.HTTPError(400, f"A user name has at most {MAX_NAME_CHARS} characters.")
+        self.require_scope(READ_USAGE, "You can only see your own usage.", user)
 
     def failure(self, error: Exception, user: str) -> web.HTTPError:
         """404 for a user the hub does not know, else :meth:`hub_down`."""
@@ -195,7 +208,8 @@ class PageHandler(_Handler):
         user = self.target_user()
         try:
             view = await self.monitor.user_view(user)
-            overview = await self.monitor.overview() if self.is_admin and user == self.user_name else None
+            everyone = self.has_scope(READ_USAGE) and user == self.user_name
+            overview = await self.monitor.overview() if everyone else None
         except Exception as e:  # the hub or the database
             raise self.failure(e, user) from None
         plots = {
@@ -254,8 +268,7 @@ class OverviewHandler(_ApiHandler):
 
     @web.authenticated
     async def get(self) -> None:
-        if not self.is_admin:
-            raise web.HTTPError(403, "Only admins can see every GPU and server.")
+        self.require_scope(READ_USAGE, "Seeing every GPU and server takes the custom:dolab:read-usage scope.")
         try:
             self.reply(await self.monitor.overview())
         except Exception as e:
@@ -263,7 +276,7 @@ class OverviewHandler(_ApiHandler):
 
 
 class QuotaHandler(_ApiHandler):
-    """May this user start a GPU or paid server now? For the user, admins, and the hub's quota check."""
+    """May this user start a GPU or paid server now? For the user, readers of their usage, and the hub's check."""
 
     _service = False
 
@@ -283,8 +296,8 @@ class QuotaHandler(_ApiHandler):
         if not self._service:
             if not self.current_user:
                 self.get_login_url()
-            if user != self.user_name and not self.is_admin:
-                raise web.HTTPError(403, "You can only see your own quota.")
+            if user != self.user_name:
+                self.check_reader(user)
         try:
             status = await self.monitor.quota_status(user)
         except Exception as e:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..scopes import MANAGE_BACKUPS
 from .config import SECRET_ENV, SyncSettings
 from .service import SERVICE_NAME, USER_SCOPE, service_scopes
 
@@ -79,6 +80,8 @@ def sync_service(
         "url": f"http://127.0.0.1:{int(port_text)}",
         "environment": passed,
         "oauth_no_confirm": True,
+        # What the service checks for other users' backups: a browser's token carries it when its user has it.
+        "oauth_client_allowed_scopes": [MANAGE_BACKUPS],
         "display": False,
         "info": {"description": "Workspace backups: restore points and restore"},
     }

@@ -13,10 +13,11 @@
   backups go to and the admin's policy; ``PUT {prefix}api/target`` with ``{"target": "drive"}`` chooses another
   one of ``allowed`` (400 with a sentence otherwise). Old backups stay where they were made (``note``).
 
-Every request is about the current user's own backups. Admins may add ``user`` (a query argument, or in the
-body), and so may the hub services named in ``trusted_services`` for ``api/backup`` only (the culler, before a
-stop); anyone else naming another user gets a 403. A script sends ``Authorization: token <the user's API
-token>``; users need ``access:services!service=dolab-sync`` (the shipped config grants it to every user).
+Every request is about the current user's own backups. A token with ``custom:dolab:manage-backups`` for a user
+may add ``user`` (a query argument, or in the body), and so may the hub services named in ``trusted_services`` for
+``api/backup`` only (the culler, before a stop); anyone else naming another user gets a 403. The token's scopes
+decide, never the hub's admin flag (:mod:`dolab_services.scopes`). A script sends ``Authorization: token <the
+user's API token>``; users need ``access:services!service=dolab-sync`` (the shipped config grants it to every user).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 
+from ..scopes import MANAGE_BACKUPS
 from ..web import JsonApiMixin, ServiceHandler, access_logger
 from .backups import Backups, NoWorkspace
 from .choices import SWITCH_NOTE
@@ -61,12 +63,13 @@ class _ApiHandler(JsonApiMixin, ServiceHandler):
         self.trusted_services = trusted_services
 
     def owner(self, named: Any = None, trusted_ok: bool = False) -> str:
-        """The user whose backups are meant: the current one, or (admins only) the one named."""
+        """The user whose backups are meant: the current one, or the one named (with ``custom:dolab:manage-backups``
+        for them, or from a trusted service where ``trusted_ok``)."""
         me = str(self.current_user["name"])
         user = named if named not in (None, "") else self.get_query_argument("user", me)
-        if not isinstance(user, str):
+        if not isinstance(user, str) or len(user) > 255:
             raise web.HTTPError(400, "user must be a user name.")
-        if user != me and not (self.current_user.get("admin") or (trusted_ok and self.trusted_caller)):
+        if user != me and not ((trusted_ok and self.trusted_caller) or self.has_scope(MANAGE_BACKUPS, user)):
             raise web.HTTPError(403, "You can only see and restore your own backups.")
         return user
 
@@ -145,6 +148,8 @@ class SnapshotHandler(_ApiHandler):
     @web.authenticated
     async def get(self, snapshot_id: str) -> None:
         user = self.owner()
+        if len(snapshot_id) > 64:  # ids are timestamps; a longer one names nothing (and is too long a store key)
+            raise web.HTTPError(404, "There is no such restore point.")
         try:
             self.reply({"user": user, **await self.backups.snapshot(user, snapshot_id)})
         except Exception as e:
@@ -200,7 +205,7 @@ class RestoreHandler(_ApiHandler):
         snapshot = data.get("snapshot") or None
         paths = data.get("paths")
         into = data.get("into") or ""
-        if snapshot is not None and not isinstance(snapshot, str):
+        if snapshot is not None and (not isinstance(snapshot, str) or len(snapshot) > 64):
             raise web.HTTPError(400, "snapshot must be a restore point's id.")
         if paths is not None and (not isinstance(paths, list) or not all(isinstance(p, str) for p in paths)):
             raise web.HTTPError(400, "paths must be a list of paths relative to your workspace.")
