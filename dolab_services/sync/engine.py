@@ -50,6 +50,7 @@ from .manifest import (
     snapshot_key,
     snapshot_time,
 )
+from .selection import PathSelection
 from .store import ObjectNotFound, ObjectStore, StoreError
 from .workspace import (
     Excludes,
@@ -318,16 +319,12 @@ class SyncEngine:
         manifest = self.manifest(snapshot_id)
         files, links, dirs = manifest.files, manifest.links, manifest.dirs
         if paths is not None:
-            wanted = [check_relpath(p.rstrip("/")) for p in paths]
-
-            def chosen(path: str) -> bool:
-                return any(path == w or path.startswith(w + "/") for w in wanted)
-
-            files = [f for f in files if chosen(f.path)]
-            links = [link for link in links if chosen(link.path)]
-            dirs = [d for d in dirs if chosen(d)]
+            selection = PathSelection(paths)  # bounded; each entry costs its depth, not the number of paths
+            files = [f for f in files if selection.selects(f.path)]
+            links = [link for link in links if selection.selects(link.path)]
+            dirs = [d for d in dirs if selection.selects(d)]
             if not (files or links or dirs):
-                raise ObjectNotFound(f"The restore point {manifest.snapshot} holds nothing at {', '.join(wanted)}.")
+                raise ObjectNotFound(f"The restore point {manifest.snapshot} holds nothing at {selection}.")
         report = RestoreReport(manifest.snapshot)
         total = sum(f.size for f in files)
         done = [0]
