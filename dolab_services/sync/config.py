@@ -21,9 +21,11 @@ Variables (all optional unless a target is wanted; README.md, "Workspace backup"
   ``DOLAB_SYNC_TARGET``, which stays the default for users who chose nothing.
 - ``DOLAB_SYNC_KEEP`` (10): restore points kept per user; ``DOLAB_SYNC_DELETIONS``: ``mirror`` (default) or
   ``keep``; ``DOLAB_SYNC_EXCLUDE``: comma-separated globs; ``DOLAB_SYNC_MAX_FILE_MB`` (0: no cap);
-  ``DOLAB_SYNC_INTERVAL_MINUTES`` (15): periodic backups of running servers.
+  ``DOLAB_SYNC_INTERVAL_MINUTES`` (15): periodic backups of running servers; ``DOLAB_SYNC_MAX_REMOTE_GB`` (200): the
+  most one backup of a remote server may read from it (the server is its user's and may lie about sizes).
 - ``DOLAB_SYNC_REMOTE_SERVERS`` (``1``/``0``; default: on when the hub has ``RUNPOD_API_KEY``): the service also
-  backs up remote servers (RunPod pods) through their REST API, and its role gets ``access:servers`` for that.
+  backs up remote servers (RunPod pods) through their REST API, and its role gets ``tokens`` for that (to mint a
+  token per server, owned by its user, for that server alone).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class SyncSettings:
     deletions: str = "mirror"
     exclude_globs: tuple[str, ...] = ()
     max_file_mb: float = 0
+    max_remote_gb: float = 200
     interval_minutes: float = 15
     workers: int = 8
     target: str = "s3"
@@ -188,6 +191,7 @@ class SyncSettings:
             deletions=deletions,
             exclude_globs=tuple(g.strip() for g in env.get("DOLAB_SYNC_EXCLUDE", "").split(",") if g.strip()),
             max_file_mb=number("DOLAB_SYNC_MAX_FILE_MB", 0),
+            max_remote_gb=number("DOLAB_SYNC_MAX_REMOTE_GB", 200),
             interval_minutes=number("DOLAB_SYNC_INTERVAL_MINUTES", 15),
             target=target,
             drive_key_file=drive_key,
@@ -202,6 +206,11 @@ class SyncSettings:
             remote_servers=env.get("DOLAB_SYNC_REMOTE_SERVERS", "").strip().lower() in ("1", "true", "yes")
             or (not env.get("DOLAB_SYNC_REMOTE_SERVERS", "").strip() and bool(env.get("RUNPOD_API_KEY", "").strip())),
         )
+
+    @property
+    def max_remote_bytes(self) -> int:
+        """The most one backup of a remote server may read from it."""
+        return int(self.max_remote_gb * (1 << 30))
 
     def policy(self) -> SyncPolicy:
         """The engine's policy."""

@@ -104,6 +104,7 @@ async def final_sync(spawner: Any, reason: str) -> None:
                 _cache_path(user).parent,
                 reason,
                 FINAL_SYNC_TIMEOUT_SECONDS,
+                max_read_bytes=settings.max_remote_bytes,
             )
             return
         if backend == "docker":

@@ -27,6 +27,12 @@ What the API can and cannot see
       they are skipped with a log line. The hash cache is filled from the replies, so the first backup after a
       restore downloads nothing.
 
+What the server says is not trusted
+    The server is its user's (root in a pod): a listing is read up to ``max_listing_bytes`` and ``max_entries``
+    entries in all, a download stops at the size the listing gave (a file that grows is read again, then skipped),
+    and one backup reads at most ``max_read_bytes`` from the server (``DOLAB_SYNC_MAX_REMOTE_GB``): past that it
+    fails with a sentence, before the hub's disk or bandwidth pay for it.
+
 Every request carries ``no_track_activity=1`` (jupyter-server then does not count it as the user's activity) and
 goes to the server's own address, never through the hub's proxy (which would). Redirects are never followed (a
 redirect would carry the token elsewhere). All of this is blocking (``requests``): callers run it on a thread pool.
@@ -35,6 +41,7 @@ redirect would carry the token elsewhere). All of this is blocking (``requests``
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import tempfile
@@ -49,6 +56,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .engine import (
     BackupReport,
@@ -89,6 +97,12 @@ log = logging.getLogger("dolab.sync")
 Progress = Callable[[int, int], None]
 
 _READ_CHUNK = 1 << 20
+#: One folder's listing may weigh this much (about 100,000 entries).
+MAX_LISTING_BYTES = 32 << 20
+#: Entries (files and folders) a whole workspace may list.
+MAX_ENTRIES = 1_000_000
+#: What one backup may read from a server in all, unless the admin sets DOLAB_SYNC_MAX_REMOTE_GB.
+MAX_READ_BYTES = 200 << 30
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -102,6 +116,10 @@ class AccessRefused(RemoteError):
 
 class _Refused(RemoteError):
     """The server refused one path (4xx): that path is skipped, the rest goes on."""
+
+
+class _Oversized(RemoteError):
+    """The server sent more of a file than its listing said: that file is skipped."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +171,9 @@ class RemoteServer:
         timeout_seconds: float = 60,
         chunk_bytes: int = 8 << 20,
         max_depth: int = 64,
+        max_listing_bytes: int = MAX_LISTING_BYTES,
+        max_entries: int = MAX_ENTRIES,
+        max_read_bytes: int = MAX_READ_BYTES,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"not a server URL: {url!r}")
@@ -161,6 +182,11 @@ class RemoteServer:
         self.timeout_seconds = timeout_seconds
         self.chunk_bytes = max(1024, chunk_bytes - chunk_bytes % 3)  # base64 of each chunk stands alone
         self.max_depth = max_depth
+        self.max_listing_bytes = max_listing_bytes
+        self.max_entries = max_entries
+        self.max_read_bytes = max_read_bytes
+        self._entries = 0  # listed so far (scan)
+        self._read = 0  # bytes downloaded so far
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -235,13 +261,24 @@ class RemoteServer:
         """The entries of the folder ``path`` ("" for the root) as the contents API lists them."""
         doing = f"listing {path or 'your workspace'}"
         try:
-            reply = self._call("GET", "api/contents/", path, doing, params={"content": "1"})
+            reply = self._call("GET", "api/contents/", path, doing, params={"content": "1"}, stream=True)
         except _Refused as e:
             if path:
                 raise
             raise RemoteError(f"Your server answered {e} while {doing}; is its address right?") from None
         try:
-            model = reply.json()
+            body = reply.raw.read(self.max_listing_bytes + 1, decode_content=True)
+        except (OSError, Urllib3Error) as e:  # a broken or too slow answer
+            raise RemoteError(f"Your server's answer broke off while {doing} ({type(e).__name__}).") from e
+        finally:
+            reply.close()
+        if len(body) > self.max_listing_bytes:
+            raise RemoteError(
+                f"Your server's listing of {path or 'your workspace'} is larger than "
+                f"{self.max_listing_bytes >> 20} MiB; split such folders, or exclude them from backups."
+            )
+        try:
+            model = json.loads(body)
         except ValueError:
             raise RemoteError("Your server's contents API did not answer JSON.") from None
         if (
@@ -255,6 +292,7 @@ class RemoteServer:
     def scan(self, excludes: Excludes | None = None) -> RemoteTree:
         """List the whole workspace, with the local scan's excludes, size cap and path checks."""
         tree = RemoteTree()
+        self._entries = 0
         self._scan_dir("", 0, excludes or Excludes(), tree)
         tree.files.sort(key=lambda f: f.path)
         return tree
@@ -270,6 +308,12 @@ class RemoteServer:
             tree.skipped.append((prefix + "/", f"the server refused to list it ({e})"))
             log.warning("Sync skips the remote folder %s: the server refused to list it (%s)", prefix, e)
             return True
+        self._entries += len(entries)
+        if self._entries > self.max_entries:
+            raise RemoteError(
+                f"Your workspace lists more than {self.max_entries:,} files and folders, more than a backup reads; "
+                "exclude some folders from backups."
+            )
         kept = False
         for entry in entries:
             name, kind = entry.get("name"), entry.get("type")
@@ -312,9 +356,14 @@ class RemoteServer:
         folders its image made. Stops listing at the first file found."""
         excludes = excludes or Excludes()
         folders = [("", 0)]
+        listed = 0
         while folders:
             folder, depth = folders.pop()
-            for entry in self.list_dir(folder):
+            entries = self.list_dir(folder)
+            listed += len(entries)
+            if listed > self.max_entries:
+                raise RemoteError(f"Your workspace lists more than {self.max_entries:,} folders.")
+            for entry in entries:
                 name = entry.get("name")
                 if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
                     continue
@@ -327,10 +376,12 @@ class RemoteServer:
                     folders.append((path, depth + 1))
         return True
 
-    def download(self, path: str, fd: int) -> int:
+    def download(self, path: str, fd: int, max_bytes: int) -> int:
         """Stream the file ``path`` (``files/``) into the descriptor ``fd`` from offset 0; the bytes written.
 
-        Raises FileNotFoundError when it is gone, :class:`_Refused` when the server will not serve it.
+        Reads at most ``max_bytes`` (the size the listing gave): :class:`_Oversized` when the server sends more.
+        Raises FileNotFoundError when it is gone, :class:`_Refused` when the server will not serve it, and
+        :class:`RemoteError` once this server has sent ``max_read_bytes`` in all.
         """
         try:
             reply = self._call("GET", "files/", path, f"reading {path}", stream=True)
@@ -341,6 +392,9 @@ class RemoteServer:
         written = 0
         try:
             for data in reply.iter_content(_READ_CHUNK):
+                if written + len(data) > max_bytes:
+                    raise _Oversized(f"the server sent more than the {max_bytes} bytes it listed")
+                self._count_read(len(data))
                 os.pwrite(fd, data, written)
                 written += len(data)
         except requests.RequestException as e:
@@ -349,6 +403,16 @@ class RemoteServer:
             reply.close()
         os.ftruncate(fd, written)
         return written
+
+    def _count_read(self, size: int) -> None:
+        with self._lock:
+            self._read += size
+            over = self._read > self.max_read_bytes
+        if over:
+            raise RemoteError(
+                f"Your server sent more than {self.max_read_bytes / (1 << 30):g} GiB in one backup, more than a backup "
+                "may read; exclude large folders from backups, or ask an administrator."
+            )
 
     # ----- writing -------------------------------------------------------------------------------------
 
@@ -438,6 +502,13 @@ def backup_remote(
             todo.append(f)
 
     if todo:
+        wanted = sum(f.size for f in todo)
+        if wanted > server.max_read_bytes:
+            raise RemoteError(
+                f"Your workspace holds {wanted / (1 << 30):.1f} GiB of changed files, more than the "
+                f"{server.max_read_bytes / (1 << 30):g} GiB a backup may read; exclude large folders from backups, "
+                "or ask an administrator."
+            )
         known = {h for f in previous.files for h in f.blobs} if previous else set()
         known |= {info.key.rsplit("/", 1)[-1] for info in engine.store.list(BLOB_PREFIX)}
         copier = _Downloader(engine.store, server, known, sum(f.size for f in todo), progress)
@@ -511,9 +582,14 @@ class _Downloader(_BlobWriter):
                 if self.cancelled:
                     return "cancelled"
                 try:
-                    size = self.server.download(f.path, fd)
+                    size = self.server.download(f.path, fd, f.size)
                 except FileNotFoundError:
                     return "it was deleted during the sync"
+                except _Oversized as e:
+                    if _attempt < 2:
+                        continue  # it grew after it was listed: list-time size no longer holds, read it again
+                    log.warning("Sync skips the remote file %s: %s", f.path, e)
+                    return f"{e}; it is left as it was"
                 except _Refused as e:
                     log.warning("Sync skips the remote file %s: the server refused to serve it (%s)", f.path, e)
                     return f"the server refused to serve it ({e}); a symlink out of the workspace?"

@@ -38,7 +38,7 @@ from ..hubclient import HubAPIError, HubClient
 from ..servertokens import ServerTokens
 from .config import user_prefix
 from .engine import BackupReport, RestoreReport, SyncEngine, SyncPolicy
-from .remote import AccessRefused, RemoteServer, backup_remote, restore_remote
+from .remote import MAX_READ_BYTES, AccessRefused, RemoteServer, backup_remote, restore_remote
 from .store import ObjectStore, StoreError
 from .workspace import UnsafePath
 
@@ -96,8 +96,11 @@ async def remote_final_sync(
     cache_dir: Path,
     reason: str,
     timeout_seconds: float,
+    *,
+    max_read_bytes: int = MAX_READ_BYTES,
 ) -> BackupReport:
-    """Back up a remote server's workspace before it is destroyed; raise a sentence when that failed."""
+    """Back up a remote server's workspace before it is destroyed (reading at most ``max_read_bytes`` from it);
+    raise a sentence when that failed."""
     user = spawner.user.name
     server = getattr(spawner, "server", None)
     url = server.url if server is not None and server.port else ""
@@ -107,7 +110,7 @@ async def remote_final_sync(
             "The hub does not know your server's address, so your workspace could not be backed up before the stop; "
             "the pod was stopped with its disk kept. Start the server again, or ask an administrator."
         )
-    remote = RemoteServer(url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+    remote = RemoteServer(url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS, max_read_bytes=max_read_bytes)
     spawner.log.info("Final sync of %s's remote workspace before stopping (%s)", user, reason)
     try:
         report: BackupReport = await asyncio.wait_for(
@@ -225,7 +228,9 @@ async def _backup_at(backups: Any, tokens: ServerTokens, name: str, server: str,
             raise StoreError(f"The hub gave no token to read the server ({e})") from None
 
         def work(engine: SyncEngine, token: str = token) -> BackupReport:
-            remote = RemoteServer(url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+            remote = RemoteServer(
+                url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS, max_read_bytes=backups.settings.max_remote_bytes
+            )
             try:
                 cache = remote_cache_path(backups.cache_dir, name, engine.store)
                 return backup_remote(engine, remote, cache_path=cache)
