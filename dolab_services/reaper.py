@@ -8,6 +8,13 @@ it (``--remove``)::
 
     python -m dolab_services.reaper [--interval 600] [--grace-seconds 300] [--remove] [--once]
                                     [--docker-hosts JSON]   # default: $DOLAB_DOCKER_HOSTS, else [{"name": "local"}]
+                                    [--hub-id ID]           # default: $DOLAB_HUB_ID, else <data dir>/hub-id
+
+Only this hub's containers are ever orphans: those labelled ``dolab.hub=<this hub's id>``
+(:mod:`dolab_spawner.hubidentity`). Another hub's on a shared engine, and one made by hand, are never touched. A
+container from before hub ids (``dolab.managed=true`` without ``dolab.hub``) cannot be told apart from another
+hub's or a hand-made one: it is kept while a server's state names it (its server still runs it), else logged once
+as left alone, for an admin to remove.
 
 The shipped ``jupyterhub_config.py`` runs it as a hub-managed service (:func:`reaper_service`) whenever a profile
 uses the docker backend; ``DOLAB_REAPER_REMOVE=1`` turns removal on, ``DOLAB_REAPER_INTERVAL`` sets the interval.
@@ -41,8 +48,9 @@ from urllib.parse import quote
 from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Config
 
-from dolab_spawner.backends.docker import DOLAB_LABEL, check_docker_hosts, engines
+from dolab_spawner.backends.docker import DOLAB_LABEL, HUB_LABEL, check_docker_hosts, engines
 from dolab_spawner.hubconfig import config_value, env_float
+from dolab_spawner.hubidentity import HUB_ID_ENV, check_hub_id, hub_id
 
 from .app import ServiceApp
 from .hubclient import HubAPIError, HubClient
@@ -60,6 +68,7 @@ __all__ = [
     "servers_of",
     "state_problem",
     "sweep",
+    "unclaimed",
 ]
 
 #: What the reaper's token needs, and what the shipped config's ``dolab-reaper`` role grants.
@@ -104,6 +113,8 @@ class SweepResult:
     failed: list[Orphan] = field(default_factory=list)
     engines_down: list[str] = field(default_factory=list)
     hub_error: str = ""
+    others: int = 0  # DO-LAB containers of another hub (or none named), left alone
+    unclaimed: list[dict[str, Any]] = field(default_factory=list)  # from before hub ids, owned by no server
 
 
 def _age(seconds: float) -> str:
@@ -164,36 +175,66 @@ def _same_id(a: str, b: str) -> bool:
     return bool(a and b) and (a == b or (min(len(a), len(b)) >= 12 and (a.startswith(b) or b.startswith(a))))
 
 
-def find_orphans(
-    containers: Sequence[Mapping[str, Any]],
-    servers: Sequence[Mapping[str, Any]],
-    now: float,
-    grace_seconds: float,
-) -> list[Orphan]:
-    """The containers no server owns (see the module's docstring for what is kept).
-
-    ``containers``: :func:`container_record` dicts (engine, id, name, labels, created). ``servers``: the hub's
-    server models with their ``user`` and ``name`` (:func:`servers_of`), ``pending`` and ``state``.
-    """
+def _owned(servers: Sequence[Mapping[str, Any]]) -> tuple[list[str], set[tuple[str, str]]]:
+    """The container ids and (engine, name)s that the servers' state names."""
     owned_ids: list[str] = []
     owned_names: set[tuple[str, str]] = set()
-    by_key: dict[tuple[str, str], Mapping[str, Any]] = {}
     for server in servers:
-        by_key[(str(server.get("user", "")), str(server.get("name", "")))] = server
         state = server.get("state") or {}
         if state.get("backend") == "docker":
             engine, object_id, object_name = _placement(state)
             owned_ids.extend([object_id] if object_id else [])
             owned_names.update([(engine, object_name)] if object_name else [])
+    return owned_ids, owned_names
+
+
+def _is_owned(container: Mapping[str, Any], owned_ids: list[str], owned_names: set[tuple[str, str]]) -> bool:
+    engine, cid = str(container.get("engine", "")), str(container.get("id", ""))
+    return (engine, str(container.get("name", ""))) in owned_names or any(_same_id(cid, o) for o in owned_ids)
+
+
+def unclaimed(containers: Sequence[Mapping[str, Any]], servers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The DO-LAB containers from before hub ids (no ``dolab.hub`` label) that no server's state names: maybe this
+    hub's leftovers, maybe another hub's or hand-made; never removed, only reported."""
+    owned_ids, owned_names = _owned(servers)
+    return [
+        dict(c)
+        for c in containers
+        if (c.get("labels") or {}).get(DOLAB_LABEL) == "true"
+        and not (c.get("labels") or {}).get(HUB_LABEL)
+        and not _is_owned(c, owned_ids, owned_names)
+    ]
+
+
+def find_orphans(
+    containers: Sequence[Mapping[str, Any]],
+    servers: Sequence[Mapping[str, Any]],
+    now: float,
+    grace_seconds: float,
+    hub_id: str,
+) -> list[Orphan]:
+    """The containers of hub ``hub_id`` that no server owns (see the module's docstring for what is kept).
+
+    ``containers``: :func:`container_record` dicts (engine, id, name, labels, created). ``servers``: the hub's
+    server models with their ``user`` and ``name`` (:func:`servers_of`), ``pending`` and ``state``. Only
+    containers labelled ``dolab.hub=<hub_id>`` can be orphans.
+    """
+    check_hub_id(hub_id, "the hub id")
+    owned_ids, owned_names = _owned(servers)
+    by_key: dict[tuple[str, str], Mapping[str, Any]] = {
+        (str(server.get("user", "")), str(server.get("name", ""))): server for server in servers
+    }
 
     orphans = []
     for container in containers:
         labels = container.get("labels") or {}
-        if labels.get(DOLAB_LABEL) != "true" or now - float(container.get("created") or 0) < grace_seconds:
+        if labels.get(DOLAB_LABEL) != "true" or labels.get(HUB_LABEL) != hub_id:
+            continue  # not DO-LAB's, another hub's, or from before hub ids: never this reaper's to remove
+        if now - float(container.get("created") or 0) < grace_seconds:
             continue
         engine, cid = str(container.get("engine", "")), str(container.get("id", ""))
         cname = str(container.get("name", ""))
-        if (engine, cname) in owned_names or any(_same_id(cid, owned) for owned in owned_ids):
+        if _is_owned(container, owned_ids, owned_names):
             continue
         user, name = str(labels.get("dolab.user", "")), str(labels.get("dolab.server", ""))
         label = f"{user}/{name}" if name else user
@@ -248,7 +289,9 @@ def _reason(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
-async def _confirm(hub: HubClient, orphan: Orphan, container: Mapping[str, Any], now: float, grace: float) -> bool:
+async def _confirm(
+    hub: HubClient, orphan: Orphan, container: Mapping[str, Any], now: float, grace: float, hub_id: str
+) -> bool:
     """Ask again for the orphan's own user, just before acting: a paged list can miss a user that moved pages."""
     if not orphan.user:
         return True
@@ -260,23 +303,27 @@ async def _confirm(hub: HubClient, orphan: Orphan, container: Mapping[str, Any],
         raise
     if not isinstance(user, Mapping) or state_problem([user]):
         return False
-    return bool(find_orphans([container], servers_of([user]), now, grace))
+    return bool(find_orphans([container], servers_of([user]), now, grace, hub_id))
 
 
 async def sweep(
     hub: HubClient,
     hosts: Sequence[Mapping[str, Any]],
     *,
+    hub_id: str,
     remove: bool = False,
     grace_seconds: float = 300,
     docker_timeout_seconds: float = 30,
     docker_pool_size: int = 4,
     label_filters: Sequence[str] = (),
     log: logging.Logger | None = None,
+    reported: set[str] | None = None,
 ) -> SweepResult:
-    """One pass over every engine: list DO-LAB's containers, read the hub, log (and with ``remove`` remove) orphans.
+    """One pass over every engine: list DO-LAB's containers, read the hub, log (and with ``remove`` remove) the
+    orphans of hub ``hub_id``.
 
     ``label_filters`` (``key=value``) narrow the containers further (tests use it to see only their own).
+    ``reported`` (container ids) carries from sweep to sweep which containers from before hub ids were logged.
     """
     log = log or logging.getLogger("dolab.reaper")
     result = SweepResult()
@@ -302,14 +349,30 @@ async def sweep(
             raise HubAPIError(200, problem)
         now = time.time()
         seen = {(c["engine"], c["id"]): c for c in containers}
-        candidates = find_orphans(containers, servers_of(users), now, grace_seconds)
+        servers = servers_of(users)
+        candidates = find_orphans(containers, servers, now, grace_seconds, hub_id)
         confirmed = await asyncio.gather(
-            *(_confirm(hub, o, seen[(o.engine, o.id)], now, grace_seconds) for o in candidates)
+            *(_confirm(hub, o, seen[(o.engine, o.id)], now, grace_seconds, hub_id) for o in candidates)
         )
     except HubAPIError as e:
         result.hub_error = str(e)
         log.error("Cannot read the hub's servers, so nothing is reaped this sweep: %s", e)
         return result
+    result.others = sum(1 for c in containers if c["labels"].get(HUB_LABEL) != hub_id)
+    result.unclaimed = unclaimed(containers, servers)
+    reported = reported if reported is not None else set()
+    for old in result.unclaimed:
+        if old["id"] not in reported:
+            reported.add(old["id"])
+            log.info(
+                "Leaving container %s (id %s) on engine %s alone: labelled dolab.managed but without a hub id (made"
+                " before hub ids, by another hub or by hand) and no server of this hub runs it; remove it yourself"
+                " if it is a leftover",
+                old["name"],
+                old["id"][:12],
+                old["engine"],
+            )
+    reported.intersection_update(old["id"] for old in result.unclaimed)  # bounded by what is still there
     result.orphans = [o for o, sure in zip(candidates, confirmed, strict=True) if sure]
     hosts_by_name = {str(h["name"]): h for h in hosts}
     for orphan in result.orphans:
@@ -335,9 +398,10 @@ async def sweep(
     # A quiet sweep is polling (debug); one that found something is worth an info line.
     log.log(
         logging.INFO if result.orphans or result.engines_down else logging.DEBUG,
-        "Sweep done: %d DO-LAB container(s) on %d engine(s), %d orphan(s), %d removed%s",
+        "Sweep done: %d DO-LAB container(s) on %d engine(s), %d of another hub or none, %d orphan(s), %d removed%s",
         result.containers,
         len(hosts) - len(result.engines_down),
+        result.others,
         len(result.orphans),
         len(result.removed),
         f"; not answering: {', '.join(result.engines_down)}" if result.engines_down else "",
@@ -380,7 +444,8 @@ def reaper_service(
     command = [python, "-m", "dolab_services.reaper", "--interval", f"{interval:g}"]
     if env.get("DOLAB_REAPER_REMOVE") == "1":
         command.append("--remove")
-    environment = {"DOLAB_DOCKER_HOSTS": json.dumps(hosts)}
+    # The hub's own id (the one its containers carry), read here, in the hub's process.
+    environment = {"DOLAB_DOCKER_HOSTS": json.dumps(hosts), HUB_ID_ENV: hub_id(env)}
     # A managed service keeps none of the hub's environment: pass on what the hub's engine without url uses.
     environment.update({k: env[k] for k in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH") if env.get(k)})
     service = {"name": "dolab-reaper", "command": command, "environment": environment}
@@ -418,8 +483,15 @@ class Reaper(ServiceApp):
     docker_timeout_seconds = Float(30, config=True, help="SDK timeout of one Docker call (seconds).")
     docker_pool_size = Integer(4, config=True, help="Threads per engine for Docker calls.")
     hub_concurrency = Integer(4, config=True, help="At most this many hub API requests at once.")
+    hub_id = Unicode(
+        "",
+        config=True,
+        help="""The hub's id (only containers labelled ``dolab.hub=<id>`` are reaped). Default: ``$DOLAB_HUB_ID``,
+        which the hub sets for its service, else the one kept in the data directory.""",
+    )
 
     aliases = {
+        "hub-id": "Reaper.hub_id",
         "interval": "Reaper.interval_seconds",
         "grace-seconds": "Reaper.grace_seconds",
         "docker-hosts": "Reaper.docker_hosts",
@@ -443,26 +515,31 @@ class Reaper(ServiceApp):
                 raise ValueError(f"--interval must be a positive number of seconds, not {self.interval_seconds:g}")
             hosts = parse_docker_hosts(self.docker_hosts)
             hub = HubClient(concurrency=self.hub_concurrency)
+            identity = check_hub_id(self.hub_id, "--hub-id") if self.hub_id else hub_id(create=False)
         except ValueError as e:
             print(f"dolab-reaper: {e}", file=sys.stderr)
             self.exit(2)
         mode = "removing orphans" if self.remove else "dry run: reporting orphans only"
         self.log.info(
-            "Sweeping %s every %g s (%s; grace %g s)",
+            "Sweeping hub %s's containers on %s every %g s (%s; grace %g s)",
+            identity,
             ", ".join(h["name"] for h in hosts),
             self.interval_seconds,
             mode,
             self.grace_seconds,
         )
-        self.exit(asyncio.run(self._run(hub, hosts)))
+        self.exit(asyncio.run(self._run(hub, hosts, identity)))
 
-    async def _run(self, hub: HubClient, hosts: list[dict[str, Any]]) -> int:
+    async def _run(self, hub: HubClient, hosts: list[dict[str, Any]], identity: str) -> int:
+        reported: set[str] = set()
         async with hub:
             while True:
                 try:
                     result = await sweep(
                         hub,
                         hosts,
+                        hub_id=identity,
+                        reported=reported,
                         remove=self.remove,
                         grace_seconds=self.grace_seconds,
                         docker_timeout_seconds=self.docker_timeout_seconds,

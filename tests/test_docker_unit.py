@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -354,3 +355,152 @@ def test_a_wrong_ssh_identity_is_refused(bare_home: Path, tmp_path: Path) -> Non
     entry = {**host, "ssh": {**host["ssh"], "identity_file": str(wrong)}}
     with pytest.raises(docker.errors.DockerException, match=r"AuthenticationException: Authentication failed"):
         DockerEngines().client(entry, 10)
+
+
+# ----- tls: always verified against the entry's CA ----------------------------------------------------------------
+
+TLS = {"ca_cert": "/etc/dolab/ca.pem", "client_cert": ["/etc/dolab/cert.pem", "/etc/dolab/key.pem"]}
+
+
+@pytest.mark.parametrize(
+    ("entry", "phrase"),
+    [
+        pytest.param({"url": "tcp://10.0.0.2:2376", "tls": TLS}, None, id="readme-shape"),
+        pytest.param({"url": "tcp://10.0.0.2:2376", "tls": {**TLS, "verify": True}}, None, id="verify-true"),
+        pytest.param({"url": "tcp://10.0.0.2:2376", "tls": {"ca_cert": "/ca.pem"}}, None, id="ca-only"),
+        pytest.param(
+            {"url": "tcp://10.0.0.2:2376", "tls": {"client_cert": TLS["client_cert"]}}, "needs ca_cert", id="no-ca"
+        ),
+        pytest.param({"url": "tcp://10.0.0.2:2376", "tls": {}}, "needs ca_cert", id="empty"),
+        pytest.param(
+            {"url": "tcp://10.0.0.2:2376", "tls": {**TLS, "ca_cert": "ca.pem"}}, "needs ca_cert", id="relative"
+        ),
+        pytest.param(
+            {"url": "tcp://10.0.0.2:2376", "tls": {**TLS, "verify": False}}, "always verifies", id="verify-off"
+        ),
+        pytest.param(
+            {"url": "tcp://10.0.0.2:2376", "tls": {**TLS, "verify": "/x.pem"}}, "always verifies", id="verify-path"
+        ),
+        pytest.param(
+            {"url": "tcp://10.0.0.2:2376", "tls": {**TLS, "assert_hostname": False}}, "unknown tls", id="extra"
+        ),
+        pytest.param({"url": "http://10.0.0.2:2376", "tls": TLS}, "needs a tcp:// url", id="http-is-plain"),
+        pytest.param({"url": "unix:///run/docker.sock", "tls": TLS}, "needs a tcp:// url", id="unix"),
+        pytest.param({"tls": TLS}, "needs a tcp:// url", id="no-url"),
+        pytest.param(
+            {"url": "tcp://10.0.0.2:2376", "tls": {**TLS, "client_cert": ["/c.pem"]}}, "client_cert", id="one"
+        ),
+        pytest.param({"url": "tcp://10.0.0.2:2376", "tls": {**TLS, "client_cert": "/c.pem"}}, "client_cert", id="str"),
+    ],
+)
+def test_docker_hosts_tls_settings(entry: dict[str, Any], phrase: str | None) -> None:
+    hosts = [{"name": "gpu-2", **entry}]
+    if phrase is None:
+        assert check_docker_hosts(hosts) == hosts
+        return
+    with pytest.raises(ValueError) as info:
+        check_docker_hosts(hosts)
+    assert phrase in str(info.value)
+
+
+def test_a_tls_config_always_verifies(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-")
+    tls = docker_backend._verified_tls(str(ca), None)
+    assert (tls.verify, tls.ca_cert, tls.cert) == (True, str(ca), None)
+    with pytest.raises(docker.errors.TLSParameterError):
+        docker_backend._verified_tls(None, None)
+    with pytest.raises(docker.errors.TLSParameterError):
+        docker_backend._verified_tls(str(tmp_path / "missing.pem"), None)
+
+
+# ----- the container's user: never root, however it is spelled -------------------------------------------------
+
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "jovyan:x:1000:100::/home/jovyan:/bin/sh\n"
+    "toor:x:0:0::/root:/bin/sh\n"
+    "odd:x:abc:0::/:/bin/sh\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "passwd", "uid"),
+    [
+        pytest.param("0", None, 0, id="0"),
+        pytest.param("0000", None, 0, id="0000"),
+        pytest.param("0:0", None, 0, id="0:0"),
+        pytest.param("0:1000", None, 0, id="uid-0-with-a-group"),
+        pytest.param("root", None, 0, id="root"),
+        pytest.param("root:root", None, 0, id="root:root"),
+        pytest.param("1000", None, 1000, id="1000"),
+        pytest.param("1000:0", None, 1000, id="root-group-only"),
+        pytest.param("01000:100", None, 1000, id="leading-zeros"),
+        pytest.param("jovyan", None, None, id="a-name-needs-the-image"),
+        pytest.param("jovyan:users", PASSWD, 1000, id="jovyan"),
+        pytest.param("toor", PASSWD, 0, id="a-name-for-uid-0"),
+        pytest.param("odd", PASSWD, 0, id="a-uid-field-runc-reads-as-0"),
+    ],
+)
+def test_run_as_uid(spec: str, passwd: str | None, uid: int | None) -> None:
+    assert docker_backend.run_as_uid(spec, passwd) == uid
+
+
+@pytest.mark.parametrize(
+    ("spec", "phrase"),
+    [
+        pytest.param("+0", "is not of the form", id="plus"),
+        pytest.param("-0", "is not of the form", id="minus"),
+        pytest.param(" 0", "is not of the form", id="space"),
+        pytest.param("", "is not of the form", id="empty"),
+        pytest.param(":1000", "is not of the form", id="group-only"),
+        pytest.param("1000:", "is not of the form", id="empty-group"),
+        pytest.param("1000:100:1", "is not of the form", id="three-parts"),
+        pytest.param("\u0660", "is not of the form", id="arabic-zero"),
+        pytest.param("0_0", "is not of the form", id="underscore-number"),
+        pytest.param("nobody", "has no user 'nobody'", id="unknown-name"),
+    ],
+)
+def test_run_as_uid_refuses(spec: str, phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase):
+        docker_backend.run_as_uid(spec, PASSWD)
+
+
+@pytest.mark.parametrize("user", ["0", "0000", "root", "0:0", "root:root", "0:1000", "+0", ""])
+def test_a_root_container_user_is_refused_before_any_pull(user: str) -> None:
+    b = backend(container_user=user, hub_id="test1234")
+    if not user:
+        b._check_container_user()  # the image's user, checked at create time
+        return
+    with pytest.raises(SpawnException) as info:
+        b._check_container_user()
+    assert "as root" in str(info.value.log_message) or "cannot be checked" in str(info.value.log_message)
+
+
+@pytest.mark.parametrize(
+    ("admin", "expected"),
+    [
+        pytest.param({}, ["no-new-privileges"], id="none"),
+        pytest.param({"security_opt": ["apparmor=lab"]}, ["apparmor=lab", "no-new-privileges"], id="kept"),
+        pytest.param({"security_opt": "seccomp=/p.json"}, ["seccomp=/p.json", "no-new-privileges"], id="a-string"),
+        pytest.param({"security_opt": ["no-new-privileges=false"]}, ["no-new-privileges"], id="cannot-turn-off"),
+        pytest.param(
+            {"security_opt": ["no-new-privileges:false", "label=level:s0"]},
+            ["label=level:s0", "no-new-privileges"],
+            id="old-syntax",
+        ),
+    ],
+)
+async def test_admin_security_options_are_merged(admin: dict[str, Any], expected: list[str]) -> None:
+    b = backend(hub_id="test1234")
+    b._admin_host_config = {**admin, "cap_drop": ["NET_RAW"]}
+    config = await b._extra_host_config()
+    assert config["security_opt"] == expected
+    assert config["cap_drop"] == ["ALL"]
+
+
+def test_names_and_labels_carry_the_hub_id() -> None:
+    b = backend(hub_id="test1234", docker_host={"name": "local"}, user=SimpleNamespace(name="ann"))
+    assert b.prefix == "dolab-test1234"
+    labels = b._labels()
+    assert labels["dolab.hub"] == "test1234" and labels["dolab.managed"] == "true"

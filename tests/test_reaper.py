@@ -38,6 +38,7 @@ from dolab_services.reaper import (
     servers_of,
     state_problem,
     sweep,
+    unclaimed,
 )
 
 from .cli_support import isolate_env
@@ -47,6 +48,7 @@ from .hub_double import HubDouble, serve_hub_double, users_api
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_750_000_000.0
 ID_A, ID_B = "a" * 64, "b" * 64
+HUB = "hub0test"  # this hub's id in the policy tables
 
 
 # ----- find_orphans ----------------------------------------------------------------------------------------
@@ -60,9 +62,12 @@ def container(
     cid: str = ID_A,
     age: float = 3600,
     managed: str = "true",
+    hub: str | None = HUB,
 ) -> dict[str, Any]:
-    """A container as container_record makes it."""
+    """A container as container_record makes it (``hub`` None: from before hub ids, no ``dolab.hub`` label)."""
     labels = {"dolab.managed": managed, "dolab.user": user, "dolab.server": server, "dolab.host": engine}
+    if hub is not None:
+        labels["dolab.hub"] = hub
     return {"engine": engine, "id": cid, "name": name, "labels": labels, "created": NOW - age}
 
 
@@ -134,6 +139,11 @@ ORPHAN_CASES = [
     pytest.param([container(age=10)], [], [], id="younger-than-grace"),
     pytest.param([container(age=300)], [], [("dolab-alice", "lists no server")], id="exactly-grace-old"),
     pytest.param([container(managed="false")], [], [], id="not-dolab-managed"),
+    pytest.param([container(hub="otherhub")], [], [], id="another-hubs-container"),
+    pytest.param([container(hub=None)], [], [], id="from-before-hub-ids"),
+    pytest.param([container(hub="")], [], [], id="empty-hub-label"),
+    pytest.param([container(hub=HUB.upper())], [], [], id="hub-id-compared-exactly"),
+    pytest.param([container(hub=None)], [server()], [], id="from-before-hub-ids-owned"),
     pytest.param(
         [container(), container(name="dolab-bob", user="bob", cid=ID_B)],
         [server()],
@@ -145,18 +155,30 @@ ORPHAN_CASES = [
 
 @pytest.mark.parametrize(("containers", "servers", "expected"), ORPHAN_CASES)
 def test_find_orphans(containers: list[dict], servers: list[dict], expected: list[tuple[str, str]]) -> None:
-    orphans = find_orphans(containers, servers, NOW, grace_seconds=300)
+    orphans = find_orphans(containers, servers, NOW, grace_seconds=300, hub_id=HUB)
     assert [o.name for o in orphans] == [name for name, _ in expected]
     for orphan, (_, reason) in zip(orphans, expected, strict=True):
         assert reason in orphan.reason
 
 
 def test_orphan_describes_itself() -> None:
-    orphan = find_orphans([container(name="dolab-alice--gpu", server="gpu", age=7200)], [], NOW, 300)[0]
+    orphan = find_orphans([container(name="dolab-alice--gpu", server="gpu", age=7200)], [], NOW, 300, HUB)[0]
     assert orphan == Orphan("local", ID_A, "dolab-alice--gpu", "alice", "gpu", NOW - 7200, orphan.reason)
     line = orphan.describe(NOW)
     for part in ("dolab-alice--gpu", ID_A[:12], "engine local", "user alice", "server gpu", orphan.since, "2 h ago"):
         assert part in line
+
+
+def test_find_orphans_needs_a_hub_id() -> None:
+    with pytest.raises(ValueError, match="the hub id must be"):
+        find_orphans([container()], [], NOW, 300, hub_id="")
+
+
+def test_unclaimed_are_the_old_containers_no_server_runs() -> None:
+    old = container(name="dolab-old", user="old", cid=ID_B, hub=None)
+    kept = container(hub=None)
+    found = unclaimed([old, kept, container(cid="c" * 64, hub="otherhub"), container(cid="d" * 64)], [server()])
+    assert [c["name"] for c in found] == ["dolab-old"]
 
 
 def test_container_record() -> None:
@@ -194,6 +216,7 @@ def test_parse_docker_hosts_errors(text: str, message: str) -> None:
 # ----- registration in the hub's config --------------------------------------------------------------------
 
 DOCKER_PROFILE = {"display_name": "Docker", "backend": "docker", "spawner_override": {"image": "lab:1"}}
+ENV = {"DOLAB_HUB_ID": HUB}  # the hub's id, as the hub's environment may set it
 LOCAL_PROFILE = {"display_name": "CPU", "backend": "local"}
 
 
@@ -218,7 +241,7 @@ def config_with(profiles: Any = None, hosts: Any = None, services: list | None =
     ],
 )
 def test_no_reaper_service(config: Config) -> None:
-    assert reaper_service(config, {}, "/py") is None
+    assert reaper_service(config, ENV, "/py") is None
 
 
 @pytest.mark.parametrize(
@@ -252,13 +275,13 @@ def test_no_reaper_service(config: Config) -> None:
     ],
 )
 def test_reaper_service(env: dict, hosts: Any, command_tail: list[str], environment: dict) -> None:
-    found = reaper_service(config_with([LOCAL_PROFILE, DOCKER_PROFILE], hosts), env, "/py")
+    found = reaper_service(config_with([LOCAL_PROFILE, DOCKER_PROFILE], hosts), {**ENV, **env}, "/py")
     assert found is not None
     service, role = found
     assert service == {
         "name": "dolab-reaper",
         "command": ["/py", "-m", "dolab_services.reaper", *command_tail],
-        "environment": environment,
+        "environment": {**environment, "DOLAB_HUB_ID": HUB},
     }
     assert role["name"] == "dolab-reaper"
     assert role["services"] == ["dolab-reaper"]
@@ -268,7 +291,18 @@ def test_reaper_service(env: dict, hosts: Any, command_tail: list[str], environm
 def test_reaper_service_sees_appended_profiles() -> None:
     c = Config()
     c.DoLabSpawner.profile_list.append(DOCKER_PROFILE)
-    assert reaper_service(c, {}, "/py") is not None
+    assert reaper_service(c, ENV, "/py") is not None
+
+
+def test_reaper_service_takes_the_id_the_hub_keeps(tmp_path: Path) -> None:
+    env = {"DOLAB_DATA_DIR": str(tmp_path / "data")}
+    service, _ = reaper_service(config_with([DOCKER_PROFILE]), env, "/py") or ({}, {})
+    kept = (tmp_path / "data" / "hub-id").read_text().strip()
+    assert service["environment"]["DOLAB_HUB_ID"] == kept
+    again, _ = reaper_service(config_with([DOCKER_PROFILE]), env, "/py") or ({}, {})
+    assert again["environment"]["DOLAB_HUB_ID"] == kept, "the same id at every start"
+    with pytest.raises(ValueError, match="DOLAB_HUB_ID must be 4 to 16 lowercase letters and digits"):
+        reaper_service(config_with([DOCKER_PROFILE]), {"DOLAB_HUB_ID": "Bad Id"}, "/py")
 
 
 @pytest.mark.parametrize(
@@ -281,7 +315,7 @@ def test_reaper_service_sees_appended_profiles() -> None:
 )
 def test_reaper_service_errors(config: Config, env: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        reaper_service(config, env, "/py")
+        reaper_service(config, {**ENV, **env}, "/py")
 
 
 def load_shipped_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, profiles: list, overlay: str) -> Config:
@@ -304,6 +338,8 @@ def test_shipped_config_registers_the_reaper_after_the_overlays(
     assert {"dolab-cli", "dolab-reaper", "dolab-culler"} <= set(services)
     reaper = services["dolab-reaper"]
     assert reaper["command"] == [sys.executable, "-m", "dolab_services.reaper", "--interval", "600"]
+    hub_id = (tmp_path / "data" / "hub-id").read_text().strip()
+    assert reaper["environment"]["DOLAB_HUB_ID"] == hub_id
     assert json.loads(reaper["environment"]["DOLAB_DOCKER_HOSTS"]) == [
         {"name": "local"},
         {"name": "gpu2", "url": "tcp://10.0.0.2:2376"},
@@ -377,7 +413,7 @@ async def test_a_container_that_cannot_be_removed_does_not_stop_the_others(
     fake_engine: tuple[str, list[dict], dict[str, int]], hub: HubDouble, caplog: pytest.LogCaptureFixture
 ) -> None:
     url, listed, delete_status = fake_engine
-    labels = {"dolab.managed": "true", "dolab.server": ""}
+    labels = {"dolab.managed": "true", "dolab.hub": HUB, "dolab.server": ""}
     for user, cid in (("stuck", ID_A), ("gone", ID_B), ("fine", "c" * 64)):
         raw = {"Id": cid, "Names": [f"/dolab-{user}"], "Labels": {**labels, "dolab.user": user}, "Created": 1}
         listed.append(raw)
@@ -386,7 +422,9 @@ async def test_a_container_that_cannot_be_removed_does_not_stop_the_others(
     caplog.set_level(logging.INFO, logger="dolab.reaper")
     host = {"name": f"double-{uuid.uuid4().hex[:8]}", "url": url}
     async with HubClient(hub.api_url, "reaper-token") as api:
-        result = await sweep(api, [host], remove=True, grace_seconds=0, log=logging.getLogger("dolab.reaper"))
+        result = await sweep(
+            api, [host], hub_id=HUB, remove=True, grace_seconds=0, log=logging.getLogger("dolab.reaper")
+        )
     assert [o.user for o in result.failed] == ["stuck"]
     assert [o.user for o in result.removed] == ["fine"]
     messages = [r.getMessage() for r in caplog.records]
@@ -417,6 +455,7 @@ class Containers:
         name = f"dolab-{user}-{self.run}" + (f"--{server}" if server else "")
         labels = {
             "dolab.managed": "true",
+            "dolab.hub": HUB,
             "dolab.user": user,
             "dolab.server": server,
             "dolab.host": engine,
@@ -504,6 +543,7 @@ def run_sweep(hub: HubDouble, containers: Containers) -> Sweeper:
             return await sweep(
                 api,
                 hosts,
+                hub_id=HUB,
                 label_filters=[containers.label_filter],
                 log=logging.getLogger("dolab.reaper"),
                 **{"grace_seconds": 0, "docker_timeout_seconds": 20, **kwargs},
@@ -629,6 +669,7 @@ def test_the_service_runs_once_as_a_dry_run(containers: Containers, hosts: dict,
         "JUPYTERHUB_API_URL": hub.api_url,
         "JUPYTERHUB_API_TOKEN": "reaper-token",
         "DOLAB_DOCKER_HOSTS": json.dumps([hosts["e1"], hosts["e2"]]),
+        "DOLAB_HUB_ID": HUB,
     }
     command = [sys.executable, "-m", "dolab_services.reaper", "--once", "--grace-seconds", "0", "--interval", "5"]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -644,10 +685,16 @@ def test_the_service_runs_once_as_a_dry_run(containers: Containers, hosts: dict,
         pytest.param(["--docker-hosts", "[{"], "not valid JSON", id="bad-hosts"),
         pytest.param(["--interval", "0"], "positive number", id="zero-interval"),
         pytest.param(["--docker-hosts", '[{"name": "local"}]'], "JUPYTERHUB_API_URL", id="no-hub"),
+        pytest.param(["--hub-id", "x"], "--hub-id must be 4 to 16 lowercase letters", id="bad-hub-id"),
+        pytest.param([], "This hub has no id yet", id="no-hub-id"),
     ],
 )
-def test_the_service_refuses_bad_settings(args: list[str], message: str) -> None:
+def test_the_service_refuses_bad_settings(args: list[str], message: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "DOLAB_"))}
+    env.update(JUPYTERHUB_API_URL="http://127.0.0.1:1/hub/api", JUPYTERHUB_API_TOKEN="t")
+    env["DOLAB_DATA_DIR"] = str(tmp_path / "no-data")  # no hub ran here: no hub-id file
+    if "JUPYTERHUB_API_URL" in message:
+        del env["JUPYTERHUB_API_URL"]
     command = [sys.executable, "-m", "dolab_services.reaper", "--once", *args]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

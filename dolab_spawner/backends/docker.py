@@ -6,8 +6,12 @@ Built on DockerSpawner, so every ``c.DockerSpawner.*`` setting an admin already 
 - the image comes only from the profile (its ``spawner_override`` or a ``profile_options`` choice): a user can
   never name an image that is not offered;
 - GPUs are attached per slot (``device_requests`` with the NVIDIA toolkit, or the device nodes);
-- the container runs as a non-root user, with no capabilities, no new privileges, no Docker socket and nothing
-  of the hub's environment but the server's own token;
+- the container runs as a non-root user (a uid, ``root`` or a name that the image's /etc/passwd maps to uid 0 is
+  refused), with no capabilities, no new privileges (an admin's ``security_opt`` is added to it), no Docker socket
+  and nothing of the hub's environment but the server's own token;
+- every container carries the hub's identity (:mod:`dolab_spawner.hubidentity`) in its name
+  (``dolab-<hub id>-<user>[--<server>]``) and its ``dolab.hub`` label, so the reaper removes only its own hub's;
+- a ``tls`` engine is always verified against its ``ca_cert``;
 - the workspace (a host directory, or a named volume on remote engines) is mounted at ``workspace_mount_path``;
 - every Docker call runs on a bounded pool per engine, with pulls on a pool of their own, so one user's pull
   never stalls the others' starts and polls; SDK calls carry their own timeouts too;
@@ -17,7 +21,10 @@ Built on DockerSpawner, so every ``c.DockerSpawner.*`` setting an admin already 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import re
+import tarfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +43,25 @@ from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
 from dolab_services.culler.labnotice import CONTAINER_DIR, NOTICE_NAME, LabNoticeTraits, built_notice
 
+from ..hubidentity import hub_id
 from ..slots import LOCAL_HOST, GpuSlot
 from .base import BackendMixin, http_answers
 
-__all__ = ["DOLAB_LABEL", "DockerBackend", "DockerEngines", "check_docker_hosts", "engines", "remote_slots"]
+__all__ = [
+    "DOLAB_LABEL",
+    "HUB_LABEL",
+    "DockerBackend",
+    "DockerEngines",
+    "check_docker_hosts",
+    "engines",
+    "remote_slots",
+    "run_as_uid",
+]
 
 #: Every container DO-LAB creates carries this label (the reaper looks for it).
 DOLAB_LABEL = "dolab.managed"
+#: ... and this one, with the id of the hub that made it: a reaper removes only its own hub's containers.
+HUB_LABEL = "dolab.hub"
 
 
 class _TlsEngineClient(docker.APIClient):
@@ -131,7 +150,11 @@ class DockerEngines:
             else:
                 kwargs.update(docker.utils.kwargs_from_env())
             if host.get("tls"):
-                kwargs["tls"] = docker.tls.TLSConfig(**host["tls"])
+                kwargs["tls"] = _verified_tls(host["tls"]["ca_cert"], host["tls"].get("client_cert"))
+            elif isinstance(kwargs.get("tls"), docker.tls.TLSConfig):
+                # DOCKER_CERT_PATH without DOCKER_TLS_VERIFY means TLS without verification to docker-py: verify.
+                kwargs["tls"] = _verified_tls(kwargs["tls"].ca_cert, kwargs["tls"].cert)
+            if kwargs.get("tls"):
                 client_class = _TlsEngineClient
             try:
                 self._clients[key] = client_class(**kwargs)
@@ -158,8 +181,16 @@ class DockerEngines:
 engines = DockerEngines()
 
 
+def _verified_tls(ca_cert: str | None, client_cert: Any) -> docker.tls.TLSConfig:
+    """A TLSConfig that verifies the engine against ``ca_cert`` (docker-py verifies nothing unless told to)."""
+    if not ca_cert:
+        raise docker.errors.TLSParameterError("a TLS engine needs ca_cert, the CA that signed its certificate")
+    return docker.tls.TLSConfig(ca_cert=ca_cert, client_cert=tuple(client_cert) if client_cert else None, verify=True)
+
+
 _HOST_KEYS = {"name", "url", "tls", "use_ssh_client", "ssh", "gpu_inventory", "hub_connect_url", "workspace"}
 _SSH_KEYS = ("identity_file", "known_hosts")
+_TLS_KEYS = {"ca_cert", "client_cert", "verify"}
 
 
 def check_docker_hosts(raw: Any) -> list[dict[str, Any]]:
@@ -204,6 +235,8 @@ def check_docker_hosts(raw: Any) -> list[dict[str, Any]]:
             for k in _SSH_KEYS:
                 if not isinstance(ssh[k], str) or not os.path.isabs(ssh[k]):
                     raise ValueError(f"{where}: ssh {k} must be an absolute path, not {ssh[k]!r}")
+        if "tls" in entry:
+            _check_tls(where, url, entry["tls"])
         inventory = entry.get("gpu_inventory", [])
         if not isinstance(inventory, list):
             raise ValueError(f"{where}: gpu_inventory must be a list of GPU dicts")
@@ -214,6 +247,61 @@ def check_docker_hosts(raw: Any) -> list[dict[str, Any]]:
     if len(set(names)) != len(names):
         raise ValueError(f"docker_hosts: names must be unique, got {', '.join(names)}")
     return hosts
+
+
+def _check_tls(where: str, url: str, tls: dict[str, Any]) -> None:
+    """A ``tls`` entry always verifies the engine: it needs the CA, and cannot turn verification off."""
+    if not url.startswith("tcp://"):
+        raise ValueError(f"{where}: tls needs a tcp:// url (an http:// url is plain HTTP), not {url!r}")
+    unknown = sorted(set(tls) - _TLS_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown tls key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TLS_KEYS))}")
+    ca_cert = tls.get("ca_cert")
+    if not isinstance(ca_cert, str) or not os.path.isabs(ca_cert):
+        raise ValueError(
+            f"{where}: tls needs ca_cert, the absolute path of the CA that signed the engine's certificate"
+            f" (DO-LAB always verifies the engine), not {ca_cert!r}"
+        )
+    if tls.get("verify", True) is not True:
+        raise ValueError(
+            f"{where}: tls always verifies the engine's certificate against ca_cert; remove verify: {tls['verify']!r}"
+        )
+    cert = tls.get("client_cert")
+    paths_ok = isinstance(cert, (list, tuple)) and len(cert) == 2
+    if cert is not None and not (paths_ok and all(isinstance(p, str) and os.path.isabs(p) for p in cert)):
+        raise ValueError(f"{where}: tls client_cert must be [certificate, key], two absolute paths, not {cert!r}")
+
+
+_UID = re.compile(r"[0-9]{1,10}")
+_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_MAX_PASSWD_BYTES = 1 << 20
+
+
+def run_as_uid(spec: str, passwd: str | None) -> int | None:
+    """The uid a container created with user ``spec`` (``user[:group]``) runs as, resolved the way runc does;
+    None when ``spec`` names a user and ``passwd`` (the image's /etc/passwd) is not given.
+
+    Only plain forms are accepted: a decimal uid (``0000`` is uid 0) or an account name, each optionally with a
+    decimal gid or group name. Raises ValueError with a sentence for anything else (``+0``, ``-0``, an empty user,
+    spaces), and for a name the image does not have.
+    """
+    user, _, group = spec.partition(":")
+    if not (_UID.fullmatch(user) or _ACCOUNT.fullmatch(user)) or (
+        ":" in spec and not (_UID.fullmatch(group) or _ACCOUNT.fullmatch(group))
+    ):
+        raise ValueError(f"the user {spec!r} is not of the form uid[:gid] or name[:group]")
+    if _UID.fullmatch(user):
+        return int(user)  # runc reads a numeric user as a uid, never as a name
+    if user == "root":
+        return 0
+    if passwd is None:
+        return None
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == user:
+            # runc reads a uid field that is not a number as 0.
+            return int(fields[2]) if re.fullmatch(r"[+-]?[0-9]+", fields[2]) else 0
+    raise ValueError(f"the image has no user {user!r}")
 
 
 def remote_slots(hosts: list[dict[str, Any]]) -> list[GpuSlot]:
@@ -228,6 +316,43 @@ def remote_slots(hosts: list[dict[str, Any]]) -> list[GpuSlot]:
 
 def _is_gpu_driver_error(error: Exception) -> bool:
     return "could not select device driver" in str(error)
+
+
+#: (engine, image id) -> the image's /etc/passwd; image ids name their content, so an entry never goes stale.
+_passwd_cache: dict[tuple[str, str], str] = {}
+
+
+def _read_passwd(client: docker.APIClient, image_id: str, labels: dict[str, str]) -> str:
+    """The image's /etc/passwd, through a container that is created, read and removed, never started; ValueError
+    with a sentence when it has none that can be read (a name cannot be checked then)."""
+    created = client.create_container(
+        image_id,
+        command=["/nonexistent"],
+        entrypoint=[],
+        labels=labels,
+        network_disabled=True,
+        host_config=client.create_host_config(network_mode="none"),
+    )
+    try:
+        try:
+            stream, stat = client.get_archive(created["Id"], "/etc/passwd")
+        except docker.errors.NotFound:
+            raise ValueError("the image has no /etc/passwd") from None
+        if int(stat.get("size") or 0) > _MAX_PASSWD_BYTES:
+            raise ValueError("the image's /etc/passwd is too large")
+        data = bytearray()
+        for chunk in stream:
+            data += chunk
+            if len(data) > _MAX_PASSWD_BYTES + 65536:
+                raise ValueError("the image's /etc/passwd is too large")
+        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as archive:
+            member = next(iter(archive.getmembers()), None)
+            if member is None or not member.isfile():
+                raise ValueError("the image's /etc/passwd is not a plain file")
+            reader = archive.extractfile(member)
+            return reader.read(_MAX_PASSWD_BYTES).decode("utf-8", errors="replace") if reader else ""
+    finally:
+        client.remove_container(created["Id"], force=True)
 
 
 class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
@@ -256,8 +381,9 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
     container_user = Unicode(
         "",
         config=True,
-        help="""User (``uid[:gid]``) the container runs as. Empty: the image's own user, which must not be root
-        (DO-LAB refuses to start a root container).""",
+        help="""User (``uid[:gid]`` or ``name[:group]``) the container runs as. Empty: the image's own user. Either
+        must not be root: DO-LAB refuses uid 0 in any spelling (``0``, ``0000``, ``root``, ``0:0``) and any name
+        that the image's /etc/passwd maps to uid 0.""",
     )
 
     workspace_mount_path = Unicode(
@@ -280,11 +406,17 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
     pull_progress_interval_seconds = Float(2, config=True, help="At most one pull progress event this often.")
 
     docker_host = Dict(help="The ``docker_hosts`` entry this server runs on (set by DoLabSpawner).")
+    hub_id = Unicode(help="This hub's id (:mod:`dolab_spawner.hubidentity`), in every container's name and labels.")
     progress_callback: Callable[[int, str], None] | None = AnyTrait(None, allow_none=True)  # type: ignore[assignment]
+
+    @default("hub_id")
+    def _default_hub_id(self) -> str:
+        return hub_id()
 
     @default("prefix")
     def _default_prefix(self) -> str:
-        return "dolab"
+        # Names carry the hub's id: another hub on the same engine never takes (or removes) this one's container.
+        return f"dolab-{self.hub_id}"
 
     @default("remove")
     def _default_remove(self) -> bool:
@@ -376,10 +508,18 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
 
     async def _extra_host_config(self) -> dict[str, Any]:
         config = await self._admin_value(self._admin_host_config)
+        admin_options = config.get("security_opt") or []
+        if isinstance(admin_options, str):
+            admin_options = [admin_options]
+        # The admin's options are kept (seccomp or AppArmor profiles...); any no-new-privileges of theirs gives way
+        # to ours, which is always on.
+        security_opt = [
+            str(o) for o in admin_options if re.split(r"[=:]", str(o))[0].strip().lower() != "no-new-privileges"
+        ]
         ours = {
             # Removed by stop(), not by the engine: a container that dies at start keeps its logs for the admin.
             "auto_remove": False,
-            "security_opt": ["no-new-privileges"],
+            "security_opt": [*security_opt, "no-new-privileges"],
             "cap_drop": ["ALL"],
             **self._gpu_host_config(),
         }
@@ -389,10 +529,7 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
         kwargs = await self._admin_value(self._admin_create_kwargs)
         labels = {
             **kwargs.get("labels", {}),
-            DOLAB_LABEL: "true",
-            "dolab.user": self.user.name,
-            "dolab.server": self.name,
-            "dolab.host": self.host_name,
+            **self._labels(),
             "dolab.gpus": ",".join(s.uuid for s in self.slots),
         }
         kwargs["labels"] = labels
@@ -400,7 +537,19 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
         kwargs.setdefault("working_dir", self.workspace_mount_path)
         if self.container_user:
             kwargs["user"] = self.container_user
+        # Here, inside create_object: after the pull, right before the create, with the user the create gets.
+        await self._check_user(str(kwargs.get("user") or ""))
         return kwargs
+
+    def _labels(self) -> dict[str, str]:
+        """What every container of this server carries: DO-LAB's mark, the hub's id, the server and engine."""
+        return {
+            DOLAB_LABEL: "true",
+            HUB_LABEL: self.hub_id,
+            "dolab.user": self.user.name,
+            "dolab.server": self.name,
+            "dolab.host": self.host_name,
+        }
 
     async def _admin_value(self, value: Any) -> dict[str, Any]:
         value = value(self) if callable(value) else value
@@ -429,21 +578,59 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
             if os.geteuid() == 0:
                 os.chown(self.workspace_dir, self.workspace_uid, -1)
 
-    async def _check_image_user(self) -> None:
-        if self.container_user:
-            if self.container_user.split(":")[0] in ("0", "root"):
-                raise self._refuse("This profile would run its container as root; ask an administrator.")
+    def _refuse_user(self, spec: str, problem: str = "") -> SpawnException:
+        if problem:
+            return self._refuse(
+                f"This profile's container user cannot be checked ({problem}), so DO-LAB will not start it. Ask an"
+                " administrator to give the profile a non-root user of its image."
+            )
+        return self._refuse(
+            f"This profile would run its container as root (user {spec!r}), so DO-LAB will not start it. Ask an"
+            " administrator to give the profile a non-root user."
+        )
+
+    def _check_container_user(self) -> None:
+        """Before any pull: refuse a ``container_user`` that is root by its numeric form or the name ``root``."""
+        if not self.container_user:
             return
         try:
-            info = await self.docker("inspect_image", self.image)
-        except docker.errors.NotFound:
-            return  # pulled in start(); checked again after the pull
-        user = (info.get("Config") or {}).get("User") or ""
-        if user.split(":")[0] in ("", "0", "root"):
-            raise self._refuse(
-                f"The image {self.image} runs as root and no container_user is set, so DO-LAB will not start it."
-                " Ask an administrator to set c.DockerBackend.container_user or use a non-root image."
-            )
+            uid = run_as_uid(self.container_user, None)
+        except ValueError as e:
+            raise self._refuse_user(self.container_user, str(e)) from None
+        if uid == 0:
+            raise self._refuse_user(self.container_user)
+
+    async def _check_user(self, spec: str) -> None:
+        """Refuse a container that would run as root: ``spec`` is the user the create call gets (empty: the
+        image's own), names resolved in the image's /etc/passwd as runc does."""
+        info = await self.docker("inspect_image", self.image)
+        if not spec:
+            spec = (info.get("Config") or {}).get("User") or ""
+            if not spec:
+                raise self._refuse(
+                    f"The image {self.image} runs as root and the profile names no other user, so DO-LAB will not"
+                    " start it. Ask an administrator to give the profile a non-root user or a non-root image."
+                )
+        try:
+            uid = run_as_uid(spec, None)
+            if uid is None:
+                uid = run_as_uid(spec, await self._image_passwd(str(info.get("Id") or self.image)))
+        except ValueError as e:
+            raise self._refuse_user(spec, str(e)) from None
+        if uid == 0:
+            raise self._refuse_user(spec)
+
+    async def _image_passwd(self, image_id: str) -> str:
+        """The image's /etc/passwd (read once per engine and image id, from a container that is never started)."""
+        key = (self.host_name, image_id)
+        if key not in _passwd_cache:
+            labels = {**self._labels(), "dolab.probe": "passwd"}  # a leftover is the reaper's, like any other
+            future = self.executor.submit(_read_passwd, self.client, image_id, labels)
+            passwd = await asyncio.wrap_future(future)
+            if len(_passwd_cache) >= 64:
+                _passwd_cache.pop(next(iter(_passwd_cache)))
+            _passwd_cache[key] = passwd
+        return _passwd_cache[key]
 
     def _refuse(self, message: str, status_code: int = 503) -> SpawnException:
         self.log.warning("Not starting %s on engine %s: %s", self._log_name, self.host_name, message)
@@ -463,9 +650,8 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
         try:
             await self._set_hub_connect_url()
             self._prepare_workspace()
-            await self._check_image_user()
+            self._check_container_user()
             ip, port = await super().start()
-            await self._check_image_user()
             await self._wait_listening(ip, port)
             return ip, port
         except SpawnException:
