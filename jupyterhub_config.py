@@ -18,7 +18,7 @@ from dolab_services.culler.service import culler_service
 from dolab_services.monitor.service import monitor_service
 from dolab_services.reaper import reaper_service
 from dolab_services.runpod_reaper import runpod_reaper_service
-from dolab_services.scopes import with_admin_scopes, with_custom_scopes
+from dolab_services.scopes import with_admin_role, with_custom_scopes
 from dolab_services.sync.registration import sync_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.auth.envconfig import configure_login
@@ -199,8 +199,9 @@ if monitor is not None:
         trusted = [f"--SyncService.trusted_services={name}" for name in ("dolab-culler", monitor.service["name"])]
         sync.service["command"] = [*sync.service["command"], *trusted]
 
-# --- DO-LAB's scopes: last, so an overlay's own admin role is extended, not duplicated ------------------------------
-# The services decide from a token's scopes, never from the admin flag (dolab_services/scopes.py): admins get
-# DO-LAB's custom scopes (stop, extend, read usage, manage backups for other users) through the admin role.
+# --- DO-LAB's scopes: last, so they see the overlays' admins and roles --------------------------------------------
+# The services decide from a token's scopes, never from the admin flag (dolab_services/scopes.py): the admins named
+# in admin_users (DOLAB_ADMIN_USERS) and admin_groups (DOLAB_ADMIN_GROUP) get DO-LAB's scopes (stop, extend, read
+# usage, manage backups for other users) through the dolab-admin role.
 c.JupyterHub.custom_scopes = with_custom_scopes(c)
-c.JupyterHub.load_roles = with_admin_scopes(c.JupyterHub.load_roles)
+c.JupyterHub.load_roles = with_admin_role(c)

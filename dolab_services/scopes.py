@@ -15,24 +15,23 @@ Each may be filtered like the hub's own scopes: ``custom:dolab:stop-servers!user
 a role stop bob's servers only. ``!group=`` filters are not resolved by the services (they would need the hub's
 database), so such a grant allows nothing there.
 
-The shipped config defines them (:func:`with_custom_scopes`), gives all four to the hub's
-``admin`` role (:func:`with_admin_scopes`), and each service lists the ones it checks in its
+The shipped config defines them (:func:`with_custom_scopes`), gives all four to the configured admins through the
+``dolab-admin`` role (:func:`with_admin_role`), and each service lists the ones it checks in its
 ``oauth_client_allowed_scopes``, so the token the hub issues when an admin opens its page in a browser carries them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "ADMIN_ROLE",
     "CUSTOM_SCOPES",
     "EXTEND_SERVERS",
     "MANAGE_BACKUPS",
     "READ_USAGE",
     "STOP_SERVERS",
-    "admin_scopes",
-    "with_admin_scopes",
+    "with_admin_role",
     "with_custom_scopes",
 ]
 
@@ -40,6 +39,8 @@ STOP_SERVERS = "custom:dolab:stop-servers"
 EXTEND_SERVERS = "custom:dolab:extend-servers"
 READ_USAGE = "custom:dolab:read-usage"
 MANAGE_BACKUPS = "custom:dolab:manage-backups"
+#: The role the shipped config gives DO-LAB's scopes to (JupyterHub's own ``admin`` role cannot be changed).
+ADMIN_ROLE = "dolab-admin"
 
 #: ``c.JupyterHub.custom_scopes``: each scope with the description the hub shows on its token and OAuth pages.
 CUSTOM_SCOPES: dict[str, dict[str, str]] = {
@@ -59,27 +60,36 @@ def with_custom_scopes(config: Any) -> dict[str, dict[str, Any]]:
     return {**CUSTOM_SCOPES, **(config_value(config, "JupyterHub", "custom_scopes", {}) or {})}
 
 
-def admin_scopes() -> list[str]:
-    """The hub's default ``admin`` role's scopes (JupyterHub's own list) plus DO-LAB's."""
-    from jupyterhub.roles import get_default_roles
+def _in_any_section(config: Any, key: str) -> list[Any]:
+    """``key``'s value in every section of ``config`` that sets it (``admin_groups`` lives on the provider's class)."""
+    from dolab_spawner.hubconfig import config_value
 
-    default = next(r for r in get_default_roles() if r["name"] == "admin")
-    return [*default["scopes"], *(s for s in CUSTOM_SCOPES if s not in default["scopes"])]
+    return [config_value(config, section, key) for section in list(config) if key in (config[section] or {})]
 
 
-def with_admin_scopes(load_roles: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``c.JupyterHub.load_roles`` with DO-LAB's scopes added to the ``admin`` role.
+def with_admin_role(config: Any) -> list[dict[str, Any]]:
+    """``c.JupyterHub.load_roles`` with the :data:`ADMIN_ROLE` role: DO-LAB's scopes for the configured admins.
 
-    The hub merges a role named ``admin`` with its default one, but a ``scopes`` key replaces the default list, so
-    the entry carries JupyterHub's admin scopes too. An ``admin`` entry an overlay already wrote keeps its own
-    scopes (an admin who narrowed the role meant it) and gets DO-LAB's added; the hub refuses two of one name.
+    JupyterHub refuses any change to its own ``admin`` role, so DO-LAB's scopes go to a role of their own, held by
+    ``c.Authenticator.admin_users`` and the members of every ``admin_groups`` the config names (an identity
+    provider's admin group, kept in sync at each login). The hub applies the list at each start, adding and
+    revoking. An admin made in the admin page, or by an identity provider's claim, has the hub's powers but not these
+    until named there. An overlay's own ``dolab-admin`` entry is extended, not duplicated; with an authenticator
+    that manages roles (``manage_roles``), no one is named: its roles must grant the scopes.
     """
-    roles = [dict(role) for role in load_roles]
-    for role in roles:
-        if role.get("name") == "admin":
-            if "scopes" in role:
-                role["scopes"] = [*role["scopes"], *(s for s in CUSTOM_SCOPES if s not in role["scopes"])]
-            else:
-                role["scopes"] = admin_scopes()
-            return roles
-    return [*roles, {"name": "admin", "scopes": admin_scopes()}]
+    from dolab_spawner.hubconfig import config_value
+
+    roles = [dict(role) for role in config_value(config, "JupyterHub", "load_roles", []) or ()]
+    managed = any(bool(value) for value in _in_any_section(config, "manage_roles"))
+    users = set() if managed else set(config_value(config, "Authenticator", "admin_users", set()) or ())
+    groups = set() if managed else {g for found in _in_any_section(config, "admin_groups") for g in found or ()}
+    role = next((r for r in roles if r.get("name") == ADMIN_ROLE), None)
+    if role is None:
+        role = {"name": ADMIN_ROLE, "description": "DO-LAB's powers over other users' servers, usage and backups"}
+        roles.append(role)
+    role["scopes"] = [*role.get("scopes", ()), *(s for s in CUSTOM_SCOPES if s not in role.get("scopes", ()))]
+    if users or "users" in role:
+        role["users"] = sorted({*role.get("users", ()), *users})
+    if groups or "groups" in role:
+        role["groups"] = sorted({*role.get("groups", ()), *groups})
+    return roles
