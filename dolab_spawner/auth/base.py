@@ -10,16 +10,25 @@ Tokens live only in the encrypted ``auth_state``. :meth:`refresh_user` renews an
 token before it expires (``token_refresh_margin_seconds``); it runs when the hub refreshes a user's auth
 (``auth_refresh_age``, before a spawn) and from a background loop (``token_refresh_interval_seconds``), so a
 service reading auth_state finds a valid token even for a user who has not been seen for days.
+
+Who may log in is said, never assumed: at start-up (:meth:`check_allow_config`) a provider with no allow rule
+(allowed groups, users, organisations, domains) and no explicit ``allow_all`` stops the hub with a sentence. Every
+refresh checks the rules again with the provider's fresh answer; a user they no longer allow (removed from the
+team at the provider) is shut out at once (:meth:`shut_out`): logged out of every browser, her tokens deleted (so
+her servers, which ask the hub who is knocking, turn her away), and a new login is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
-from jupyterhub import orm
+from jupyterhub import orm, roles
+from jupyterhub.utils import new_token
 from oauthenticator.oauth2 import OAuthenticator, OAuthLoginHandler
 from tornado import web
 from tornado.httpclient import HTTPClientError
@@ -45,6 +54,14 @@ class DoLabOAuthenticator(OAuthenticator):
     """Groups, admins, token refresh and clear failures on top of an oauthenticator provider class."""
 
     login_handler = DoLabLoginHandler
+
+    #: The ``DOLAB_AUTH`` value that selects this class, for sentences admins read.
+    auth_name: ClassVar[str] = "oidc"
+    #: What an admin can set to say who may log in: (environment variable or "", trait), for the start-up sentence.
+    allow_settings: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("DOLAB_ALLOWED_GROUPS", "allowed_groups"),
+        ("DOLAB_ALLOWED_USERS", "allowed_users"),
+    )
 
     groups_claim = Unicode(
         "groups",
@@ -119,8 +136,79 @@ class DoLabOAuthenticator(OAuthenticator):
         """The provider, for sentences users read."""
         return f"The identity provider ({self.login_service})"
 
+    @property
+    def accounts_at(self) -> str:
+        """Where the accounts this login accepts live ("GitHub"), for sentences admins read."""
+        return self.login_service
+
     async def ensure_discovered(self) -> None:
         """Make sure the provider's endpoints are known; generic OpenID Connect reads them from its issuer."""
+
+    # ----- who may log in --------------------------------------------------------------------------------
+
+    def allow_rules(self) -> list[str]:
+        """The settings in effect that name who may log in (allow_all aside); empty: nobody is named."""
+        names = ["allowed_users", "allowed_groups", "allowed_scopes", "allow_existing_users"]
+        return [name for name in names if getattr(self, name)]
+
+    def check_allow_config(self) -> None:
+        """At hub start-up: refuse to run a login that lets in everyone with an account at the provider.
+
+        Without any allow rule and without an explicit ``allow_all`` (``DOLAB_AUTH_ALLOW_ALL=1``), the hub exits
+        with a sentence naming the settings to set. With ``allow_all`` and no rule, it says so in the log.
+        """
+        if self.allow_rules():
+            return
+        if self.allow_all:
+            self.log.warning(
+                "DO-LAB: anyone with an account at %s may log in (DOLAB_AUTH_ALLOW_ALL / allow_all)", self.accounts_at
+            )
+            return
+        env_names = " or ".join(env for env, _ in self.allow_settings if env)
+        traits = ", ".join(f"c.{type(self).__name__}.{trait}" for _, trait in self.allow_settings)
+        sys.exit(
+            f"DO-LAB: bad configuration: DOLAB_AUTH={self.auth_name} would let anyone with an account at "
+            f"{self.accounts_at} log in. Say who may: set {env_names} (or {traits} in an overlay), or set "
+            "DOLAB_AUTH_ALLOW_ALL=1 (c.Authenticator.allow_all = True) if every such account is welcome "
+            "(README.md, 'Logging in')."
+        )
+
+    async def still_allowed(self, name: str, auth_model: dict[str, Any]) -> bool:
+        """The allow rules (blocked users, allowed groups, users, organisations, domains, admins) applied again to
+        a refreshed ``auth_model``, as at login. Provider failures raise (the caller keeps the current login)."""
+        try:
+            if not await _maybe_await(self.check_blocked_users(name, auth_model)):
+                return False
+            return bool(await _maybe_await(self.check_allowed(name, auth_model)))
+        except ProviderError:
+            raise
+        except web.HTTPError as e:  # a provider class's own refusal (Google: unverified email)
+            if e.status_code >= 500:
+                raise ValueError("unusable answer while checking the allow rules") from None
+            return False
+
+    def shut_out(self, user: Any) -> None:
+        """Log a user the allow rules no longer admit out of everything that goes through the hub.
+
+        Her hub cookies stop working (a new cookie id), and every token of hers is deleted: those her browser holds
+        for her servers (her servers ask the hub who a token belongs to, and now hear nobody), the ones she made,
+        and her servers' own (which would reach her server through the proxy). Her servers keep running, so no
+        work is lost, until an administrator or the culler stops them.
+        """
+        db = user.db
+        orm_user = user.orm_user
+        orm_user.cookie_id = new_token()
+        for token in list(orm_user.api_tokens):
+            db.delete(token)
+        db.commit()
+        running = sorted(name or "(default)" for name, spawner in user.spawners.items() if spawner.active)
+        self.log.warning(
+            "%s is no longer allowed to log in (%s's allow rules refuse the provider's current answer): logged out "
+            "of the hub and of their servers%s",
+            user.name,
+            type(self).__name__,
+            f"; their servers keep running until stopped: {', '.join(running)}" if running else "",
+        )
 
     # ----- login ----------------------------------------------------------------------------------------
 
@@ -182,12 +270,15 @@ class DoLabOAuthenticator(OAuthenticator):
             self._expiry.pop(name, None)
 
     async def refresh_user(self, user: Any, handler: Any = None, **kwargs: Any) -> Any:
-        """Renew the access token before it expires; else oauthenticator's check of the current one.
+        """Renew the access token before it expires; else oauthenticator's check of the current one; then apply
+        the allow rules again to the provider's fresh answer.
 
         Returns True (nothing to change, or the provider cannot be reached now: keep the current auth rather than
-        logging everyone out), False (the refresh token was refused: the user must log in again) or a new auth
-        model. A new auth_state is saved here, under a per-user lock, so the hub's own refresh and the background
-        loop never spend the same refresh token twice.
+        logging everyone out), False (the refresh token was refused: the user must log in again; or the allow rules
+        no longer admit the user, who is then shut out, see :meth:`shut_out`) or a new auth model. A new auth_state
+        is saved here, under a per-user lock, so the hub's own refresh and the background loop never spend the
+        same refresh token twice; without a request (the background loop) admin status and groups are applied
+        here too, as the hub does after a request's refresh.
         """
         if not self.enable_auth_state:
             return True
@@ -200,6 +291,7 @@ class DoLabOAuthenticator(OAuthenticator):
                     model = await self._refresh_with_token(user, auth_state, handler)
                 else:
                     model = await super().refresh_user(user, handler, **kwargs)
+                allowed = not isinstance(model, dict) or await self.still_allowed(user.name, model)
             except (ProviderError, *_PROVIDER_FAILURES) as e:
                 self.log.warning(
                     "Could not refresh %s's login now (%s); keeping it until the provider answers",
@@ -207,10 +299,26 @@ class DoLabOAuthenticator(OAuthenticator):
                     _describe(e),
                 )
                 return True
+            if not allowed:
+                self.shut_out(user)
+                return False
             if isinstance(model, dict) and model.get("auth_state") and model["auth_state"] != auth_state:
                 await user.save_auth_state(model["auth_state"])
                 self._remember_expiry(user.name, model["auth_state"])
+            if isinstance(model, dict) and handler is None:
+                self._apply_admin_and_groups(user, model)
             return model
+
+    def _apply_admin_and_groups(self, user: Any, model: dict[str, Any]) -> None:
+        # What the hub's auth_to_user does after a request's refresh; the background loop has no request.
+        admin = model.get("admin")
+        if admin is not None and admin != user.admin:
+            user.admin = admin
+            roles.assign_default_roles(user.db, entity=user)
+            self.log.info("%s is %s an admin (refreshed from the provider)", user.name, "now" if admin else "no longer")
+        if self.manage_groups and model.get("groups") is not None:
+            user.sync_groups(model["groups"])
+        user.db.commit()
 
     async def _refresh_with_token(self, user: Any, auth_state: dict[str, Any], handler: Any) -> Any:
         refresh_token = auth_state["refresh_token"]
@@ -271,6 +379,10 @@ class DoLabOAuthenticator(OAuthenticator):
                 self.log.exception(
                     "Token refresh sweep failed; trying again in %gs", self.token_refresh_interval_seconds
                 )
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,9 +11,16 @@
 | ``DOLAB_OIDC_USERNAME_CLAIM`` / ``DOLAB_OIDC_GROUPS_CLAIM`` | ``username_claim`` / ``groups_claim`` |
 | ``DOLAB_OIDC_CALLBACK_URL`` | ``oauth_callback_url`` (default ``$DOLAB_BIND_URL/hub/oauth_callback``) |
 | ``DOLAB_ADMIN_GROUP`` / ``DOLAB_ADMIN_CLAIM`` | ``admin_groups`` (comma separated) / ``admin_claim`` |
-| ``DOLAB_ALLOWED_GROUPS`` | ``allowed_groups``; unset: everyone the provider signs in may log in |
+| ``DOLAB_ALLOWED_GROUPS`` | ``allowed_groups`` (comma separated): members of these groups may log in |
+| ``DOLAB_ALLOWED_USERS`` | ``allowed_users`` (comma separated) |
+| ``DOLAB_ALLOWED_DOMAINS`` | ``DoLabGoogleAuthenticator.hosted_domain`` (``google`` only): Workspace domains |
+| ``DOLAB_ALLOWED_ORGS`` | ``DoLabGitHubAuthenticator.allowed_organizations`` (``github`` only): ``org``, ``org:team`` |
+| ``DOLAB_AUTH_ALLOW_ALL`` | ``allow_all``: ``1`` lets in everyone with an account at the provider |
 | ``DOLAB_DRIVE_BACKUP`` | ``DoLabGoogleAuthenticator.drive_backup`` (``google`` only) |
 | ``DOLAB_ADMIN_USERS`` | ``admin_users`` (with a provider: none unless set) |
+
+Nobody named and no ``DOLAB_AUTH_ALLOW_ALL=1``: the hub refuses to start (overlays may still name people:
+the check runs when the hub starts, see ``DoLabOAuthenticator.check_allow_config``).
 """
 
 from __future__ import annotations
@@ -90,15 +97,35 @@ def configure_login(c: Any, env: Mapping[str, str], bind_url: str) -> str | None
         section.admin_groups = set(admin_groups)
     if env.get("DOLAB_ADMIN_CLAIM"):
         section.admin_claim = env["DOLAB_ADMIN_CLAIM"]
-    allowed_groups = env_list(env, "DOLAB_ALLOWED_GROUPS")
-    section.allow_all = not allowed_groups
-    if allowed_groups:
-        section.allowed_groups = set(allowed_groups)
+    _configure_allowed(section, env, mode)
     # A provider user called "admin" must not become an admin because the password login's default says so.
     c.Authenticator.admin_users = set(env_list(env, "DOLAB_ADMIN_USERS"))
-    drive = env.get("DOLAB_DRIVE_BACKUP", "").strip().lower() in ("1", "true", "yes", "on")
+    drive = _flag(env, "DOLAB_DRIVE_BACKUP")
     if drive:
         if mode != "google":
             raise ConfigEnvError("DOLAB_DRIVE_BACKUP needs DOLAB_AUTH=google: Drive tokens come with a Google login")
         section.drive_backup = True
     return mode
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _configure_allowed(section: Any, env: Mapping[str, str], mode: str) -> None:
+    """Who may log in. Everyone with an account at the provider only when DOLAB_AUTH_ALLOW_ALL says so."""
+    # Set even when false: the shipped config's `c.Authenticator.allow_all = True` (shared password) would
+    # otherwise reach the provider's class through config inheritance.
+    section.allow_all = _flag(env, "DOLAB_AUTH_ALLOW_ALL")
+    if groups := env_list(env, "DOLAB_ALLOWED_GROUPS"):
+        section.allowed_groups = set(groups)
+    if users := env_list(env, "DOLAB_ALLOWED_USERS"):
+        section.allowed_users = set(users)
+    if domains := env_list(env, "DOLAB_ALLOWED_DOMAINS"):
+        if mode != "google":
+            raise ConfigEnvError("DOLAB_ALLOWED_DOMAINS needs DOLAB_AUTH=google (Google Workspace domains)")
+        section.hosted_domain = [d.lower() for d in domains]
+    if orgs := env_list(env, "DOLAB_ALLOWED_ORGS"):
+        if mode != "github":
+            raise ConfigEnvError("DOLAB_ALLOWED_ORGS needs DOLAB_AUTH=github (GitHub organisations or org:team)")
+        section.allowed_organizations = set(orgs)

@@ -6,8 +6,12 @@
 - :class:`DoLabGoogleAuthenticator` (``dolab-google``): Google, whose groups come from the Admin SDK (oauthenticator's
   ``allowed_google_groups`` machinery) and whose offline access is asked with ``access_type=offline``; with
   ``drive_backup`` the login also asks for the ``drive.file`` scope for workspace backup to Google Drive.
+  ``hosted_domain`` admits the members of those Workspace domains (and only them).
 - :class:`DoLabGitHubAuthenticator` (``dolab-github``): GitHub, whose "groups" are the user's teams, named
-  ``org:team``.
+  ``org:team``; ``allowed_organizations`` admits members of organisations or teams.
+
+Each names the settings that say who may log in (``allow_settings``); without one of them, or an explicit
+``allow_all``, the hub refuses to start (:meth:`DoLabOAuthenticator.check_allow_config`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ class DoLabAuthenticator(DoLabOAuthenticator, GenericOAuthenticator):
         where = self.issuer or self.authorize_url
         return f"The identity provider at {where}" if where else "The identity provider"
 
+    @property
+    def accounts_at(self) -> str:
+        """Where the accounts this login accepts live, for sentences admins read."""
+        where = self.issuer or self.authorize_url
+        return f"the identity provider at {where}" if where else "the identity provider"
+
     _discovery_lock: asyncio.Lock | None = None
 
     async def ensure_discovered(self) -> None:
@@ -110,6 +120,13 @@ def _endpoints(doc: Any, issuer: str) -> dict[str, str]:
 class DoLabGoogleAuthenticator(DoLabOAuthenticator, GoogleOAuthenticator):
     """Log in with Google; with ``drive_backup``, keep a Drive token (``drive.file``) for workspace backup."""
 
+    auth_name: ClassVar[str] = "google"
+    allow_settings: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("DOLAB_ALLOWED_DOMAINS", "hosted_domain"),
+        ("DOLAB_ALLOWED_USERS", "allowed_users"),
+        ("", "allowed_google_groups"),
+    )
+
     drive_backup = Bool(
         False,
         config=True,
@@ -129,6 +146,29 @@ class DoLabGoogleAuthenticator(DoLabOAuthenticator, GoogleOAuthenticator):
         """The provider, for sentences users read."""
         return "Google"
 
+    @property
+    def accounts_at(self) -> str:
+        """Where the accounts this login accepts live, for sentences admins read."""
+        return "Google"
+
+    def allow_rules(self) -> list[str]:
+        """The settings in effect that name who may log in, with Google's domains and groups."""
+        extra = [name for name in ("hosted_domain", "allowed_google_groups") if getattr(self, name)]
+        return [*super().allow_rules(), *extra]
+
+    async def check_allowed(self, username: str, auth_model: Any) -> bool:
+        """oauthenticator's rules, and: a ``hosted_domain`` admits the members of those Workspace domains.
+
+        (oauthenticator's own ``hosted_domain`` only turns everyone else away, in ``check_blocked_users``, and
+        admits no one by itself.)
+        """
+        if await super().check_allowed(username, auth_model):
+            return True
+        if auth_model is None or not self.hosted_domain:
+            return False
+        user_info = auth_model["auth_state"].get(self.user_auth_state_key) or {}
+        return user_info.get("hd") in self.hosted_domain
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if self.drive_backup:
@@ -140,6 +180,12 @@ class DoLabGoogleAuthenticator(DoLabOAuthenticator, GoogleOAuthenticator):
 
 class DoLabGitHubAuthenticator(DoLabOAuthenticator, GitHubOAuthenticator):
     """Log in with GitHub; the user's teams become JupyterHub groups named ``org:team``."""
+
+    auth_name: ClassVar[str] = "github"
+    allow_settings: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("DOLAB_ALLOWED_ORGS", "allowed_organizations"),
+        ("DOLAB_ALLOWED_USERS", "allowed_users"),
+    )
 
     @default("scope")
     def _default_scope(self) -> list[str]:
@@ -157,6 +203,15 @@ class DoLabGitHubAuthenticator(DoLabOAuthenticator, GitHubOAuthenticator):
     def provider_name(self) -> str:
         """The provider, for sentences users read."""
         return "GitHub"
+
+    @property
+    def accounts_at(self) -> str:
+        """Where the accounts this login accepts live, for sentences admins read."""
+        return "GitHub" if self.github_url == "https://github.com" else f"GitHub at {self.github_url}"
+
+    def allow_rules(self) -> list[str]:
+        """The settings in effect that name who may log in, with GitHub's organisations and teams."""
+        return [*super().allow_rules(), *(["allowed_organizations"] if self.allowed_organizations else [])]
 
 
 def github_team_groups(auth_state: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ are skipped, or fail with CI=true, where `make test` must have installed them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -39,6 +40,8 @@ def _missing(what: str) -> None:
 @dataclass
 class TestUser:
     """A user of the test provider."""
+
+    __test__ = False  # a helper, not a test class, where test modules import it
 
     name: str
     password: str
@@ -75,6 +78,18 @@ class OidcProvider:
         """ok, down (drop back-channel connections) or garbage (answer HTML) on discovery, token, userinfo."""
         requests.post(f"{self.url}/__control/mode", json={"mode": mode}, timeout=10).raise_for_status()
 
+    def set_users(self, users: dict[str, TestUser], **extra: dict[str, Any]) -> None:
+        """Add accounts at the provider, or change what it knows of them (their groups), from now on.
+
+        ``extra`` maps a login to more of its claims (``{"eve": {"hd": "elsewhere.example"}}``).
+        """
+        self.users.update(users)
+        body = {
+            u.name: {"password": u.password, "groups": u.groups, "admin": u.admin, **extra.get(u.name, {})}
+            for u in users.values()
+        }
+        requests.post(f"{self.url}/__control/users", json=body, timeout=10).raise_for_status()
+
     def stats(self) -> dict[str, Any]:
         """How many grants of each type the provider answered."""
         return requests.get(f"{self.url}/__control/stats", timeout=10).json()
@@ -93,7 +108,14 @@ class OidcProvider:
 
 @pytest.fixture(scope="session")
 def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    """The provider, with three users: a researcher (GPU plan), a student (CPU plan) and an admin."""
+    """The provider, with four users: researchers (GPU plan), students (CPU plan) and an admin."""
+    with running_provider(tmp_path_factory.mktemp("oidc")) as provider:
+        yield provider
+
+
+@contextlib.contextmanager
+def running_provider(workdir: Path) -> Iterator[OidcProvider]:
+    """Start the provider (its log in ``workdir``) with the users ana, bob, carol and dave; stop it at the end."""
     node = shutil.which("node")
     if node is None:
         _missing("Node.js")
@@ -106,7 +128,7 @@ def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
         "dave": TestUser("dave", secrets.token_urlsafe(12), ["students"]),
     }
     port = free_port()
-    log_path = tmp_path_factory.mktemp("oidc") / "oidc.log"
+    log_path = workdir / "oidc.log"
     env = {
         **os.environ,
         "DOLAB_OIDC_MODULES": str(OIDC_MODULES),

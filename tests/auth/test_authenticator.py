@@ -16,6 +16,7 @@ from dolab_spawner.auth import (
     DoLabGoogleAuthenticator,
     ProviderError,
 )
+from dolab_spawner.auth.envconfig import PROVIDERS as PROVIDER_CLASSES
 from dolab_spawner.auth.envconfig import configure_login
 from dolab_spawner.auth.providers import github_team_groups
 from dolab_spawner.hubconfig import ConfigEnvError
@@ -193,3 +194,90 @@ def test_google_with_drive_backup_from_the_environment() -> None:
     assert configure_login(c, env, "http://127.0.0.1:8000") == "google"
     auth = DoLabGoogleAuthenticator(config=c)
     assert auth.drive_backup and DRIVE_SCOPE in auth.scope
+
+
+# ----- who may log in ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "cls", "rules"),
+    [
+        pytest.param({"DOLAB_ALLOWED_GROUPS": "lab"}, DoLabAuthenticator, ["allowed_groups"], id="oidc-groups"),
+        pytest.param({"DOLAB_ALLOWED_USERS": "ana, bob"}, DoLabAuthenticator, ["allowed_users"], id="oidc-users"),
+        pytest.param(
+            {"DOLAB_AUTH": "google", "DOLAB_ALLOWED_DOMAINS": "Lab.example.org"},
+            DoLabGoogleAuthenticator,
+            ["hosted_domain"],
+            id="google-domains",
+        ),
+        pytest.param(
+            {"DOLAB_AUTH": "github", "DOLAB_ALLOWED_ORGS": "lab,lab:ml"},
+            DoLabGitHubAuthenticator,
+            ["allowed_organizations"],
+            id="github-orgs",
+        ),
+    ],
+)
+def test_allow_lists_from_the_environment(env: dict[str, str], cls: type, rules: list[str]) -> None:
+    c = Config()
+    configure_login(c, {**BASE_ENV, **env}, "http://127.0.0.1:8000")
+    auth = cls(config=c)
+    assert auth.allow_rules() == rules and auth.allow_all is False
+    auth.check_allow_config()  # starts
+    if cls is DoLabGoogleAuthenticator:
+        assert auth.hosted_domain == ["lab.example.org"]
+
+
+@pytest.mark.parametrize("mode", ["oidc", "google", "github"])
+def test_no_allow_list_stops_the_hub_with_a_sentence(mode: str) -> None:
+    c = Config()
+    c.Authenticator.allow_all = True  # the shipped config's shared-password default must not leak through
+    configure_login(c, {**BASE_ENV, "DOLAB_AUTH": mode}, "http://127.0.0.1:8000")
+    auth = PROVIDER_CLASSES[mode](config=c)
+    assert auth.allow_all is False
+    with pytest.raises(SystemExit) as e:
+        auth.check_allow_config()
+    assert str(e.value).startswith(f"DO-LAB: bad configuration: DOLAB_AUTH={mode} would let anyone with an account")
+    assert "DOLAB_AUTH_ALLOW_ALL=1" in str(e.value)
+
+
+def test_allow_all_is_explicit() -> None:
+    c = Config()
+    configure_login(c, {**BASE_ENV, "DOLAB_AUTH": "github", "DOLAB_AUTH_ALLOW_ALL": "1"}, "http://127.0.0.1:8000")
+    auth = DoLabGitHubAuthenticator(config=c)
+    assert auth.allow_all is True and auth.allow_rules() == []
+    auth.check_allow_config()  # a warning in the log, no exit
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param({"DOLAB_ALLOWED_DOMAINS": "lab.example.org"}, "needs DOLAB_AUTH=google", id="domains-oidc"),
+        pytest.param({"DOLAB_ALLOWED_ORGS": "lab"}, "needs DOLAB_AUTH=github", id="orgs-oidc"),
+    ],
+)
+def test_allow_lists_for_another_provider_are_sentences(change: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigEnvError, match=message):
+        configure_login(Config(), {**BASE_ENV, **change}, "http://127.0.0.1:8000")
+
+
+def google_model(hd: str | None) -> dict[str, Any]:
+    info = {"email": "gina@lab.example.org", "domain": "lab.example.org", "verified_email": True, "google_groups": []}
+    if hd:
+        info["hd"] = hd
+    return {"name": "gina", "admin": None, "auth_state": {"google_user": info}}
+
+
+@pytest.mark.parametrize(("hd", "allowed"), [("lab.example.org", True), ("other.example", False), (None, False)])
+async def test_a_google_domain_admits_its_members(hd: str | None, allowed: bool) -> None:
+    auth = DoLabGoogleAuthenticator(hosted_domain=["lab.example.org"])
+    assert await auth.still_allowed("gina", google_model(hd)) is allowed
+
+
+async def test_refreshed_claims_are_checked_again() -> None:
+    auth = DoLabAuthenticator(allowed_groups={"lab"}, admin_groups={"lab-admins"})
+    member = await auth._apply_managed_groups(model({"groups": ["lab"]}))
+    admin = await auth._apply_managed_groups(model({"groups": ["lab-admins"]}))
+    gone = await auth._apply_managed_groups(model({"groups": ["alumni"]}))
+    assert await auth.still_allowed("ana", member) and await auth.still_allowed("ana", admin)
+    assert not await auth.still_allowed("ana", gone)

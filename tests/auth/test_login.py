@@ -91,6 +91,7 @@ def hub(oidc: OidcProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         DOLAB_OIDC_CLIENT_SECRET=client_secret,
         DOLAB_OIDC_SCOPES="openid profile email groups offline_access",
         DOLAB_ADMIN_GROUP="lab-admins",
+        DOLAB_ALLOWED_GROUPS="researchers,students,lab-admins",  # without who may log in, the hub refuses to start
         DOLAB_PLANS_FILE=str(plans_file),
         DOLAB_PROFILES=json.dumps(PROFILES),
         DOLAB_GPU_INVENTORY=json.dumps(GPU_INVENTORY),

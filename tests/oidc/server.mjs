@@ -13,6 +13,8 @@
 //        (discovery, token, userinfo, jwks) do: answer, drop the connection, or answer an HTML page with status 200.
 //        The pages a browser sees (authorize, login) keep working, so a login can reach the callback.
 //   GET  /__control/stats  {"grants": {"authorization_code": n, "refresh_token": n}}
+//   POST /__control/users  {"<login>": {"password": "...", "groups": [...], "hd": "..."}, ...}: add accounts or replace
+//        what the provider knows of them (a stranger's account; a member removed from a group at the provider).
 import http from 'node:http';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -42,6 +44,8 @@ function claimsOf(login) {
     name: user.name || login,
     email: user.email || `${login}@example.org`,
     email_verified: true,
+    verified_email: true, // Google's userinfo spells it so
+    ...(user.hd ? { hd: user.hd } : {}), // Google Workspace: the user's domain
     groups: user.groups || [],
     dolab_admin: Boolean(user.admin),
   };
@@ -53,7 +57,7 @@ const provider = new Provider(issuer, {
   claims: {
     openid: ['sub'],
     profile: ['preferred_username', 'name', 'dolab_admin'],
-    email: ['email', 'email_verified'],
+    email: ['email', 'email_verified', 'verified_email', 'hd'],
     groups: ['groups'],
   },
   scopes: ['openid', 'offline_access', 'profile', 'email', 'groups'],
@@ -149,6 +153,10 @@ const server = http.createServer(async (req, res) => {
     if (url.pathname === '/__control/mode' && req.method === 'POST') {
       mode = (await readJson(req)).mode;
       return send(res, 200, 'application/json', JSON.stringify({ mode }));
+    }
+    if (url.pathname === '/__control/users' && req.method === 'POST') {
+      Object.assign(users, await readJson(req));
+      return send(res, 200, 'application/json', JSON.stringify({ users: Object.keys(users) }));
     }
     if (url.pathname === '/__control/stats') {
       return send(res, 200, 'application/json', JSON.stringify({ grants, mode }));
