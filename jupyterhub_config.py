@@ -65,7 +65,7 @@ except ConfigEnvError as e:
     sys.exit(f"DO-LAB: bad configuration: {e}")
 if login_provider is not None:
     print(f"DO-LAB: users log in with {login_provider} (DOLAB_AUTH)", file=sys.stderr)
-elif new_user_password or new_admin_password:
+elif (new_user_password or new_admin_password) and sys.stderr.isatty():
     print(
         "\n"
         "  DO-LAB first run: passwords generated (shown this once)\n"
@@ -73,6 +73,16 @@ elif new_user_password or new_admin_password:
         f"    users       any user name, password {user_password}\n"
         f"    admins      {', '.join(sorted(admin_users))}, password {admin_password}\n"
         f"    kept in     {data_dir}/shared-password and admin-password (mode 0600)\n",
+        file=sys.stderr,
+        flush=True,
+    )
+elif new_user_password or new_admin_password:
+    # Not a terminal: stderr goes to a log (journald, docker logs, a file) that others may read. Say where, not what.
+    print(
+        f"DO-LAB first run: passwords generated, not shown because this output is not a terminal. They are in "
+        f"{data_dir / 'shared-password'} (any user name) and {data_dir / 'admin-password'} "
+        f"({', '.join(sorted(admin_users))}), mode 0600: read them as this user with "
+        f"`cat {data_dir / 'shared-password'} {data_dir / 'admin-password'}`",
         file=sys.stderr,
         flush=True,
     )
