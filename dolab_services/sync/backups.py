@@ -1,9 +1,15 @@
 """The sync service's core: every user's backups, one user at a time, off the event loop.
 
 :class:`Backups` runs the blocking engine (boto3, file I/O) on a bounded thread pool, one operation per user at a
-time (a lock per user, so a periodic backup, a restore and an API request never interleave), each bounded by a
-timeout. It only ever builds a store for the user it is asked about (:meth:`SyncSettings.store_for`), so nothing
-here can reach another user's prefix; it goes to the target the user chose within the admin's policy
+time (a turn per user, so a periodic backup, a restore and an API request never interleave), each bounded by a
+timeout. The pool is shared fairly: a user's turn lasts until the thread doing the work ends, even when the
+request stopped waiting for it at the timeout, so no user ever holds more than one of the pool's threads, and the
+pool's queue holds at most one operation per user (the rest wait for their user's turn), so it serves users in
+turn. At most :data:`MAX_WAITING_PER_USER` operations of a user wait; more are refused with a sentence
+(:class:`TooManyWaiting`). A restore's list of paths is bounded before it waits (:mod:`.selection`).
+
+It only ever builds a store for the user it is asked about (:meth:`SyncSettings.store_for`), so nothing here can
+reach another user's prefix; it goes to the target the user chose within the admin's policy
 (:mod:`.choices`), and a Drive target in user mode uses that user's own token, read from the hub at each operation
 (:mod:`.tokens`), never another's. :meth:`Backups.sweep` backs up every running server whose spawner state
 names a workspace folder on this machine (``state["workspace"]``, set by DoLabSpawner for the local backend and
@@ -16,6 +22,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,17 +30,50 @@ from ..hubclient import HubClient
 from .choices import TargetChoices
 from .config import SyncSettings, user_prefix
 from .engine import BackupReport, RestoreReport, SyncEngine
+from .selection import MAX_PATHS, check_path_list
 from .store import StoreError
 from .tokens import AuthStateReader, NoDriveToken, user_drive_token
 from .workspace import UnsafePath, check_relpath, open_dir
 
-__all__ = ["Backups", "NoWorkspace"]
+__all__ = ["MAX_WAITING_PER_USER", "Backups", "NoWorkspace", "Overdue", "TooManyWaiting", "Unscheduled"]
 
 T = TypeVar("T")
+
+#: Operations of one user that may wait for their turn behind the running one (the periodic backup, the culler's
+#: before a stop, the user's own requests); more are refused, so no one piles requests up in the service.
+MAX_WAITING_PER_USER = 4
 
 
 class NoWorkspace(Exception):
     """The user has no workspace folder on this machine (yet)."""
+
+
+class Unscheduled(StoreError):
+    """An operation the service would not start, or stopped waiting for; ``status`` is the HTTP status to answer."""
+
+    status = 503
+
+
+class TooManyWaiting(Unscheduled):
+    """The user has :data:`MAX_WAITING_PER_USER` operations waiting already."""
+
+    status = 429
+
+
+class Overdue(Unscheduled):
+    """An operation ran past the service's timeout. A thread cannot be stopped: the work goes on, and the user's
+    next operation waits until it is done."""
+
+    status = 504
+
+
+class _Turn:
+    """One user's turn at the pool: held from the start of an operation until its thread ends; ``waiting`` counts
+    the operations waiting for it."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
 
 
 class Backups:
@@ -59,7 +99,7 @@ class Backups:
         self.timeout_seconds = timeout_seconds
         self.log = log or logging.getLogger("dolab.sync")
         self.pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="dolab-sync")
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._turns: dict[str, _Turn] = {}
 
     def close(self) -> None:
         """Let running operations finish, start no new ones."""
@@ -79,8 +119,20 @@ class Backups:
         return self.cache_dir / f"{user_prefix(user)}{suffix}.json.gz"
 
     async def _run(self, user: str, work: Callable[[SyncEngine], T], target: str | None = None) -> T:
-        lock = self._locks.setdefault(user, asyncio.Lock())
-        async with lock:
+        """Run ``work`` on the pool in ``user``'s turn (see the module docstring); its result, or its error."""
+        turn = self._turns.setdefault(user, _Turn())
+        if turn.lock.locked() and turn.waiting >= MAX_WAITING_PER_USER:
+            self.log.warning("Refused a backup or restore of %s: %d wait already", user, turn.waiting)
+            raise TooManyWaiting(
+                f"{MAX_WAITING_PER_USER} backups or restores of {user}'s workspace are waiting already; "
+                "try again when they are done."
+            )
+        turn.waiting += 1
+        try:
+            await turn.lock.acquire()
+        finally:
+            turn.waiting -= 1
+        try:
             target = target or self.target_of(user)
             token = None
             if self.settings.uses_user_token(target):
@@ -95,7 +147,34 @@ class Backups:
                 finally:
                     store.close()
 
-            return await asyncio.wait_for(asyncio.wrap_future(self.pool.submit(run)), self.timeout_seconds)
+            future = self.pool.submit(run)
+        except BaseException:
+            turn.lock.release()
+            raise
+        # The turn ends with the thread, not with this wait: work past its timeout still runs, and the user's next
+        # operation must neither run beside it nor take a second thread of the pool.
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda _: _soon(loop, turn.lock.release))
+        waited = asyncio.wrap_future(future)
+        try:
+            done, _ = await asyncio.wait({waited}, timeout=self.timeout_seconds)
+        except asyncio.CancelledError:
+            waited.cancel()  # one still queued never starts (and gives the turn back); a running one cannot stop
+            raise
+        minutes = self.timeout_seconds / 60
+        if not done and future.cancel():  # still queued behind other users' work: it never starts
+            raise Overdue(
+                f"The backup service had no room for the backup or restore of {user}'s workspace in {minutes:g} "
+                "minutes; try again later."
+            )
+        if not done:
+            waited.cancel()
+            self.log.error("A backup or restore of %s is still running after %g min; its next one waits", user, minutes)
+            raise Overdue(
+                f"The backup or restore of {user}'s workspace took longer than {minutes:g} minutes. It goes on, and "
+                "the next one waits until it is done."
+            )
+        return waited.result()
 
     async def backup(self, user: str, workspace: Path | None = None) -> BackupReport:
         """Back up ``workspace`` (default: the user's folder) now."""
@@ -145,7 +224,10 @@ class Backups:
         root = self.workspace_of(user)
         if not root.is_dir():
             raise NoWorkspace(f"{user} has no workspace here yet; start a server once, then restore.")
-        wanted = list(paths) if paths is not None else None
+        # Bounded here, before the request waits for its turn (PathSelection checks each path in the thread).
+        wanted = None
+        if paths is not None:
+            wanted = check_path_list(paths if isinstance(paths, list) else list(islice(paths, MAX_PATHS + 1)))
         if into:
             check_relpath(into)
 
@@ -189,3 +271,11 @@ class Backups:
 
         await asyncio.gather(*(one(n, f) for n, f in workspaces.items()))
         return outcomes
+
+
+def _soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Run ``callback`` on ``loop`` from a pool thread; nothing when the loop is closed (the service is stopping)."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass

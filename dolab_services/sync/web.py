@@ -7,11 +7,15 @@
 - ``POST {prefix}api/backup``: back up the workspace now; ``{"snapshot", "previous", "files", "uploaded_files",
   "uploaded_bytes"}`` (``snapshot`` null: nothing had changed). With ``"server": name`` a user without a folder on
   the hub's machine is backed up from that running remote server (a RunPod pod) through its REST API;
-- ``POST {prefix}api/restore``: ``{"snapshot": id (default: the latest), "paths": [...] (default: everything),
-  "into": "sub/folder" (default: the workspace itself)}``; answers ``{"snapshot", "files", "bytes"}``;
+- ``POST {prefix}api/restore``: ``{"snapshot": id (default: the latest), "paths": [...] (default: everything; at
+  most 1,000 paths of 4,096 characters each, :mod:`.selection`), "into": "sub/folder" (default: the workspace
+  itself)}``; answers ``{"snapshot", "files", "bytes"}``;
 - ``GET  {prefix}api/target``: ``{"user", "target", "default", "allowed", "where", "note"}``, the target the user's
   backups go to and the admin's policy; ``PUT {prefix}api/target`` with ``{"target": "drive"}`` chooses another
   one of ``allowed`` (400 with a sentence otherwise). Old backups stay where they were made (``note``).
+
+A user's backups and restores run one at a time, and at most 4 more wait (429 beyond them, 504 for one past the
+service's timeout, which goes on): :mod:`.backups`.
 
 Every request is about the current user's own backups. A token with ``custom:dolab:manage-backups`` for a user
 may add ``user`` (a query argument, or in the body), and so may the hub services named in ``trusted_services`` for
@@ -32,9 +36,10 @@ from tornado import web
 
 from ..scopes import MANAGE_BACKUPS
 from ..web import JsonApiMixin, ServiceHandler, access_logger
-from .backups import Backups, NoWorkspace
+from .backups import Backups, NoWorkspace, Unscheduled
 from .choices import SWITCH_NOTE
 from .engine import BackupReport
+from .selection import MAX_PATH_CHARS, PathListRefused, check_path_list, describe_paths
 from .store import ObjectNotFound, StoreError
 from .tokens import NoDriveToken
 from .workspace import UnsafePath
@@ -86,6 +91,8 @@ class _ApiHandler(JsonApiMixin, ServiceHandler):
             return web.HTTPError(409, str(error))
         if isinstance(error, (UnsafePath, ValueError)):
             return web.HTTPError(400, str(error))
+        if isinstance(error, Unscheduled):  # too many waiting (429), or past the timeout (504): a sentence
+            return web.HTTPError(error.status, str(error))
         if isinstance(error, StoreError):
             self.log.error("Backup store failure for %s: %s", self.current_user["name"], error, exc_info=error)
             return web.HTTPError(502, str(error))
@@ -207,11 +214,17 @@ class RestoreHandler(_ApiHandler):
         into = data.get("into") or ""
         if snapshot is not None and (not isinstance(snapshot, str) or len(snapshot) > 64):
             raise web.HTTPError(400, "snapshot must be a restore point's id.")
-        if paths is not None and (not isinstance(paths, list) or not all(isinstance(p, str) for p in paths)):
-            raise web.HTTPError(400, "paths must be a list of paths relative to your workspace.")
-        if not isinstance(into, str):
-            raise web.HTTPError(400, "into must be a folder relative to your workspace.")
-        self.log.info("%s restores %s of %s's snapshot %s", self.current_user["name"], paths or "all", user, snapshot)
+        if paths is not None:
+            try:
+                paths = check_path_list(paths)  # at most MAX_PATHS of MAX_PATH_CHARS each, before any work
+            except PathListRefused as e:
+                raise web.HTTPError(400, str(e)) from None
+        if not isinstance(into, str) or len(into) > MAX_PATH_CHARS:
+            raise web.HTTPError(
+                400, f"into must be a folder relative to your workspace, of at most {MAX_PATH_CHARS} characters."
+            )
+        chosen = "all" if paths is None else describe_paths(paths)  # a few paths and a count, never the whole list
+        self.log.info("%s restores %s of %s's snapshot %s", self.current_user["name"], chosen, user, snapshot)
         try:
             report = await self.backups.restore(user, snapshot, paths, into)
         except Exception as e:
