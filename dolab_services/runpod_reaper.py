@@ -2,12 +2,17 @@
 
 A pod keeps billing until it is terminated. A hub that crashed during a start (its state is saved only after
 ``start()`` returns), a restored database, or a terminate that failed leaves pods behind. Every ``--interval``
-seconds the reaper lists the account's pods whose name starts with the hub's prefix (``RunPodBackend.pod_name_prefix``,
-default ``dolab-``), asks the hub which servers exist, and logs one line per orphan (the default, a dry run) or
-terminates it (``--terminate``)::
+seconds the reaper lists the account's pods whose name starts with this hub's prefix, ``<pod_name_prefix><hub id>-``
+(``RunPodBackend.pod_name_prefix``, default ``dolab-``, and the hub's id from :mod:`dolab_spawner.hubidentity`),
+asks the hub which servers exist, and logs one line per orphan (the default, a dry run) or terminates it
+(``--terminate``)::
 
     python -m dolab_services.runpod_reaper [--interval 600] [--grace-seconds 600] [--terminate] [--once]
-                                           [--prefix dolab-]
+                                           [--prefix dolab-] [--hub-id ID]   # default: $DOLAB_HUB_ID
+
+Another hub's pods on the same account (another id), a pod made by hand (``dolab-finetune``) and pods from before
+hub ids (``dolab-<user>``) never carry this hub's prefix, so they are never candidates; the latter are still
+found by their servers through the pod id in their state.
 
 The RunPod key comes from ``$RUNPOD_API_KEY`` (and the API's address from ``$RUNPOD_API_BASE_URL``, as for the
 SDK). The shipped ``jupyterhub_config.py`` runs it as a hub-managed service (:func:`runpod_reaper_service`) when a
@@ -39,9 +44,10 @@ from typing import Any
 from traitlets import Bool, Float, Integer, Unicode
 from traitlets.config import Config
 
-from dolab_spawner.backends.runpod import pod_name
+from dolab_spawner.backends.runpod import hub_pod_prefix, pod_name
 from dolab_spawner.backends.runpod_api import PodInfo, RunPodApi, RunPodError
 from dolab_spawner.hubconfig import config_value, env_float
+from dolab_spawner.hubidentity import HUB_ID_ENV, check_hub_id, hub_id
 
 from .app import ServiceApp
 from .hubclient import HubAPIError, HubClient
@@ -94,7 +100,8 @@ class PodSweepResult:
 
 
 def find_pod_orphans(pods: Sequence[PodInfo], servers: Sequence[Mapping[str, Any]], prefix: str) -> list[PodOrphan]:
-    """The pods with ``prefix`` that no server owns (see the module's docstring for what is kept); pure.
+    """The pods with ``prefix`` (the hub's own, ``<pod_name_prefix><hub id>-``) that no server owns (see the
+    module's docstring for what is kept); pure.
 
     ``servers``: the hub's server models with their ``user`` and ``name`` (``reaper.servers_of``), ``pending``
     and ``state``.
@@ -223,9 +230,10 @@ def runpod_reaper_service(
     command = [python, "-m", "dolab_services.runpod_reaper", "--interval", f"{interval:g}", "--prefix", prefix]
     if env.get("DOLAB_RUNPOD_REAPER_TERMINATE") == "1":
         command.append("--terminate")
-    # A managed service keeps none of the hub's environment: the key (hub side only) and the API's address.
+    # A managed service keeps none of the hub's environment: the key (hub side only), the API's address, and the
+    # hub's id (the one its pod names carry), read here, in the hub's process.
     key = config_value(config, "RunPodBackend", "api_key", "") or env.get("RUNPOD_API_KEY", "")
-    environment = {"RUNPOD_API_KEY": key}
+    environment = {"RUNPOD_API_KEY": key, HUB_ID_ENV: hub_id(env)}
     if env.get("RUNPOD_API_BASE_URL"):
         environment["RUNPOD_API_BASE_URL"] = env["RUNPOD_API_BASE_URL"]
     service = {"name": "dolab-runpod-reaper", "command": command, "environment": environment}
@@ -254,9 +262,16 @@ class RunPodReaper(ServiceApp):
     terminate = Bool(False, config=True, help="Terminate orphans; without it, only log them (a dry run).")
     once = Bool(False, config=True, help="Sweep once and exit (1 when the hub or RunPod could not be read).")
     prefix = Unicode("dolab-", config=True, help="The hub's pod name prefix (RunPodBackend.pod_name_prefix).")
+    hub_id = Unicode(
+        "",
+        config=True,
+        help="""The hub's id: only pods named ``<prefix><hub id>-...`` are candidates. Default: ``$DOLAB_HUB_ID``,
+        which the hub sets for its service, else the one kept in the data directory.""",
+    )
     hub_concurrency = Integer(4, config=True, help="At most this many hub API requests at once.")
 
     aliases = {
+        "hub-id": "RunPodReaper.hub_id",
         "interval": "RunPodReaper.interval_seconds",
         "grace-seconds": "RunPodReaper.grace_seconds",
         "prefix": "RunPodReaper.prefix",
@@ -279,20 +294,22 @@ class RunPodReaper(ServiceApp):
             if not self.prefix:
                 raise ValueError("--prefix must not be empty: every pod of the account would be a candidate")
             hub = HubClient(concurrency=self.hub_concurrency)
+            identity = check_hub_id(self.hub_id, "--hub-id") if self.hub_id else hub_id(create=False)
         except ValueError as e:
             print(f"dolab-runpod-reaper: {e}", file=sys.stderr)
             self.exit(2)
+        prefix = hub_pod_prefix(self.prefix, identity)
         mode = "terminating orphans" if self.terminate else "dry run: reporting orphans only"
         self.log.info(
             "Sweeping RunPod pods %s* every %g s (%s; grace %g s)",
-            self.prefix,
+            prefix,
             self.interval_seconds,
             mode,
             self.grace_seconds,
         )
-        self.exit(asyncio.run(self._run(hub, RunPodApi(key, log=self.log))))
+        self.exit(asyncio.run(self._run(hub, RunPodApi(key, log=self.log), prefix)))
 
-    async def _run(self, hub: HubClient, api: RunPodApi) -> int:
+    async def _run(self, hub: HubClient, api: RunPodApi, prefix: str) -> int:
         first_seen: dict[str, float] = {}
         async with hub:
             while True:
@@ -300,7 +317,7 @@ class RunPodReaper(ServiceApp):
                     result = await sweep_pods(
                         hub,
                         api,
-                        self.prefix,
+                        prefix,
                         terminate=self.terminate,
                         grace_seconds=self.grace_seconds,
                         first_seen=first_seen,

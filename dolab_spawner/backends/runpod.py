@@ -10,8 +10,9 @@ The pod runs ``jupyterhub-singleuser`` with the hub's ``JUPYTERHUB_*`` variables
 ``hub_connect_url`` (a public https address the pod can reach) and the server's own token; nothing of the hub's
 environment (the RunPod key least of all) goes in. All RunPod calls go through :mod:`.runpod_api`.
 
-Pods are named ``<pod_name_prefix><escaped user>[--<server>]``, so a pod created before a hub crash is found
-again by name, and the reaper (``dolab_services.runpod_reaper``) can tell which pods no server owns.
+Pods are named ``<pod_name_prefix><hub id>-<escaped user>[--<server>]`` (the hub's id from
+:mod:`dolab_spawner.hubidentity`), so a pod created before a hub crash is found again by name, and the reaper
+(``dolab_services.runpod_reaper``) can tell which of this hub's pods no server owns, never touching another hub's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
+from ..hubidentity import hub_id
 from ..profiles import Selection
 from .base import BackendMixin
 from .runpod_api import (
@@ -43,7 +45,7 @@ from .runpod_api import (
     shared_api,
 )
 
-__all__ = ["RunPodBackend", "pod_name", "pod_request"]
+__all__ = ["RunPodBackend", "hub_pod_prefix", "pod_name", "pod_request"]
 
 _CLOUDS = {"secure": ("SECURE",), "community": ("COMMUNITY",), "all": ("SECURE", "COMMUNITY")}
 _SAFE = set(string.ascii_lowercase + string.digits)
@@ -59,6 +61,11 @@ def pod_name(prefix: str, username: str, server_name: str = "") -> str:
     """
     name = prefix + escape_name(username, safe=_SAFE, escape_char="-")
     return f"{name}--{server_name}" if server_name else name
+
+
+def hub_pod_prefix(prefix: str, hub_id: str) -> str:
+    """The start of every pod name of hub ``hub_id``: ``<prefix><hub id>-`` (what its reaper looks for)."""
+    return f"{prefix}{hub_id}-"
 
 
 def pod_request(selection: Selection) -> dict[str, Any]:
@@ -116,9 +123,11 @@ class RunPodBackend(BackendMixin, Spawner):
     pod_name_prefix = Unicode(
         "dolab-",
         config=True,
-        help="""Prefix of every pod name (``<prefix><user>[--<server>]``). Give each hub sharing a RunPod account its
-        own prefix: the reaper treats every pod with this prefix that no server owns as a leftover.""",
+        help="""Prefix of every pod name (``<prefix><hub id>-<user>[--<server>]``). The hub's id tells apart the pods
+        of hubs sharing a RunPod account: a reaper only ever looks at its own hub's.""",
     )
+
+    hub_id = Unicode(help="This hub's id (:mod:`dolab_spawner.hubidentity`), in every pod's name.")
 
     stop_action = Enum(
         ["terminate", "stop"],
@@ -187,6 +196,10 @@ class RunPodBackend(BackendMixin, Spawner):
     price_per_hour_usd = Float(0.0)
     gpu_count = Integer(0)
 
+    @default("hub_id")
+    def _default_hub_id(self) -> str:
+        return hub_id()
+
     @default("api_key")
     def _default_api_key(self) -> str:
         return os.environ.get("RUNPOD_API_KEY", "")
@@ -218,7 +231,7 @@ class RunPodBackend(BackendMixin, Spawner):
     @property
     def pod_name(self) -> str:
         """This server's pod name."""
-        return pod_name(self.pod_name_prefix, self.user.name, self.name)
+        return pod_name(hub_pod_prefix(self.pod_name_prefix, self.hub_id), self.user.name, self.name)
 
     def hub_timeouts(self) -> dict[str, float]:
         """``start_timeout`` and ``http_timeout`` the hub should use for this backend."""
