@@ -84,6 +84,7 @@ from dolab_services.culler.service import CULLER_SCOPES, Sweeper, SweepReport  #
 from dolab_services.culler.stop import StopPath  # noqa: E402
 from dolab_services.culler.telemetry import load_telemetry  # noqa: E402
 from dolab_services.hubclient import HubClient  # noqa: E402
+from dolab_services.servertokens import ServerTokens  # noqa: E402
 
 PAGINATION = {"Accept": "application/jupyterhub-pagination+json"}
 IDLE_CULLER_TIMEOUT = 3600
@@ -570,19 +571,25 @@ def measure(bench: Bench, case: str, round_: int, service: str, sweep: Callable[
     )
 
 
-def dolab_sweep(bench: Bench, policy: CullPolicy) -> Callable[[], Awaitable[str]]:
+def dolab_sweep(bench: Bench, policy: CullPolicy, tokens: list[ServerTokens]) -> Callable[[], Awaitable[str]]:
     """One DO-LAB sweep, built as ``python -m dolab_services.culler --once --dry-run`` builds it."""
     log = logging.getLogger("bench.dolab-culler")
+    # The running culler keeps its per-server tokens between sweeps (``tokens``, shared by the rounds): the first
+    # sweep mints one per server it reads (one hub request each), later ones reuse them. Each sweep has its own
+    # event loop and hub client.
 
     async def sweep() -> str:
         hub = HubClient(bench.api_url, bench.tokens[DOLAB])
+        if not tokens:
+            tokens.append(ServerTokens(hub, "bench: reads this server's kernels"))
+        tokens[0].hub = hub
         telemetry = load_telemetry("nvml")  # read only for servers holding GPUs: none here
         sweeper = Sweeper(
             hub,
             policy,
             telemetry,
             StopPath(hub, [], dry_run=True, log=log),
-            bench.tokens[DOLAB],
+            tokens[0],
             dry_run=True,
             log=log,
         )
@@ -774,15 +781,16 @@ def main(argv: list[str] | None = None) -> int:
             bench.api("GET", "/users?state=ready&limit=200", headers=PAGINATION).raise_for_status()  # warm-up
             machine["loadavg_before"] = list(os.getloadavg())
             near_policy = CullPolicy.from_config(NEAR_POLICY)
+            tokens: list[ServerTokens] = []  # the culler's per-server tokens, kept between sweeps as it keeps them
             for round_ in range(1, args.rounds + 1):
                 cases: list[tuple[str, str, Callable[[], Awaitable[str]]]] = [
                     ("idle-culler", IDLE, idle_culler_sweep(bench, idle_culler)),
-                    ("DO-LAB", DOLAB, dolab_sweep(bench, CullPolicy())),
+                    ("DO-LAB", DOLAB, dolab_sweep(bench, CullPolicy(), tokens)),
                 ]
                 if round_ % 2 == 0:
                     cases.reverse()
                 if args.candidates:
-                    cases.append((f"DO-LAB, {args.candidates} near", DOLAB, dolab_sweep(bench, near_policy)))
+                    cases.append((f"DO-LAB, {args.candidates} near", DOLAB, dolab_sweep(bench, near_policy, tokens)))
                 for case, service, sweep in cases:
                     m = measure(bench, case, round_, service, sweep)
                     measures.append(m)
