@@ -33,7 +33,7 @@ from .engine import BackupReport, RestoreReport, SyncEngine
 from .selection import MAX_PATHS, check_path_list
 from .store import StoreError
 from .tokens import AuthStateReader, NoDriveToken, user_drive_token
-from .workspace import UnsafePath, check_relpath, open_dir
+from .workspace import UnsafePath, check_relpath
 
 __all__ = ["MAX_WAITING_PER_USER", "Backups", "NoWorkspace", "Overdue", "TooManyWaiting", "Unscheduled"]
 
@@ -232,14 +232,9 @@ class Backups:
             check_relpath(into)
 
         def work(engine: SyncEngine) -> RestoreReport:
-            dest = root
-            if into:
-                owner = (root.stat().st_uid, root.stat().st_gid)
-                with open_dir(root, into, create=True, owner=owner):
-                    pass
-                dest = root / into
-                # open_dir refused any symlink on the way; the folder is a real one under the workspace now.
-            return engine.restore(dest, snapshot_id=snapshot_id, paths=wanted)
+            # The engine walks ``into`` from the workspace's root by descriptors: never ``root / into`` by path,
+            # which the user could turn through a symlink between a check and the writes.
+            return engine.restore(root, snapshot_id=snapshot_id, paths=wanted, into=into)
 
         report = await self._run(user, work)
         self.log.info(

@@ -17,7 +17,10 @@ Design
     - Files are hashed and uploaded by a bounded thread pool, streamed (never held in memory). A file that changes
       while it is read is tried again, then left as it was in the previous snapshot, with a log line.
 
-Workspace access goes through :mod:`.workspace` (no symlink followed, no path outside the root).
+Workspace access goes through :mod:`.workspace` and :mod:`.dirfd`: a backup and a restore each open the workspace's
+root once and reach everything below it by directory descriptors (``openat`` with ``O_NOFOLLOW``), never by
+resolving a path again, so a user who swaps a folder for a symlink while the service (root) works gets a refusal,
+never a read or a write outside the workspace.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import tempfile
 import threading
 import time
@@ -36,6 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from .dirfd import create_temp, make_symlink, open_parent, open_root, opened, walk
 from .manifest import (
     BLOB_PREFIX,
     CHUNK_BYTES,
@@ -54,12 +57,12 @@ from .selection import PathSelection
 from .store import ObjectNotFound, ObjectStore, StoreError
 from .workspace import (
     Excludes,
+    LinkEntry,
     ScannedFile,
     UnsafePath,
     check_relpath,
     fd_path,
-    open_dir,
-    open_file,
+    open_file_at,
     scan,
 )
 
@@ -153,11 +156,15 @@ class SyncEngine:
 
     def backup(self, workspace: Path, cache_path: Path | None = None, progress: Progress | None = None) -> BackupReport:
         """Make a snapshot of ``workspace`` if anything changed since the latest one; then apply retention."""
+        with opened(open_root(workspace)) as root_fd:
+            return self._backup(root_fd, cache_path, progress)
+
+    def _backup(self, root_fd: int, cache_path: Path | None, progress: Progress | None) -> BackupReport:
         started = time.monotonic()
         snaps = self.snapshots()
         previous = self.manifest(snaps[-1].id) if snaps else None
         report = BackupReport(snapshot=None, previous=previous.snapshot if previous else None)
-        scanned = scan(workspace, self.policy.excludes)
+        scanned = scan(root_fd, self.policy.excludes)
         report.skipped = list(scanned.skipped)
         cache = HashCache(cache_path)
         known = {h for f in previous.files for h in f.blobs} if previous else set()
@@ -187,7 +194,7 @@ class SyncEngine:
             else:
                 todo.append(f)
 
-        uploader = _Uploader(self.store, workspace, known, sum(f.size for f in todo), progress)
+        uploader = _Uploader(self.store, root_fd, known, sum(f.size for f in todo), progress)
         if todo:
             with (
                 ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-sync") as pool,
@@ -217,13 +224,16 @@ class SyncEngine:
         report.hashed_files = uploader.hashed
         report.uploaded_files, report.uploaded_bytes = uploader.uploaded, uploader.uploaded_bytes
 
+        dir_modes = dict(scanned.dir_modes)
         if self.policy.deletions == "keep" and previous is not None:
             self._carry_deleted(previous, records, scanned.empty_dirs, {link.path for link in scanned.links})
+            self._carry_dir_modes(previous, records, {f.path for f in scanned.files}, dir_modes)
         manifest = Manifest(
             snapshot="",
             files=sorted(records.values(), key=lambda r: r.path),
             links=sorted(scanned.links, key=lambda link: link.path),
             dirs=sorted(scanned.empty_dirs),
+            dir_modes=dir_modes,
         )
         report.files, report.total_bytes = len(manifest.files), manifest.total_bytes
         if not manifest.same_content(previous):
@@ -269,6 +279,18 @@ class SyncEngine:
                 continue
             records[rec.path] = rec
 
+    @staticmethod
+    def _carry_dir_modes(previous: Manifest, records: dict[str, FileRecord], present: set[str], modes: dict) -> None:
+        """The modes of the gone folders that carried files (``keep``) come back in."""
+        for path in records:
+            if path in present:
+                continue
+            parts = path.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                folder = "/".join(parts[:i])
+                if folder not in modes and folder in previous.dir_modes:
+                    modes[folder] = previous.dir_modes[folder]
+
     # ----- retention -----------------------------------------------------------------------------------
 
     def _retain(self, snaps: list[SnapshotInfo]) -> tuple[list[str], int]:
@@ -309,12 +331,17 @@ class SyncEngine:
         snapshot_id: str | None = None,
         paths: Iterable[str] | None = None,
         progress: Progress | None = None,
+        into: str = "",
     ) -> RestoreReport:
         """Write a snapshot (the latest by default), or only ``paths`` of it (files, or folders and all below),
-        into the directory ``dest``. Existing files are replaced; nothing else in ``dest`` is touched.
+        into the directory ``dest`` (a workspace's root), or into its sub-folder ``into`` (made when missing).
+        Existing files are replaced; nothing else is touched, but folders' modes: a whole restore gives every
+        folder the mode it was backed up with, a restore of some paths those it makes.
 
-        Raises StoreError (ObjectNotFound for a missing snapshot or a path the snapshot does not hold) and
-        UnsafePath for a path that is not clean or would go through a symlink in ``dest``.
+        Everything is reached from one descriptor of ``dest`` by descriptors (:mod:`.dirfd`), so a folder that
+        becomes a symlink meanwhile is refused, never written through. Raises StoreError (ObjectNotFound for a
+        missing snapshot or a path the snapshot does not hold) and UnsafePath for a path that is not clean or goes
+        through a symlink (or a folder where the backup has a file).
         """
         manifest = self.manifest(snapshot_id)
         files, links, dirs = manifest.files, manifest.links, manifest.dirs
@@ -329,11 +356,9 @@ class SyncEngine:
         total = sum(f.size for f in files)
         done = [0]
         lock = threading.Lock()
-        root_st = os.stat(dest)
-        owner = (root_st.st_uid, root_st.st_gid) if os.geteuid() == 0 else None
 
         def one(rec: FileRecord) -> None:
-            _restore_file(self.store, dest, rec, owner, pieces_dir)
+            _restore_file(self.store, place, rec, pieces_dir)
             with lock:
                 done[0] += rec.size
                 report.files += 1
@@ -341,43 +366,94 @@ class SyncEngine:
                 if progress is not None:
                     progress(done[0], total)
 
-        for d in dirs:
-            with open_dir(dest, d, create=True, owner=owner):
-                pass
-        with (
-            ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-restore") as pool,
-            tempfile.TemporaryDirectory(prefix="dolab-restore-") as pieces,
-        ):
-            pieces_dir = Path(pieces)
-            for fut in [pool.submit(one, f) for f in files]:
-                fut.result()
-        for link in links:
-            parent, _, name = link.path.rpartition("/")
-            with open_dir(dest, parent, create=True, owner=owner) as dfd:
-                try:
-                    os.unlink(name, dir_fd=dfd)
-                except FileNotFoundError:
-                    pass
-                except IsADirectoryError:
-                    log.warning("Restore keeps the folder %s where the backup has a link", link.path)
-                    continue
-                os.symlink(link.target, name, dir_fd=dfd)
-                report.links += 1
+        with _Destination(dest, into) as place:
+            for d in dirs:
+                place.make_dir(d)
+            with (
+                ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-restore") as pool,
+                tempfile.TemporaryDirectory(prefix="dolab-restore-") as pieces,
+            ):
+                pieces_dir = Path(pieces)
+                for fut in [pool.submit(one, f) for f in files]:
+                    fut.result()
+            for link in links:
+                if place.make_link(link):
+                    report.links += 1
+                else:
+                    log.warning("Restore keeps the folder %r where the backup has a link", link.path)
+            place.set_dir_modes(manifest.dir_modes, every=paths is None)
         log.info(
-            "Restored %d files (%d bytes) of snapshot %s into %s", report.files, report.bytes, manifest.snapshot, dest
+            "Restored %d files (%d bytes) of snapshot %s into %s%s",
+            report.files,
+            report.bytes,
+            manifest.snapshot,
+            dest,
+            f"/{into}" if into else "",
         )
         return report
 
 
-def _restore_file(
-    store: ObjectStore, dest: Path, rec: FileRecord, owner: tuple[int, int] | None, pieces_dir: Path
-) -> None:
-    """Download one file next to its place under a random name, check its hash, then rename it over the place."""
-    check_relpath(rec.path)
-    parent, _, name = rec.path.rpartition("/")
-    with open_dir(dest, parent, create=True, owner=owner) as dfd:
-        tmp = f".dolab-restore-{secrets.token_hex(6)}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+class _Destination:
+    """Where a restore writes: the folder ``into`` below the workspace root ``root``, held open by a descriptor
+    for the whole restore; every folder below is reached from it by :mod:`.dirfd` (made when missing, given the
+    root's owner when the service is root), so nothing is ever resolved by path again."""
+
+    def __init__(self, root: Path, into: str) -> None:
+        if into:
+            check_relpath(into)
+        with opened(open_root(root)) as root_fd:
+            st = os.fstat(root_fd)
+            self.owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+            self.fd = walk(root_fd, into, create=True, owner=self.owner)
+        self._made: set[str] = set()  # folders this restore made (relative to ``into``)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _Destination:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def _note(self, relpath: str) -> None:
+        with self._lock:
+            self._made.add(relpath)
+
+    def parent(self, relpath: str) -> tuple[int, str]:
+        """A new descriptor of ``relpath``'s folder (made when missing), and its last name."""
+        check_relpath(relpath)
+        return open_parent(self.fd, relpath, create=True, owner=self.owner, made=self._note)
+
+    def make_dir(self, relpath: str) -> None:
+        """Make the folder ``relpath`` and those above it."""
+        check_relpath(relpath)
+        os.close(walk(self.fd, relpath, create=True, owner=self.owner, made=self._note))
+
+    def make_link(self, link: LinkEntry) -> bool:
+        """Make the symlink (replacing a file or link there); False when a folder is in its place."""
+        dir_fd, name = self.parent(link.path)
+        with opened(dir_fd):
+            return make_symlink(dir_fd, name, link.target, self.owner)
+
+    def set_dir_modes(self, modes: dict[str, int], every: bool) -> None:
+        """Give folders their backed-up mode: ``every`` one, or those this restore made. Last, so that a folder
+        backed up read-only is written into first."""
+        for relpath, mode in modes.items():
+            if not (every or relpath in self._made):
+                continue
+            try:
+                fd = walk(self.fd, relpath)
+            except (FileNotFoundError, NotADirectoryError, UnsafePath):
+                continue  # not restored (excluded since), or replaced by the user meanwhile
+            with opened(fd):
+                os.fchmod(fd, mode)
+
+
+def _restore_file(store: ObjectStore, place: _Destination, rec: FileRecord, pieces_dir: Path) -> None:
+    """Download one file next to its place under a random name, check its hash, then rename it over the place
+    (which replaces a symlink planted there, never writes through it)."""
+    dfd, name = place.parent(rec.path)
+    with opened(dfd):
+        fd, tmp = create_temp(dfd)
         try:
             try:
                 if rec.chunks:
@@ -392,10 +468,15 @@ def _restore_file(
             if _hash_fd(fd) != rec.sha256 or os.fstat(fd).st_size != rec.size:
                 raise StoreError(f"The backup of {rec.path} is damaged; restore it from another restore point.")
             os.fchmod(fd, rec.mode)
-            if owner is not None:
-                os.fchown(fd, *owner)
+            if place.owner is not None:
+                os.fchown(fd, *place.owner)
             os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except IsADirectoryError:
+                raise UnsafePath(
+                    f"There is a folder at {rec.path}, where the backup has a file: move it away, then restore again."
+                ) from None
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=dfd)
@@ -480,10 +561,10 @@ class _Uploader(_BlobWriter):
     """Hashes changed files of the workspace and uploads contents the store does not have yet."""
 
     def __init__(
-        self, store: ObjectStore, root: Path, known: set[str], total_bytes: int, progress: Progress | None
+        self, store: ObjectStore, root_fd: int, known: set[str], total_bytes: int, progress: Progress | None
     ) -> None:
         super().__init__(store, known, total_bytes, progress)
-        self.root = root
+        self.root_fd = root_fd  # the workspace's root, open for the whole backup
         self.listed = threading.Event()
 
     def list_stored(self) -> None:
@@ -501,7 +582,7 @@ class _Uploader(_BlobWriter):
             if self.cancelled:
                 return "cancelled"
             try:
-                with open_file(self.root, f.path) as fd:
+                with open_file_at(self.root_fd, f.path) as fd:
                     before = os.fstat(fd)
                     sha, chunks = _hash_content(fd, before.st_size)
                     self.listed.wait()

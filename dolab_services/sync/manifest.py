@@ -5,11 +5,21 @@ A manifest is one gzipped JSON object per snapshot, stored as ``snapshots/<id>.j
     {"format": "dolab-sync", "version": 1, "snapshot": "20261126T083000123456Z", "created": "2026-11-26T08:30:00Z",
      "files": [{"path": "notes/a.ipynb", "size": 1234, "mtime_ns": 1764145800000000000, "mode": 420,
                 "sha256": "<hex>"}, ...],
-     "links": [{"path": "latest", "target": "runs/42"}], "dirs": ["empty/folder"]}
+     "links": [{"path": "latest", "target": "runs/42"}], "dirs": ["empty/folder"],
+     "dir_modes": {"empty": 493, "empty/folder": 448, "notes": 493}}
+
+``dirs`` lists the empty folders; ``dir_modes`` every folder's mode bits (permissions, setgid, sticky), so a 0700
+``.ssh`` comes back 0700. Manifests written before ``dir_modes`` existed have none: their folders are restored
+0755, as they always were. The format stays version 1: every addition is an optional field an older reader skips.
+Names are JSON strings; a name that is not valid UTF-8 is kept as its bytes, in Python's surrogate-escape form
+(``os.fsdecode``), which JSON writes as ``\\udcXX`` escapes (the JSON text itself is ASCII); a surrogate that is no
+such byte escape is refused on read, so no escape can smuggle a ``/`` or a NUL into a name.
 
 File contents are the blobs ``blobs/<sha256[:2]>/<sha256>``; a file from 32 MiB on is stored as 8 MiB pieces, each
 a blob, listed in order in its entry's ``chunks``. Paths are relative and checked on read, so a
-tampered manifest cannot make a restore write outside its destination.
+tampered manifest cannot make a restore write outside its destination; links that would lead outside, by their
+text or through the manifest's other links, are refused (the first: the manifest is damaged) or dropped (the
+second: snapshots made before that rule may hold them) on read.
 
 The hash cache is local to the machine that syncs (``<cache dir>/<user>.json.gz``): per path, ``(size, mtime_ns,
 ctime_ns, inode, sha256)``. A file whose four identity fields all match is not read again. The ctime is the key
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -29,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .store import StoreError
-from .workspace import LinkEntry, UnsafePath, check_relpath, link_stays_inside
+from .workspace import DIR_MODE_BITS, LinkEntry, UnsafePath, check_relpath, leaving_links, link_stays_inside
 
 __all__ = [
     "BLOB_PREFIX",
@@ -44,6 +55,8 @@ __all__ = [
     "snapshot_id_of",
     "snapshot_key",
 ]
+
+log = logging.getLogger("dolab.sync")
 
 BLOB_PREFIX = "blobs/"
 SNAPSHOT_PREFIX = "snapshots/"
@@ -107,12 +120,14 @@ class FileRecord:
 
 @dataclass
 class Manifest:
-    """The content of one snapshot."""
+    """The content of one snapshot: files, links, empty folders (``dirs``) and every folder's mode
+    (``dir_modes``, path -> mode bits; empty for a snapshot made before they were recorded)."""
 
     snapshot: str
     files: list[FileRecord] = field(default_factory=list)
     links: list[LinkEntry] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
+    dir_modes: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -126,6 +141,7 @@ class Manifest:
             and self.files == other.files
             and self.links == other.links
             and sorted(self.dirs) == sorted(other.dirs)
+            and self.dir_modes == other.dir_modes
         )
 
     def to_bytes(self) -> bytes:
@@ -139,8 +155,10 @@ class Manifest:
             "files": [_file_json(f) for f in self.files],
             "links": [asdict(link) for link in self.links],
             "dirs": list(self.dirs),
+            "dir_modes": dict(sorted(self.dir_modes.items())),
         }
-        return gzip.compress(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode(), compresslevel=6)
+        # ASCII JSON: a name that is not UTF-8 (surrogate escapes) is written as \udcXX, which UTF-8 cannot hold.
+        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), compresslevel=6)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
@@ -152,6 +170,10 @@ class Manifest:
             files = [FileRecord(**_fields(f, FileRecord)) for f in doc["files"]]
             links = [LinkEntry(str(x["path"]), str(x["target"])) for x in doc.get("links", [])]
             dirs = [str(d) for d in doc.get("dirs", [])]
+            raw_modes = doc.get("dir_modes", {})
+            if not isinstance(raw_modes, dict):
+                raise ValueError("dir_modes must be an object")
+            dir_modes = {str(d): int(m) & DIR_MODE_BITS for d, m in raw_modes.items()}
             for f in files:
                 check_relpath(f.path)
                 if not all(_is_hash(h) for h in (f.sha256, *f.chunks)):
@@ -162,11 +184,21 @@ class Manifest:
                 check_relpath(link.path)
                 if not link_stays_inside(link.path, link.target):
                     raise UnsafePath(f"link {link.path!r} leads out of the workspace")
-            for d in dirs:
+                os.fsencode(link.target)  # a surrogate that is no byte escape: damaged
+            for d in [*dirs, *dir_modes]:
                 check_relpath(d)
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             raise StoreError(f"A backup manifest is damaged ({e}); pick another restore point.") from e
-        return cls(str(doc["snapshot"]), files, links, dirs)
+        leaving = leaving_links({link.path: link.target for link in links})
+        if leaving:
+            log.warning(
+                "Snapshot %s: %d link(s) lead out of the workspace through other links and are not restored: %s",
+                doc["snapshot"],
+                len(leaving),
+                ", ".join(repr(p) for p in sorted(leaving)[:10]),
+            )
+            links = [link for link in links if link.path not in leaving]
+        return cls(str(doc["snapshot"]), files, links, dirs, dir_modes)
 
 
 def _is_hash(value: str) -> bool:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import collections
+import gzip
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,7 +21,7 @@ from dolab_services.sync.engine import SyncEngine, SyncPolicy
 from dolab_services.sync.manifest import BLOB_PREFIX, FileRecord, Manifest, blob_key, snapshot_key
 from dolab_services.sync.s3 import S3Store
 from dolab_services.sync.store import ObjectNotFound, StoreError
-from dolab_services.sync.workspace import Excludes, UnsafePath, open_file
+from dolab_services.sync.workspace import Excludes, UnsafePath, leaving_links, open_file
 
 from .conftest import CREDENTIALS, S3Server
 from .treeutil import MiB, big_file, describe, sample_workspace, without, write
@@ -413,3 +416,132 @@ def test_retention_never_takes_a_blob_another_sync_just_uploaded(store: S3Store,
     out.mkdir()
     engine.restore(out)
     assert (out / "doc.txt").read_text() == "version 2"
+
+
+def test_folder_modes_round_trip(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    write(ws, ".ssh/id_ed25519", "key")
+    write(ws, "shared/team.txt", "t")
+    (ws / "private" / "empty").mkdir(parents=True)
+    (ws / ".ssh").chmod(0o700)
+    (ws / "shared").chmod(0o2775)  # setgid: a group's shared folder
+    (ws / "private").chmod(0o750)
+    engine = SyncEngine(store)
+    engine.backup(ws)
+    assert engine.manifest().dir_modes == {".ssh": 0o700, "shared": 0o2775, "private": 0o750, "private/empty": 0o755}
+
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out)
+
+    modes = {d: stat.S_IMODE((out / d).stat().st_mode) for d in (".ssh", "shared", "private", "private/empty")}
+    assert modes == {".ssh": 0o700, "shared": 0o2775, "private": 0o750, "private/empty": 0o755}
+    # A mode change alone is a change: the next backup records it.
+    (ws / ".ssh").chmod(0o755)
+    assert engine.backup(ws).snapshot is not None
+    assert engine.manifest().dir_modes[".ssh"] == 0o755
+
+
+def test_a_restore_of_some_paths_sets_the_modes_of_the_folders_it_makes_only(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    write(ws, "a/b/f.txt", "f")
+    (ws / "a").chmod(0o700)
+    (ws / "a" / "b").chmod(0o711)
+    engine = SyncEngine(store)
+    engine.backup(ws)
+    shutil.rmtree(ws / "a" / "b")
+    (ws / "a").chmod(0o755)  # the user opened it up since
+
+    engine.restore(ws, paths=["a/b/f.txt"])
+
+    assert stat.S_IMODE((ws / "a").stat().st_mode) == 0o755  # there already: left as the user has it
+    assert stat.S_IMODE((ws / "a" / "b").stat().st_mode) == 0o711  # made by the restore: as backed up
+
+
+def test_a_manifest_without_folder_modes_still_restores(store: S3Store, tmp_path: Path) -> None:
+    """Snapshots made before folder modes were recorded: read as they are, folders made 0755 as before."""
+    ws = tmp_path / "ws"
+    write(ws, "dir/file.txt", "old snapshot")
+    (ws / "dir").chmod(0o700)
+    engine = SyncEngine(store)
+    sid = engine.backup(ws).snapshot
+    assert sid is not None
+    doc = json.loads(gzip.decompress(store.get_bytes(snapshot_key(sid))))
+    del doc["dir_modes"]
+    store.put_bytes(snapshot_key(sid), gzip.compress(json.dumps(doc).encode()))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    engine.restore(out)
+
+    assert (out / "dir" / "file.txt").read_text() == "old snapshot"
+    assert stat.S_IMODE((out / "dir").stat().st_mode) == 0o755
+    # The first backup after the upgrade records the modes (a new snapshot, though no file changed).
+    report = engine.backup(ws)
+    assert report.snapshot is not None and report.uploaded_files == 0
+    assert engine.manifest().dir_modes == {"dir": 0o700}
+
+
+def test_names_that_are_not_utf8_round_trip(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    raw = os.fsencode(ws)
+    os.makedirs(raw + b"/caf\xe9")
+    with open(raw + b"/caf\xe9/men\xfc.txt", "wb") as f:
+        f.write(b"latin-1 names")
+    os.symlink(b"caf\xe9/men\xfc.txt", raw + b"/lien-\xff")
+    write(ws, "plain.txt", "utf-8 neighbour")
+    engine = SyncEngine(store)
+    cache = tmp_path / "cache.json.gz"
+
+    report = engine.backup(ws, cache_path=cache)
+
+    assert report.skipped == [] and report.files == 2
+    assert engine.backup(ws, cache_path=cache).snapshot is None  # the cache holds such names too
+    out = tmp_path / "out"
+    out.mkdir()
+    engine.restore(out)
+    assert describe(out) == describe(ws)
+    assert sorted(os.listdir(os.fsencode(out))) == sorted(os.listdir(raw))
+    assert os.readlink(os.fsencode(out) + b"/lien-\xff") == b"caf\xe9/men\xfc.txt"
+    engine.restore(out, paths=[os.fsdecode(b"caf\xe9/men\xfc.txt")])  # a path of it can be named, too
+
+
+def test_restore_into_a_sub_folder(store: S3Store, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    sample_workspace(ws)
+    engine = SyncEngine(store)
+    engine.backup(ws)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    engine.restore(out, into="old/copy")
+
+    assert describe(out / "old" / "copy") == without(describe(ws), *EXCLUDED)
+    with pytest.raises(UnsafePath):
+        engine.restore(out, into="../escape")
+    os.symlink(str(tmp_path), out / "link")
+    with pytest.raises(UnsafePath):
+        engine.restore(out, into="link/escape")
+    assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize(
+    ("links", "leaving"),
+    [
+        ({"a/up": ".."}, set()),
+        ({"a/up": "..", "chain": "a/up/../bob/x"}, {"chain"}),
+        ({"a/up": "..", "ok": "a/up/a/up/x"}, set()),
+        ({"a/up": "..", "twice": "a/up/a/up/.."}, {"twice"}),
+        ({"a/b/up2": "../..", "x": "a/b/up2/.."}, {"x"}),
+        ({"l1": "l2", "l2": "l1"}, {"l1", "l2"}),
+        ({"self": "self/x"}, {"self"}),
+        ({"abs": "/etc", "via": "abs/passwd"}, {"abs", "via"}),
+        ({"d/in": "../d/x/../../d"}, set()),
+        # The kernel follows 40 links at most: l20 -> ... -> l60 -> x is 41 of them (ELOOP), l21 -> ... is 40.
+        ({f"l{i}": f"l{i + 1}" for i in range(60)} | {"l60": "x"}, {f"l{i}" for i in range(21)}),
+    ],
+    ids=["parent", "chain", "through-and-inside", "two-deep", "nested", "loop", "self", "absolute", "text", "41-deep"],
+)
+def test_links_are_judged_through_the_snapshots_own_links(links: dict[str, str], leaving: set[str]) -> None:
+    assert leaving_links(links) == leaving
