@@ -7,6 +7,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dolab_spawner.profiles import (
     Choice,
@@ -547,6 +549,68 @@ def test_gpus_unicode_digit_is_an_options_error() -> None:
 def test_out_of_range_times_are_options_errors(user_options: dict[str, Any], max_run_hours: float) -> None:
     with pytest.raises(OptionsError):
         resolve_options(PROFILES, user_options, now=NOW, max_run_hours=max_run_hours)
+
+
+# ----- resolve_options: hostile input ----------------------------------------------------------------------
+
+#: The local profiles and a RunPod one (its gpu_type and max_price_per_hour), as the REST API can reach them.
+HOSTILE_PROFILES = parse_profile_list(
+    [
+        *PROFILE_LIST,
+        {
+            "display_name": "Pod",
+            "slug": "pod",
+            "backend": "runpod",
+            "gpus": 2,
+            "runpod": {"gpu_types": ["NVIDIA A100 80GB PCIe"], "image": "me/lab:1", "max_price_per_hour": 4},
+        },
+    ],
+    backends=("local", "runpod"),
+)
+HUGE = st.sampled_from(
+    [10**400, -(10**400), 2**63, 1e308, float("nan"), float("inf"), "1" * 5000, "9" * 64, "x" * 100_000, "²", " 1 "]
+)
+OPTION_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30) | HUGE,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+OPTION_KEYS = st.sampled_from(["profile", "gpus", "run_hours", "stop_at", "gpu_type", "max_price_per_hour", "env"])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    user_options=st.dictionaries(OPTION_KEYS | st.text(max_size=10), OPTION_VALUES, max_size=7)
+    | st.fixed_dictionaries({"profile": st.sampled_from(["cpu", "a100x2", "pod"]), "gpus": HUGE, "run_hours": HUGE})
+    | OPTION_VALUES,
+    max_run_hours=st.sampled_from([0, 24]),
+)
+def test_hostile_user_options_are_a_selection_or_a_short_sentence(user_options: Any, max_run_hours: float) -> None:
+    # Only OptionsError may come out (the spawner turns it into a 400); anything else is a 500 with a traceback.
+    try:
+        selection = resolve_options(HOSTILE_PROFILES, user_options, now=NOW, max_run_hours=max_run_hours)
+    except OptionsError as e:
+        assert len(str(e)) < 600, "a refusal quotes at most a short piece of what was sent"
+        return
+    assert selection.stop_at is None or selection.stop_at <= NOW + timedelta(hours=100_000)
+    json.dumps(selection.user_options(), allow_nan=False)  # what the hub stores is plain, finite JSON
+
+
+@pytest.mark.parametrize(
+    "user_options",
+    [
+        pytest.param({"profile": "a100x2", "gpus": "1" * 5000}, id="gpus 5000 digits"),
+        pytest.param({"run_hours": 10**400}, id="run_hours 10**400"),
+        pytest.param({"run_hours": -(10**400)}, id="run_hours -10**400"),
+        pytest.param({"profile": "pod", "max_price_per_hour": 10**400}, id="price 10**400"),
+        pytest.param({"stop_at": "2" * 5000}, id="stop_at 5000 chars"),
+        pytest.param({f"key{i}": 1 for i in range(1000)}, id="1000 keys"),
+    ],
+)
+def test_the_reported_user_options_are_short_sentences(user_options: dict[str, Any]) -> None:
+    with pytest.raises(OptionsError) as info:
+        resolve_options(HOSTILE_PROFILES, user_options, now=NOW, max_run_hours=MAX_RUN_HOURS)
+    assert len(str(info.value)) < 300, str(info.value)
 
 
 # ----- Selection --------------------------------------------------------------------------------------------
