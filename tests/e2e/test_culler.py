@@ -380,7 +380,7 @@ def test_extending_moves_the_deadline_within_the_limit(scenario: Scenario) -> No
     assert too_far.status_code == 400
     assert "You can extend to at most 24 hours from now" in too_far.json()["message"]
     not_hers = scenario.culler("POST", "api/extend", EXTEND, json={"server": "", "hours": 1, "user": BUSY})
-    assert not_hers.status_code == 400 and "only change your own servers" in not_hers.json()["message"]
+    assert not_hers.status_code == 403 and "only change your own servers" in not_hers.json()["message"]
     no_such = scenario.culler("POST", "api/extend", EXTEND, json={"server": "other", "hours": 1})
     assert no_such.status_code == 400 and "You have no running server 'other'" in no_such.json()["message"]
 
