@@ -365,7 +365,7 @@ class DoLabOAuthenticator(OAuthenticator):
             if isinstance(result, dict):
                 renewed += 1
             elif result is False:
-                self.log.warning("%s's tokens could not be renewed; they are renewed at their next login", name)
+                self.log.warning("%s must log in again (see above); their tokens are renewed at that login", name)
                 # Do not ask again every interval: their next login stores new tokens.
                 self._expiry[name] = float("inf")
         return renewed
