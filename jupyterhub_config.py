@@ -22,6 +22,7 @@ from dolab_services.scopes import with_admin_role, with_custom_scopes
 from dolab_services.sync.registration import sync_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.auth.envconfig import configure_login
+from dolab_spawner.backends.local import check_local_accounts
 from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
 from dolab_spawner.paths import default_data_dir
 from dolab_spawner.plans import PlanConfigError, load_plans_file
@@ -113,6 +114,9 @@ if env.get("DOLAB_PLANS_FILE"):  # groups -> plans (profiles, quotas, run time, 
     except PlanConfigError as e:
         sys.exit(f"DO-LAB: bad configuration: {e}")
 c.LocalProcessBackend.log_dir = str(data_dir / "logs")
+# As root, each user's local server runs as a system account of their own; this runs them as root instead.
+if env.get("DOLAB_ALLOW_ROOT_SERVERS", "") in ("1", "true", "yes"):
+    c.LocalProcessBackend.allow_root_servers = True
 
 # --- services --------------------------------------------------------------------------------------------
 # `dolab gpus` reads slots from the hub with this token (kept in the data directory, like the passwords).
@@ -151,6 +155,13 @@ if c.JupyterHub.spawner_class in ("dolab", DoLabSpawner):
         DoLabSpawner.check_config(c)
     except TraitError as e:
         sys.exit(f"DO-LAB: bad configuration: {e}")
+    # Local servers as root: accounts of their own and a data directory they cannot read (README, "The local backend").
+    try:
+        root_warning = check_local_accounts(c, data_dir, c.DoLabSpawner.workspace_root)
+    except ValueError as e:
+        sys.exit(f"DO-LAB: bad configuration: {e}")
+    if root_warning:
+        print(f"DO-LAB: {root_warning}", file=sys.stderr, flush=True)
 
 # --- the reaper: after the overlays, so it sweeps the docker_hosts they set ----------------------------------
 # Reports (DOLAB_REAPER_REMOVE=1: removes) DO-LAB containers no server owns; only when a profile uses docker.

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -35,6 +37,8 @@ c.JupyterHub.load_roles.append(
     }}
 )
 c.JupyterHub.log_level = "DEBUG"
+# Local servers of a root hub run as accounts with this prefix: one no real account has, new per hub.
+c.LocalProcessBackend.system_user_prefix = {account_prefix!r}
 """
 
 
@@ -54,7 +58,12 @@ class Hub:
         self.overlay_dir = root / "overlay"
         self.overlay_dir.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_hex(16)
-        (self.overlay_dir / "00-test-service.py").write_text(TEST_OVERLAY.format(token=self.token))
+        self.account_prefix = f"dlt{secrets.token_hex(2)}-"
+        (self.overlay_dir / "00-test-service.py").write_text(
+            TEST_OVERLAY.format(token=self.token, account_prefix=self.account_prefix)
+        )
+        if os.geteuid() == 0:
+            let_accounts_through(root, REPO, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable))
         if overlay:
             (self.overlay_dir / "10-test.py").write_text(overlay)
         self.port = free_port()
@@ -144,6 +153,25 @@ class Hub:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.remove_accounts()
+
+    def remove_accounts(self) -> None:
+        """Delete the system accounts this hub made for its users (and end what still runs as them)."""
+        if os.geteuid() != 0:
+            return
+        for account in pwd.getpwall():
+            if not account.pw_name.startswith(self.account_prefix):
+                continue
+            for pid in pids_of_uid(account.pw_uid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for _ in range(50):
+                done = subprocess.run(["userdel", account.pw_name], capture_output=True, timeout=30)
+                if done.returncode != 8:  # 8: still has processes, which SIGKILL is ending
+                    break
+                time.sleep(0.1)
 
     # ----- REST ----------------------------------------------------------------------------------------
 
@@ -227,6 +255,30 @@ class Hub:
                 return events
             time.sleep(0.05)
         raise TimeoutError("no progress stream")
+
+
+def let_accounts_through(*paths: Path) -> None:
+    """Let other accounts traverse (``o+x``, never list) the folders above ``paths``: the test data directory lives
+    under pytest's private temporary folder, and the servers' accounts must reach their workspaces, the venv and the
+    Python it was made from (under /root with pyenv)."""
+    for path in paths:
+        for folder in [path.resolve(), *path.resolve().parents]:
+            st = folder.stat()
+            if st.st_uid == 0 and not st.st_mode & stat.S_IXOTH:
+                folder.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+def pids_of_uid(uid: int) -> list[int]:
+    """The processes that run as ``uid`` (from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
 
 
 GPU_INVENTORY = [
