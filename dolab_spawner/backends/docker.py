@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import os
 import re
 import tarfile
@@ -712,7 +713,13 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
             return
         # Listening everywhere: the container reaches this machine at its network's gateway.
         network = await self.docker("inspect_network", self.network_name)
-        gateway = next((c.get("Gateway") for c in network.get("IPAM", {}).get("Config") or [] if c.get("Gateway")), "")
+        configs = network.get("IPAM", {}).get("Config") or []
+        gateway = next((c.get("Gateway") for c in configs if c.get("Gateway")), "")
+        if not gateway:
+            # Some engines list the default bridge's subnet without its gateway: Docker's IPAM gives the gateway the
+            # subnet's first address.
+            subnets = [c["Subnet"] for c in configs if ":" not in str(c.get("Subnet") or ":")]
+            gateway = str(next(ipaddress.ip_network(subnets[0], strict=False).hosts())) if subnets else ""
         if gateway:
             self.hub_connect_url = f"http://{gateway}:{port}"
 
