@@ -137,11 +137,17 @@ def _make_dir(
     return fd
 
 
-def open_parent(base_fd: int, relpath: str, **kwargs: object) -> tuple[int, str]:
-    """The descriptor of ``relpath``'s folder below ``base_fd`` (as :func:`walk`, same keywords), and its last
-    name."""
+def open_parent(
+    base_fd: int,
+    relpath: str,
+    *,
+    create: bool = False,
+    owner: tuple[int, int] | None = None,
+    made: Callable[[str], None] | None = None,
+) -> tuple[int, str]:
+    """A new descriptor of ``relpath``'s folder below ``base_fd`` (as :func:`walk`), and its last name."""
     parent, _, name = relpath.rpartition("/")
-    return walk(base_fd, parent, **kwargs), name  # type: ignore[arg-type]
+    return walk(base_fd, parent, create=create, owner=owner, made=made), check_name(name, relpath)
 
 
 def open_read(dir_fd: int, name: str, relpath: str = "") -> int:
