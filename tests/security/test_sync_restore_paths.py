@@ -222,7 +222,9 @@ def test_one_users_long_restores_never_starve_another_users_backup(site: Site) -
         ]
         wait_until(lambda: sum(f.done() for f in flood) >= 4, "the refusals of her extra requests", timeout=60)
         refused = [f.result() for f in flood if f.done()]  # the others wait for the restores before them
-        assert all(r.status_code == 429 for r in refused), [r.text for r in refused]
+        assert all(r.status_code == 429 for r in refused), (
+            f"her requests beyond {MAX_WAITING_PER_USER} waiting were not refused: {[r.text for r in refused]}"
+        )
         assert "waiting already" in refused[0].json()["message"]
 
         # Nothing is lost: what she queued runs in her turn.
