@@ -156,6 +156,16 @@ async def test_system_accounts_are_never_used(name: str, tmp_path: Path) -> None
 
 
 @as_root
+async def test_an_account_in_roots_group_is_never_used(test_prefix: str, tmp_path: Path) -> None:
+    name = account_name("grace", test_prefix)
+    await ensure_account(name, str(tmp_path / "grace"), "/bin/bash")
+    subprocess.run(["usermod", "-aG", "root", name], check=True, capture_output=True, timeout=30)
+    with pytest.raises(AccountError) as e:
+        await ensure_account(name, str(tmp_path / "grace"), "/bin/bash")
+    assert "groups" in e.value.detail
+
+
+@as_root
 async def test_a_missing_account_is_not_made_when_creation_is_off(test_prefix: str, tmp_path: Path) -> None:
     name = account_name("erin", test_prefix)
     with pytest.raises(AccountError, match="no account for you"):

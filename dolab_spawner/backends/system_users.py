@@ -181,13 +181,13 @@ def _find_or_create(name: str, home: str, shell: str, create: bool, timeout_seco
             ) from None
         entry = _useradd(name, home, shell, timeout_seconds)
     uid_min = _uid_min()
-    if entry.pw_uid == 0 or entry.pw_gid == 0 or entry.pw_uid < uid_min:
-        # A system account (or root) must never run a user's server, nor be handed a workspace.
+    groups = tuple(os.getgrouplist(name, entry.pw_gid))
+    if entry.pw_uid == 0 or entry.pw_uid < uid_min or 0 in groups:
+        # A system account, root or a member of root's group must never run a user's server, nor get a workspace.
         raise AccountError(
             "Your server cannot run under the account this machine has for you. Ask an administrator.",
-            f"account {name} has uid {entry.pw_uid}, gid {entry.pw_gid}: below UID_MIN {uid_min} or root's",
+            f"account {name} has uid {entry.pw_uid} and groups {list(groups)}: below UID_MIN {uid_min}, or root's",
         )
-    groups = tuple(g for g in os.getgrouplist(name, entry.pw_gid) if g != 0)
     return Account(name=name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups, shell=entry.pw_shell or shell)
 
 

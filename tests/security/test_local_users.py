@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import stat
 import threading
 import time
@@ -22,8 +23,9 @@ import pytest
 import requests
 import websocket
 
-from tests.e2e.hub import Hub
+from tests.e2e.hub import Hub, free_port
 from tests.e2e.jupyter import run_in_kernel
+from tests.sync.conftest import CREDENTIALS, S3Server, s3_server  # noqa: F401 - s3_server is a fixture
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,7 +35,8 @@ pytestmark = [
 CPU_ONLY = [{"display_name": "CPU only", "slug": "cpu", "default": True}]
 OVERLAY = f"c.DoLabSpawner.profile_list = {CPU_ONLY!r}\n"
 
-# Run in Mallory's kernel: try each (kind, path) and say what happened, without ever printing what was read.
+# Run in Mallory's kernel: try each (kind, path) and say what happened, without ever printing what was read
+# ("signal" sends signal 0 to a pid: allowed only to its owner and root).
 PROBE = """
 import json, os
 out = {}
@@ -41,6 +44,8 @@ for kind, path in json.loads(%r):
     try:
         if kind == "list":
             os.listdir(path)
+        elif kind == "signal":
+            os.kill(int(path), 0)
         else:
             with open(path, "rb") as f:
                 f.read(64)
@@ -143,6 +148,8 @@ def test_mallory_cannot_read_the_hub_or_bob(hub: Hub) -> None:
         ("list", bob["cwd"]),
         ("read", f"/proc/{hub.proc.pid}/environ"),  # type: ignore[union-attr]
         ("read", f"/proc/{server_pid(hub, 'bob')}/environ"),  # Bob's server: his API token
+        ("signal", str(server_pid(hub, "bob"))),  # signal 0: may she stop it?
+        ("signal", str(hub.proc.pid)),  # type: ignore[union-attr]
     ]
     seen = probe(hub, "mallory", token, targets)
     assert seen == {str(path): "refused" for _, path in targets}
@@ -270,3 +277,56 @@ def test_root_servers_need_the_admins_opt_in(tmp_path: Path) -> None:
         assert whoami(hub, "trent", hub.user_token("trent"))["uid"] == 0
     finally:
         hub.shutdown()
+
+
+# ----- restores (dolab-sync, running as root) end up the account's --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sync_hub(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811 - the fixture above
+    env = {
+        "DOLAB_SYNC_S3_BUCKET": s3_server.new_bucket(),
+        "DOLAB_SYNC_S3_ENDPOINT": s3_server.endpoint_url,
+        "DOLAB_SYNC_S3_REGION": CREDENTIALS["region_name"],
+        "DOLAB_SYNC_S3_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+        "DOLAB_SYNC_S3_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        "DOLAB_SYNC_PORT": str(free_port()),
+    }
+    hub = Hub(tmp_path_factory.mktemp("local-users-sync"), overlay=OVERLAY, env=env).start()
+    yield hub
+    hub.shutdown()
+
+
+def sync_api(hub: Hub, token: str, method: str, path: str, **kwargs: object) -> requests.Response:
+    url = f"{hub.url}/services/dolab-sync/api/{path}"
+    return requests.request(method, url, headers={"Authorization": f"token {token}"}, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+
+def test_restored_files_belong_to_the_workspace_account(sync_hub: Hub) -> None:
+    hub = sync_hub
+    start(hub, "ruth")
+    token = hub.user_token("ruth")
+    me = whoami(hub, "ruth", token)
+    workspace = Path(me["cwd"])
+    run_in_kernel(hub.url, "ruth", token, "import os; os.makedirs('notes'); open('notes/keep.txt', 'w').write('mine')")
+    made = sync_api(hub, token, "POST", "backup", json={})
+    assert made.status_code == 200, made.text
+    snapshot = made.json()["snapshot"] or made.json()["previous"]
+
+    # Into the running server's workspace, in place and into a new folder.
+    run_in_kernel(hub.url, "ruth", token, "import shutil; shutil.rmtree('notes')")
+    for body in ({"paths": ["notes/keep.txt"]}, {"into": "recovered"}):
+        reply = sync_api(hub, token, "POST", "restore", json={"snapshot": snapshot, **body})
+        assert reply.status_code == 200, reply.text
+    for rel in ("notes", "notes/keep.txt", "recovered", "recovered/notes/keep.txt"):
+        assert os.lstat(workspace / rel).st_uid == me["uid"], rel
+
+    # Into a new, empty workspace at spawn: made by the service (root), handed over before the server starts.
+    hub.stop_server("ruth")
+    shutil.rmtree(workspace)
+    start(hub, "ruth")
+    assert whoami(hub, "ruth", token)["uid"] == me["uid"]
+    for rel in ("", "notes", "notes/keep.txt"):
+        assert os.lstat(workspace / rel).st_uid == me["uid"], rel
+    assert run_in_kernel(hub.url, "ruth", token, "print(open('notes/keep.txt').read())").strip() == "mine"
+    hub.stop_server("ruth")
