@@ -3,6 +3,7 @@ commands default to, and the table they print."""
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -154,3 +155,11 @@ def test_url_help_names_the_fallbacks(command: str, capsys: pytest.CaptureFixtur
     assert main([command, "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "default: $DOLAB_HUB_URL, else $DOLAB_BIND_URL, else http://127.0.0.1:8000" in out
+
+
+def test_backed_up_names_that_are_not_utf8_print_as_escapes() -> None:
+    from dolab_spawner.cli.backups import _printable
+
+    name = os.fsdecode(b"caf\xe9.txt")  # as the sync service's JSON carries it (a surrogate escape)
+    assert _printable(name) == "caf\\xe9.txt"
+    assert _printable("été ✓.txt") == "été ✓.txt"

@@ -612,6 +612,15 @@ class _Downloader(_BlobWriter):
 # ----- restore -------------------------------------------------------------------------------------------
 
 
+def _api_name(path: str) -> bool:
+    """Whether ``path`` can go into a contents API URL (names that are not UTF-8 are kept as surrogate escapes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def restore_remote(
     engine: SyncEngine,
     server: RemoteServer,
@@ -636,6 +645,10 @@ def restore_remote(
     for folder in sorted(folders, key=lambda p: (p.count("/"), p)):
         if any(folder == r or folder.startswith(r + "/") for r in refused):
             continue
+        if not _api_name(folder):
+            refused.add(folder)
+            log.warning("Restore skips the folder %r: a Jupyter server's API takes only UTF-8 names", folder)
+            continue
         try:
             server.make_dir(check_relpath(folder))
         except _Refused as e:
@@ -646,7 +659,14 @@ def restore_remote(
             "Restore skips the symlink %s -> %s: a Jupyter server's API cannot make links", link.path, link.target
         )
 
-    files = [f for f in manifest.files if not any(f.path.startswith(r + "/") for r in refused)]
+    files = []
+    for f in manifest.files:
+        if any(f.path.startswith(r + "/") for r in refused):
+            continue
+        if not _api_name(f.path):
+            log.warning("Restore skips %r: a Jupyter server's API takes only UTF-8 names", f.path)
+            continue
+        files.append(f)
     total = sum(f.size for f in files)
     lock = threading.Lock()
     done = [0]

@@ -80,9 +80,14 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(format_table(("path", "bytes"), [(f["path"], str(f["size"])) for f in data["files"]]))
+    print(format_table(("path", "bytes"), [(_printable(f["path"]), str(f["size"])) for f in data["files"]]))
     print(f"{len(data['files'])} files, {data['total_bytes']} bytes")
     return 0
+
+
+def _printable(path: str) -> str:
+    """A backed-up name as a terminal can show it: bytes that are not UTF-8 as ``\\xNN``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _now(args: argparse.Namespace) -> int:

@@ -284,6 +284,8 @@ def test_restore_into_an_empty_server_skips_what_the_api_cannot_write(jupyter, s
     write(local, "work/a.txt", "a")
     write(local, ".config/settings.json", "{}")
     os.symlink("work/a.txt", local / "latest.txt")
+    with open(os.path.join(os.fsencode(local), b"caf\xe9.txt"), "wb") as f:  # Latin-1: no UTF-8 name for the API
+        f.write(b"latin-1")
     engine = SyncEngine(store)
     engine.backup(local)
     server = jupyter()
