@@ -303,6 +303,11 @@ def test_reaper_service_takes_the_id_the_hub_keeps(tmp_path: Path) -> None:
     assert again["environment"]["DOLAB_HUB_ID"] == kept, "the same id at every start"
     with pytest.raises(ValueError, match="DOLAB_HUB_ID must be 4 to 16 lowercase letters and digits"):
         reaper_service(config_with([DOCKER_PROFILE]), {"DOLAB_HUB_ID": "Bad Id"}, "/py")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "hub-id").write_text("../../etc\n")  # a hand-edited file is refused, never put into names
+    with pytest.raises(ValueError, match="hub-id must be 4 to 16 lowercase letters and digits"):
+        reaper_service(config_with([DOCKER_PROFILE]), {"DOLAB_DATA_DIR": str(broken)}, "/py")
 
 
 @pytest.mark.parametrize(
