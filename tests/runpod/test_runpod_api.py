@@ -207,13 +207,16 @@ async def test_stop_resume_and_terminate_twice(em: EmulatorProcess) -> None:
 
 def backend_for(em: EmulatorProcess, user: str, **traits: Any) -> RunPodBackend:
     """A RunPodBackend outside a hub (what a restarted hub rebuilds), on the emulator."""
+    traits.setdefault("hub_id", "test1234")  # the hub's id (dolab_spawner.hubidentity) in every pod name
     return RunPodBackend(user=SimpleNamespace(name=user), api_key=em.api_key, api_backoff_seconds=0.05, **traits)
 
 
 async def test_a_server_without_a_pod_id_finds_its_pod_by_name_and_polls_and_stops_it(em: EmulatorProcess) -> None:
     api = adapter(em)
-    pod_id = await api.create_pod(PodSpec(name="dolab-nora", image="img", gpu_type_id=A100))
-    await api.create_pod(PodSpec(name="dolab-nora--other", image="img", gpu_type_id=A100))
+    pod_id = await api.create_pod(PodSpec(name="dolab-test1234-nora", image="img", gpu_type_id=A100))
+    await api.create_pod(PodSpec(name="dolab-test1234-nora--other", image="img", gpu_type_id=A100))
+    await api.create_pod(PodSpec(name="dolab-nora", image="img", gpu_type_id=A100))  # another hub's, or from before
+    # hub ids: never adopted by name
     backend = backend_for(em, "nora")
     assert await backend.poll() is None
     assert backend.pod_id == pod_id and backend.get_state()["pod_id"] == pod_id
@@ -221,7 +224,7 @@ async def test_a_server_without_a_pod_id_finds_its_pod_by_name_and_polls_and_sto
     assert await api.get_pod(pod_id) is None
     assert await backend.poll() == 0
     await backend.stop()  # again: nothing left to do
-    assert [p["name"] for p in em.pods()] == ["dolab-nora--other"]
+    assert sorted(p["name"] for p in em.pods()) == ["dolab-nora", "dolab-test1234-nora--other"]
 
 
 async def test_poll_maps_exited_and_missing_pods_to_stopped(em: EmulatorProcess) -> None:

@@ -20,6 +20,7 @@ import requests
 
 from dolab_services.hubclient import HubClient
 from dolab_services.runpod_reaper import sweep_pods
+from dolab_spawner.backends.runpod import hub_pod_prefix
 from dolab_spawner.backends.runpod_api import PodSpec, RunPodApi
 from tests.e2e.hub import Hub, free_port
 from tests.e2e.jupyter import run_in_kernel
@@ -163,7 +164,8 @@ def test_a_user_works_in_a_pod_through_the_proxy_then_stop_terminates_it(
     assert state["price_per_hour_usd"] == pytest.approx(1.64)
     assert (state["gpu_type"], state["gpu_count"]) == (A100, 1)
     assert state["slots"] == []
-    assert pod["name"] == "dolab-rita" and pod["cloud"] == "SECURE" and pod["gpuCount"] == 1
+    hub_id = (hub.data_dir / "hub-id").read_text().strip()  # the hub's id is in every pod name it makes
+    assert pod["name"] == f"dolab-{hub_id}-rita" and pod["cloud"] == "SECURE" and pod["gpuCount"] == 1
     messages = [e["message"] for e in events]
     if events:
         assert any("Requesting A100 PCIe on secure cloud" in m for m in messages), messages
@@ -361,25 +363,29 @@ async def test_the_reaper_reports_then_terminates_pods_no_server_owns(
     monkeypatch.setenv("RUNPOD_API_BASE_URL", em.url)
     api = RunPodApi(em.api_key, retries=0)
     strays = {}
+    # The hub's own prefix, as its dolab-runpod-reaper service gets it (pod_name_prefix and the hub's id).
+    prefix = hub_pod_prefix("dolab-", (hub.data_dir / "hub-id").read_text().strip())
     # A pod no server has; a second pod with rose's name (a leftover of an earlier start); another hub's pod.
     # And a stopped pod no server has: its disk may hold unsynced work, so it is only ever reported.
-    for name in ("dolab-ghost", "dolab-rose", "someone-else", "dolab-stopped"):
-        strays[name] = await api.create_pod(
+    names = {"dolab-ghost": f"{prefix}ghost", "dolab-rose": f"{prefix}rose", "someone-else": "someone-else"}
+    names["dolab-stopped"] = f"{prefix}stopped"
+    for key, name in names.items():
+        strays[key] = await api.create_pod(
             PodSpec(name=name, image="dolab-singleuser-test:latest", gpu_type_id=A100, docker_args="sleep 600")
         )
     await api.stop_pod(strays["dolab-stopped"])
     caplog.set_level(logging.INFO)
     async with HubClient(api_url=f"{hub.url}/hub/api", token=hub.token) as client:
-        dry = await sweep_pods(client, api, "dolab-", grace_seconds=0)
+        dry = await sweep_pods(client, api, prefix, grace_seconds=0)
         assert sorted((o.name, o.id) for o in dry.orphans) == sorted(
-            [("dolab-ghost", strays["dolab-ghost"]), ("dolab-rose", strays["dolab-rose"])]
+            [(names["dolab-ghost"], strays["dolab-ghost"]), (names["dolab-rose"], strays["dolab-rose"])]
         )
         assert dry.terminated == [] and len(em.pods()) == 5
         assert [o.id for o in dry.stopped] == [strays["dolab-stopped"]]
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Orphan pod")]
         assert len(lines) == 2 and all("Dry run" in line for line in lines)
         assert any(f"server rose runs pod {owned['id']}" in line for line in lines), lines
-        done = await sweep_pods(client, api, "dolab-", terminate=True, grace_seconds=0)
+        done = await sweep_pods(client, api, prefix, terminate=True, grace_seconds=0)
     assert sorted(o.id for o in done.terminated) == sorted([strays["dolab-ghost"], strays["dolab-rose"]])
     kept = [owned["id"], strays["someone-else"], strays["dolab-stopped"]]
     assert sorted(p["id"] for p in em.pods()) == sorted(kept)

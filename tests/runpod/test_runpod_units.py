@@ -164,13 +164,13 @@ def test_reaper_service_only_with_a_runpod_profile() -> None:
     assert runpod_reaper_service(config, {}) is None
     config.DoLabSpawner.profile_list = [profile()]
     config.RunPodBackend.pod_name_prefix = "lab1-"
-    env = {"RUNPOD_API_KEY": "rk", "DOLAB_RUNPOD_REAPER_TERMINATE": "1", "OTHER": "x"}
+    env = {"RUNPOD_API_KEY": "rk", "DOLAB_RUNPOD_REAPER_TERMINATE": "1", "OTHER": "x", "DOLAB_HUB_ID": "test1234"}
     found = runpod_reaper_service(config, env, python="py")
     assert found is not None
     service, role = found
     command = ["py", "-m", "dolab_services.runpod_reaper", "--interval", "600", "--prefix", "lab1-", "--terminate"]
     assert service["command"] == command
-    assert service["environment"] == {"RUNPOD_API_KEY": "rk"}
+    assert service["environment"] == {"RUNPOD_API_KEY": "rk", "DOLAB_HUB_ID": "test1234"}
     assert "admin:server_state" in role["scopes"] and not any(s.startswith("admin:users") for s in role["scopes"])
     assert runpod_reaper_service(config, {**env, "DOLAB_RUNPOD_REAPER": "0"}) is None
 
