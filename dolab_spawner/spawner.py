@@ -782,8 +782,13 @@ def _form_time_to_utc(local: str, offset_minutes: str) -> str:
         return local  # resolve_options says what is wrong with it
     if when.tzinfo is None:
         try:
-            offset = int(offset_minutes) if offset_minutes else 0
+            offset = int(offset_minutes) if offset_minutes and len(offset_minutes) <= 6 else 0
         except ValueError:
             offset = 0
-        when = when.replace(tzinfo=timezone.utc) + timedelta(minutes=offset)
+        if abs(offset) > 24 * 60:  # no time zone is a day away from UTC: not what a browser sends
+            offset = 0
+        try:
+            when = when.replace(tzinfo=timezone.utc) + timedelta(minutes=offset)
+        except OverflowError:
+            raise ValueError("That stop time is out of range: pick a time in the next few days.") from None
     return format_stop_at(when)

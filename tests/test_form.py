@@ -306,8 +306,8 @@ async def test_options_from_form_run_hours() -> None:
 
 @pytest.mark.parametrize(
     ("offset_hours", "tz_offset_minutes"),
-    [(2, "-120"), (-5, "300"), (5.5, "-330"), (0, "0"), (0, ""), (0, "not a number")],
-    ids=["UTC+2", "UTC-5", "UTC+5:30", "UTC", "no JavaScript", "garbage offset"],
+    [(2, "-120"), (-5, "300"), (5.5, "-330"), (0, "0"), (0, ""), (0, "not a number"), (0, "9" * 20), (0, "-5000")],
+    ids=["UTC+2", "UTC-5", "UTC+5:30", "UTC", "no JavaScript", "garbage offset", "huge offset", "days away"],
 )
 async def test_options_from_form_stop_at_local_time(offset_hours: float, tz_offset_minutes: str) -> None:
     spawner = make_spawner()
@@ -328,6 +328,7 @@ async def test_options_from_form_stop_at_local_time(offset_hours: float, tz_offs
         ({"profile": "a100x2", "profile-option-a100x2--env": "jax"}, "'jax' is not a choice for 'env'"),
         ({"stop_mode": "at", "stop_at": "2000-01-01T00:00", "tz_offset_minutes": "0"}, "is in the past"),
         ({"stop_mode": "at", "stop_at": "tomorrow"}, "is not an ISO 8601 time"),
+        ({"stop_mode": "at", "stop_at": "9999-12-31T23:59", "tz_offset_minutes": "600"}, "out of range"),
     ],
     ids=[
         "unknown profile",
@@ -337,6 +338,7 @@ async def test_options_from_form_stop_at_local_time(offset_hours: float, tz_offs
         "unknown choice",
         "stop_at in the past",
         "stop_at not a time",
+        "stop_at at the end of time",
     ],
 )
 async def test_options_from_form_bad(changes: dict[str, str], phrase: str) -> None:
