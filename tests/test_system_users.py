@@ -308,8 +308,22 @@ def test_root_servers_with_the_opt_in_warn(tmp_path: Path) -> None:
 @as_root
 def test_accounts_by_default_protect_the_data_dir(tmp_path: Path, keep_umask: None) -> None:
     data = make_data_dir(tmp_path)
-    assert check_local_accounts(Config(), data, data / "workspaces") is None
+    # A server program every account reaches: no warning.
+    assert check_local_accounts(hub_config(cmd=["/usr/bin/env"]), data, data / "workspaces") is None
     assert stat.S_IMODE((data / "admin-password").stat().st_mode) == 0o600
+
+
+@as_root
+def test_a_server_program_accounts_cannot_reach_is_said_at_start(tmp_path: Path, keep_umask: None) -> None:
+    data = make_data_dir(tmp_path)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    program = private / "jupyterhub-singleuser"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    warning = check_local_accounts(hub_config(cmd=[str(program)]), data, data / "workspaces")
+    assert warning is not None and warning.startswith("WARNING: users' accounts cannot reach")
+    assert str(program) in warning and "chmod o+x" in warning and "will not start" in warning
 
 
 def test_a_bad_prefix_stops_the_hub(tmp_path: Path) -> None:

@@ -334,6 +334,22 @@ class LocalProcessBackend(LabNoticeTraits, BackendMixin, LocalProcessSpawner):
         )
 
 
+def _unreachable_program_warning(backend: LocalProcessBackend) -> str | None:
+    """What an admin must fix before users' accounts can run the server program (a clone under /root, a pyenv
+    Python there), said at start-up instead of at each user's first spawn; None when every account reaches it."""
+    anyone = Account(name="a user's account", uid=-1, gid=-1, groups=(), shell="")  # owns nothing: "other" bits
+    for needed in _programs((backend.cmd or _default_singleuser())[0]):
+        blocked = unreachable_folder(needed, anyone, os.R_OK | os.X_OK)
+        if blocked is not None:
+            mode = stat.S_IMODE(os.stat(blocked).st_mode) if os.path.exists(blocked) else 0
+            return (
+                f"WARNING: users' accounts cannot reach {needed} ({blocked} has mode {mode:o}), so local servers will"
+                f" not start. Let other users traverse it (chmod o+x {blocked}) or install Python and DO-LAB where"
+                " they can (e.g. under /opt)."
+            )
+    return None
+
+
 def check_local_accounts(
     config: Any, data_dir: str | os.PathLike[str], workspace_root: str | os.PathLike[str]
 ) -> str | None:
@@ -356,7 +372,7 @@ def check_local_accounts(
         return None
     if system_users:
         protect_data_dir(data_dir, workspace_root)
-        return None
+        return _unreachable_program_warning(backend)
     if not backend.allow_root_servers:
         raise ValueError(
             "the hub runs as root, and local servers would run as root too (system_users is off): every user could"
