@@ -367,11 +367,12 @@ class DiscoveryHandler(BaseHandler):
 
 
 class UserInfoHandler(BaseHandler):
-    """``GET /oauth2/v3/userinfo``: Google's OpenID user info, which a login asks for when it renews a token."""
+    """``GET /oauth2/v1/userinfo``: the user info oauthenticator's Google login reads (``id``, ``verified_email``;
+    a Workspace account's ``hd``), at login and at every refresh."""
 
     def get(self) -> None:
         email = self.require_account()
-        self.send_json({"sub": email, "email": email, "email_verified": True, "name": email})
+        self.send_json({"id": email, "email": email, "verified_email": True, "name": email})
 
 
 class AboutHandler(BaseHandler):
@@ -758,7 +759,7 @@ def make_app(world: World | None = None) -> web.Application:
         [
             (r"/token", TokenHandler, args),
             (r"/discovery/v1/apis/drive/v2/rest", DiscoveryHandler, args),
-            (r"/oauth2/v3/userinfo", UserInfoHandler, args),
+            (r"/oauth2/v1/userinfo", UserInfoHandler, args),
             (r"/drive/v2/about", AboutHandler, args),
             (r"/drive/v2/files", FilesHandler, args),
             (r"/drive/v2/files/([^/]+)", FileHandler, args),
