@@ -180,6 +180,23 @@ class Hub:
         kwargs.setdefault("timeout", 60)
         return self.session.request(method, f"{self.url}/hub/api{quote(path, safe='/?=&@~')}", **kwargs)
 
+    def service_post(
+        self, service: str, path: str, token: str, body: Any, *, timeout: float = 120, wait_seconds: float = 120
+    ) -> requests.Response:
+        """A POST of ``body`` to ``/services/<service>/<path>`` through the proxy with ``token``, waiting up to
+        ``wait_seconds`` while the hub is still starting the service (502, 503)."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            reply = requests.post(
+                f"{self.url}/services/{service}/{path}",
+                headers={"Authorization": f"token {token}"},
+                json=body,
+                timeout=timeout,
+            )
+            if reply.status_code not in (502, 503) or time.monotonic() > deadline:
+                return reply
+            time.sleep(0.5)
+
     def users(self) -> Iterator[dict[str, Any]]:
         """Every user, with server state, following pagination."""
         url = "/users?include_stopped_servers=0&limit=200"

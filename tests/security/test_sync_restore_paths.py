@@ -72,17 +72,7 @@ class Site:
 
     def api(self, user: str, path: str, body: dict[str, object], timeout: float = 300) -> requests.Response:
         """A POST to the sync service's API through the hub's proxy, as ``user``."""
-        deadline = time.monotonic() + 120
-        while True:  # the hub starts its services in the background: wait for this one to answer
-            reply = requests.post(
-                f"{self.hub.url}/services/dolab-sync/api/{path}",
-                headers={"Authorization": f"token {self.tokens[user]}"},
-                json=body,
-                timeout=timeout,
-            )
-            if reply.status_code not in (502, 503) or time.monotonic() > deadline:
-                return reply
-            time.sleep(0.5)
+        return self.hub.service_post("dolab-sync", f"api/{path}", self.tokens[user], body, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -263,17 +263,7 @@ def hub(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def sync_api(hub: Hub, token: str, path: str, body: dict[str, Any], timeout: float = 120) -> requests.Response:
     """A POST to the sync service's API through the hub's proxy, as the token's user."""
-    deadline = time.monotonic() + timeout
-    while True:  # the hub starts its services in the background: wait for this one to answer
-        reply = requests.post(
-            f"{hub.url}/services/dolab-sync/api/{path}",
-            headers={"Authorization": f"token {token}"},
-            json=body,
-            timeout=timeout,
-        )
-        if reply.status_code not in (502, 503) or time.monotonic() > deadline:
-            return reply
-        time.sleep(0.5)
+    return hub.service_post("dolab-sync", f"api/{path}", token, body, timeout=timeout, wait_seconds=timeout)
 
 
 @pytest.mark.e2e
