@@ -14,7 +14,7 @@ from typing import Any
 import requests
 
 from ..e2e.hub import Hub, free_port
-from ..sync.conftest import CREDENTIALS, S3Server
+from ..sync.conftest import S3Server
 
 CULLER, MONITOR, SYNC = "dolab-culler", "dolab-monitor", "dolab-sync"
 #: DO-LAB's own scopes, as an admin's token or a role may hold them.
@@ -35,11 +35,7 @@ def start_hub(root: Path, s3: S3Server, overlay: str = "", env: dict[str, str] |
     """The hub with the three services (sync on a new bucket of ``s3``), running; the caller shuts it down."""
     ports = {"DOLAB_SYNC_PORT": str(free_port()), "DOLAB_CULLER_PORT": str(free_port())}
     settings = {
-        "DOLAB_SYNC_S3_BUCKET": s3.new_bucket(),
-        "DOLAB_SYNC_S3_ENDPOINT": s3.endpoint_url,
-        "DOLAB_SYNC_S3_REGION": CREDENTIALS["region_name"],
-        "DOLAB_SYNC_S3_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
-        "DOLAB_SYNC_S3_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        **s3.sync_env(),
         "DOLAB_SYNC_INTERVAL_MINUTES": "0",  # backups only when asked: the tests count them
         **ports,
         **(env or {}),

@@ -25,7 +25,7 @@ import websocket
 
 from tests.e2e.hub import Hub, free_port
 from tests.e2e.jupyter import run_in_kernel
-from tests.sync.conftest import CREDENTIALS, S3Server, s3_server  # noqa: F401 - s3_server is a fixture
+from tests.sync.conftest import S3Server, s3_server  # noqa: F401 - s3_server is a fixture
 
 pytestmark = [
     pytest.mark.e2e,
@@ -284,14 +284,7 @@ def test_root_servers_need_the_admins_opt_in(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sync_hub(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811 - the fixture above
-    env = {
-        "DOLAB_SYNC_S3_BUCKET": s3_server.new_bucket(),
-        "DOLAB_SYNC_S3_ENDPOINT": s3_server.endpoint_url,
-        "DOLAB_SYNC_S3_REGION": CREDENTIALS["region_name"],
-        "DOLAB_SYNC_S3_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
-        "DOLAB_SYNC_S3_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
-        "DOLAB_SYNC_PORT": str(free_port()),
-    }
+    env = {**s3_server.sync_env(), "DOLAB_SYNC_PORT": str(free_port())}
     hub = Hub(tmp_path_factory.mktemp("local-users-sync"), overlay=OVERLAY, env=env).start()
     yield hub
     hub.shutdown()

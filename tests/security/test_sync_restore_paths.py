@@ -39,7 +39,7 @@ from dolab_services.sync.s3 import S3Store
 
 from ..e2e.hub import REPO, Hub, free_port
 from ..sync import conftest as sync_conftest
-from ..sync.conftest import CREDENTIALS, S3Server
+from ..sync.conftest import S3Server
 from ..sync.treeutil import write
 
 s3_server = sync_conftest.s3_server  # the session's moto_server (a fixture of tests/sync)
@@ -83,12 +83,7 @@ def site(s3_server: S3Server) -> Iterator[Site]:
     bucket = s3_server.new_bucket()
     env = {
         "DOLAB_WORKSPACE_ROOT": str(workspaces),
-        "DOLAB_SYNC_S3_BUCKET": bucket,
-        "DOLAB_SYNC_S3_ENDPOINT": s3_server.endpoint_url,
-        "DOLAB_SYNC_S3_REGION": CREDENTIALS["region_name"],
-        "DOLAB_SYNC_S3_PREFIX": PREFIX,
-        "DOLAB_SYNC_S3_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
-        "DOLAB_SYNC_S3_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        **s3_server.sync_env(bucket, prefix=PREFIX),
         "DOLAB_SYNC_INTERVAL_MINUTES": "0",
         "DOLAB_SYNC_PORT": str(free_port()),
         "PYTHONPATH": str(REPO),  # the hub and its services import this checkout

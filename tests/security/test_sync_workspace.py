@@ -244,12 +244,7 @@ def hub(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     write(arena.host, "inbox/readme.txt", "a host folder")
     env = {
         "DOLAB_WORKSPACE_ROOT": str(arena.workspaces),
-        "DOLAB_SYNC_S3_BUCKET": s3_server.new_bucket(),
-        "DOLAB_SYNC_S3_ENDPOINT": s3_server.endpoint_url,
-        "DOLAB_SYNC_S3_REGION": CREDENTIALS["region_name"],
-        "DOLAB_SYNC_S3_PREFIX": PREFIX,
-        "DOLAB_SYNC_S3_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
-        "DOLAB_SYNC_S3_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        **s3_server.sync_env(prefix=PREFIX),
         "DOLAB_SYNC_INTERVAL_MINUTES": "0",
         "DOLAB_SYNC_PORT": str(free_port()),
     }

@@ -59,6 +59,19 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def sync_env(self, bucket: str | None = None, prefix: str = "") -> dict[str, str]:
+        """The hub's ``DOLAB_SYNC_S3_*`` variables for backups to ``bucket`` (default: a new one) on this server."""
+        env = {
+            "DOLAB_SYNC_S3_BUCKET": bucket or self.new_bucket(),
+            "DOLAB_SYNC_S3_ENDPOINT": self.endpoint_url,
+            "DOLAB_SYNC_S3_REGION": CREDENTIALS["region_name"],
+            "DOLAB_SYNC_S3_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+            "DOLAB_SYNC_S3_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+        }
+        if prefix:
+            env["DOLAB_SYNC_S3_PREFIX"] = prefix
+        return env
+
     def store(self, bucket: str, prefix: str, **kwargs: object) -> S3Store:
         """An S3Store of this server."""
         return S3Store(bucket, prefix, endpoint_url=self.endpoint_url, **CREDENTIALS, **kwargs)  # type: ignore[arg-type]
