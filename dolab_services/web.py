@@ -26,6 +26,8 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthenticated
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from tornado import web
 
+from dolab_spawner.profiles import shown
+
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_NAME_CHARS",
@@ -42,16 +44,6 @@ __all__ = [
 MAX_BODY_BYTES = 4 * 1024 * 1024
 #: The hub keeps user and server names in 255-character columns; anything longer names nobody.
 MAX_NAME_CHARS = 255
-
-
-def shown(value: Any, limit: int = 40) -> str:
-    """``value`` as a sentence may quote it: its ``repr``, cut to about ``limit`` characters (a user's megabyte
-    string or 4000-digit number must not come back whole, nor break the message)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's digit limit for str()
-        return "a number too long to show"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def bounded_number(value: Any, what: str, *, minimum: float, maximum: float, above_minimum: bool = False) -> float:

@@ -59,6 +59,7 @@ __all__ = [
     "parse_profile_list",
     "parse_stop_at",
     "resolve_options",
+    "shown",
     "slugify",
 ]
 
@@ -109,8 +110,9 @@ class OptionsError(ValueError):
     """A user's options are not allowed; the message says what is."""
 
 
-def _shown(value: Any, limit: int = 40) -> str:
-    """``value`` as a refusal may quote it: its repr, cut to about ``limit`` characters."""
+def shown(value: Any, limit: int = 40) -> str:
+    """``value`` as a refusal may quote it: its repr, cut to about ``limit`` characters (a user's megabyte
+    string or 4000-digit number must not come back whole, nor break the message)."""
     try:
         text = repr(value)
     except ValueError:  # an int past Python's digit limit for str()
@@ -490,7 +492,7 @@ def default_profiles(inventory: Iterable[GpuSlot]) -> list[Profile]:
 def parse_stop_at(value: Any) -> datetime:
     """Parse an ISO 8601 time; a time without offset is taken as UTC. Raises :class:`OptionsError`."""
     if not isinstance(value, str):
-        raise OptionsError(f"stop_at must be an ISO 8601 time string such as 2030-01-31T18:00:00Z, not {_shown(value)}")
+        raise OptionsError(f"stop_at must be an ISO 8601 time string such as 2030-01-31T18:00:00Z, not {shown(value)}")
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -500,14 +502,14 @@ def parse_stop_at(value: Any) -> datetime:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise OptionsError(
-            f"stop_at {_shown(value)} is not an ISO 8601 time; write it like 2030-01-31T18:00:00Z (UTC)"
+            f"stop_at {shown(value)} is not an ISO 8601 time; write it like 2030-01-31T18:00:00Z (UTC)"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     try:
         return parsed.astimezone(timezone.utc)
     except OverflowError:
-        raise OptionsError(f"stop_at {_shown(value)} is too far ahead") from None
+        raise OptionsError(f"stop_at {shown(value)} is too far ahead") from None
 
 
 def format_stop_at(when: datetime) -> str:
@@ -524,7 +526,7 @@ def _pick_profile(profiles: list[Profile], value: Any) -> Profile:
     for profile in profiles:
         if profile.slug == value:
             return profile
-    raise OptionsError(f"Unknown profile {_shown(value)}. Choose one of: {slugs}.")
+    raise OptionsError(f"Unknown profile {shown(value)}. Choose one of: {slugs}.")
 
 
 def _pick_gpus(profile: Profile, value: Any) -> int:
@@ -536,7 +538,7 @@ def _pick_gpus(profile: Profile, value: Any) -> int:
         if text and len(text) <= 8 and text.isascii() and text.isdecimal():
             value = int(text)
         else:
-            raise OptionsError(f"gpus must be a whole number from 1 to {profile.gpus}, not {_shown(value)}")
+            raise OptionsError(f"gpus must be a whole number from 1 to {profile.gpus}, not {shown(value)}")
     if not profile.gpus:
         if value == 0:
             return 0
@@ -544,7 +546,7 @@ def _pick_gpus(profile: Profile, value: Any) -> int:
     if not 1 <= value <= profile.gpus:
         raise OptionsError(
             f"Profile {profile.slug!r} gives at most {profile.gpus} GPU(s); ask for 1 to {profile.gpus}, "
-            f"not {_shown(value)}."
+            f"not {shown(value)}."
         )
     return value
 
@@ -557,7 +559,7 @@ def _pick_stop_at(
     if raw_hours is not None and raw_hours != "":
         run_hours = _option_number(raw_hours)
         if run_hours is None or not math.isfinite(run_hours):
-            raise OptionsError(f"run_hours must be a number of hours, not {_shown(raw_hours)}")
+            raise OptionsError(f"run_hours must be a number of hours, not {shown(raw_hours)}")
         if run_hours <= 0:
             raise OptionsError("run_hours must be more than 0")
         if max_run_hours > 0 and run_hours > max_run_hours:
@@ -588,7 +590,7 @@ def _pick_runpod(profile: Profile, options: Mapping[str, Any]) -> tuple[str | No
         gpu_type = None
     elif not isinstance(gpu_type, str) or gpu_type not in offer.gpu_types:
         raise OptionsError(
-            f"{_shown(gpu_type)} is not a GPU type of profile {profile.slug!r}; "
+            f"{shown(gpu_type)} is not a GPU type of profile {profile.slug!r}; "
             f"choose one of: {', '.join(offer.gpu_types)}."
         )
     raw_price = options.get("max_price_per_hour")
@@ -596,9 +598,9 @@ def _pick_runpod(profile: Profile, options: Mapping[str, Any]) -> tuple[str | No
         return gpu_type, None
     price = _option_number(raw_price)
     if price is None and isinstance(raw_price, str):
-        raise OptionsError(f"max_price_per_hour must be a number of USD per hour, not {_shown(raw_price)}")
+        raise OptionsError(f"max_price_per_hour must be a number of USD per hour, not {shown(raw_price)}")
     if price is None or not math.isfinite(price) or price <= 0:
-        raise OptionsError(f"max_price_per_hour must be a number of USD per hour above 0, not {_shown(raw_price)}")
+        raise OptionsError(f"max_price_per_hour must be a number of USD per hour above 0, not {shown(raw_price)}")
     if offer.max_price_per_hour and price > offer.max_price_per_hour:
         raise OptionsError(
             f"You can pay at most ${offer.max_price_per_hour:g} per hour with profile {profile.slug!r}, not ${price:g}."
@@ -630,7 +632,7 @@ def resolve_options(
     profile = _pick_profile(profiles, user_options.get("profile"))
     unknown = sorted(set(user_options) - set(profile.allowed_keys), key=str)
     if unknown:
-        named = ", ".join(_shown(key) for key in unknown[:5]) + (
+        named = ", ".join(shown(key) for key in unknown[:5]) + (
             f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         )
         raise OptionsError(
@@ -645,7 +647,7 @@ def resolve_options(
         choice = option.choice(value) if isinstance(value, str) else None
         if choice is None:
             allowed = ", ".join(c.slug for c in option.choices)
-            raise OptionsError(f"{_shown(value)} is not a choice for {option.name!r}; choose one of: {allowed}.")
+            raise OptionsError(f"{shown(value)} is not a choice for {option.name!r}; choose one of: {allowed}.")
         choices[option.name] = choice
     gpus = _pick_gpus(profile, user_options.get("gpus"))
     stop_at, run_hours = _pick_stop_at(user_options, now, max_run_hours)
