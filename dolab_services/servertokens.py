@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote
 
 from .hubclient import HubAPIError, HubClient
@@ -26,6 +28,8 @@ from .hubclient import HubAPIError, HubClient
 __all__ = ["ServerTokens", "revoke_quietly", "server_scope"]
 
 log = logging.getLogger("dolab.servertokens")
+
+T = TypeVar("T")
 
 
 def server_scope(user: str, server: str) -> str:
@@ -73,6 +77,32 @@ class ServerTokens:
             minted = await self._mint(user, server)
             self._tokens[key] = minted
             return minted.token
+
+    async def use(
+        self,
+        user: str,
+        server: str,
+        action: Callable[[str], Awaitable[T]],
+        is_refusal: Callable[[Exception], bool],
+        *,
+        valid_for_seconds: float = 300,
+    ) -> T:
+        """``await action(token)`` with a token for that server; when the server refuses it (``is_refusal`` of
+        the error: its owner may have revoked it on her token page), once more with a new one.
+
+        Raises :class:`~.hubclient.HubAPIError` when the hub mints none, and what ``action`` raises otherwise.
+        """
+        for attempt in (1, 2):
+            token = await self.get(user, server, valid_for_seconds=valid_for_seconds)
+            try:
+                return await action(token)
+            except Exception as e:
+                if not is_refusal(e):
+                    raise
+                await self.refused(user, server, token)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def refused(self, user: str, server: str, token: str) -> None:
         """The server refused ``token`` (401/403): forget it, so the next :meth:`get` mints another."""

@@ -236,18 +236,16 @@ class Sweeper:
         url = str((run.model.get("state") or {}).get("server_url") or "")
         if not url:
             raise InspectionError("its state has no server_url")
-        for attempt in range(2):
-            try:
-                token = await self.server_tokens.get(user, server, valid_for_seconds=self.kernel_timeout_seconds + 60)
-            except HubAPIError as e:
-                raise InspectionError(f"the hub gave no token for it: {e}") from None
-            try:
-                return await read_busy_kernels(self._client(), url, token, self.kernel_timeout_seconds)
-            except InspectionError as e:
-                if not e.refused or attempt:
-                    raise
-                await self.server_tokens.refused(user, server, token)  # revoked by its owner: mint another
-        raise AssertionError("unreachable")
+        try:
+            return await self.server_tokens.use(
+                user,
+                server,
+                lambda token: read_busy_kernels(self._client(), url, token, self.kernel_timeout_seconds),
+                lambda e: isinstance(e, InspectionError) and e.refused,
+                valid_for_seconds=self.kernel_timeout_seconds + 60,
+            )
+        except HubAPIError as e:
+            raise InspectionError(f"the hub gave no token for it: {e}") from None
 
     def _warn(self, facts: ServerFacts, decision: Decision) -> None:
         key = (facts.user, facts.server)

@@ -221,13 +221,9 @@ def _remote_urls(user: Mapping[str, Any], server_name: str | None = None) -> dic
 async def _backup_at(backups: Any, tokens: ServerTokens, name: str, server: str, url: str) -> BackupReport:
     """Back up ``name``'s remote server ``server`` at ``url`` under the service's per-user lock, pool and timeout,
     with a token for that server alone (minted again once if the server refuses it: its owner may revoke it)."""
-    for attempt in range(2):
-        try:
-            token = await tokens.get(name, server, valid_for_seconds=backups.timeout_seconds + 60)
-        except HubAPIError as e:
-            raise StoreError(f"The hub gave no token to read the server ({e})") from None
 
-        def work(engine: SyncEngine, token: str = token) -> BackupReport:
+    async def backup_with(token: str) -> BackupReport:
+        def work(engine: SyncEngine) -> BackupReport:
             remote = RemoteServer(
                 url, token, timeout_seconds=REQUEST_TIMEOUT_SECONDS, max_read_bytes=backups.settings.max_remote_bytes
             )
@@ -237,14 +233,19 @@ async def _backup_at(backups: Any, tokens: ServerTokens, name: str, server: str,
             finally:
                 remote.close()
 
-        try:
-            report: BackupReport = await backups._run(name, work)
-            return report
-        except AccessRefused:
-            await tokens.refused(name, server, token)
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+        report: BackupReport = await backups._run(name, work)
+        return report
+
+    try:
+        return await tokens.use(
+            name,
+            server,
+            backup_with,
+            lambda e: isinstance(e, AccessRefused),
+            valid_for_seconds=backups.timeout_seconds + 60,
+        )
+    except HubAPIError as e:
+        raise StoreError(f"The hub gave no token to read the server ({e})") from None
 
 
 async def sweep_remote(backups: Any, hub: HubClient, tokens: ServerTokens) -> dict[str, str]:

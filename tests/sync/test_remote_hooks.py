@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from dolab_services.servertokens import ServerTokens
 from dolab_services.sync import hooks
 from dolab_services.sync.backups import Backups
 from dolab_services.sync.config import SyncSettings
@@ -178,10 +179,11 @@ class FakeHub:
         return next(u for u in self._users if path == f"/users/{u['name']}")
 
 
-class OneServerTokens:
-    """ServerTokens as the hub mints them, for one test server whose token is known: records who asked for what."""
+class OneServerTokens(ServerTokens):
+    """ServerTokens as the hub mints them, for one test server whose token is known: records who asked for what
+    (its own ``get``, ``refused`` and ``prune``; the real ``use``)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str) -> None:  # no hub: nothing is minted
         self.token = token
         self.asked: list[tuple[str, str]] = []
         self.refused_tokens: list[str] = []
