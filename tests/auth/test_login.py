@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 from cryptography.fernet import Fernet
+from playwright.sync_api import expect
 
 from tests.e2e.hub import GPU_INVENTORY, Hub
 
@@ -306,9 +307,10 @@ def test_a_failing_provider_gives_a_login_error_page(
         with page.expect_response(lambda r: "/hub/oauth_callback" in r.url) as callback:
             sign_in(page, hub, oidc, "dave")
         assert callback.value.status == status
-        text = page.locator("body").inner_text()
-        assert f"The identity provider at {oidc.url} {words}" in text
-        assert "Please try again in a few minutes" in text
+        # the response can arrive before the page is drawn: wait for the sentence, then read the rest
+        body = page.locator("body")
+        expect(body).to_contain_text(f"The identity provider at {oidc.url} {words}", timeout=60_000)
+        assert "Please try again in a few minutes" in body.inner_text()
     finally:
         oidc.set_mode("ok")
     assert hub.api("GET", "/users/dave").status_code == 404  # no half-made user
