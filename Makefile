@@ -38,10 +38,10 @@ proxy:
 		$(BIN)/pip install --quiet configurable-http-proxy; \
 	fi
 
-# The culler's JupyterLab notice (dolab_services/culler/labextension, pinned by its package-lock.json), built
-# into the git-ignored dolab_services/culler/share/ that users' servers load; again only when its sources change.
-LABEXT := dolab_services/culler/labextension
-LABEXT_BUILT := dolab_services/culler/share/labextensions/dolab-culler-notice/package.json
+# The culler's JupyterLab notice (dolab_lab/labextension, pinned by its package-lock.json), built
+# into the git-ignored dolab_lab/share/ that users' servers load; again only when its sources change.
+LABEXT := dolab_lab/labextension
+LABEXT_BUILT := dolab_lab/share/labextensions/dolab-culler-notice/package.json
 
 labextension: $(LABEXT_BUILT)
 
@@ -53,7 +53,7 @@ $(LABEXT)/node_modules/.package-lock.json: $(LABEXT)/package.json $(LABEXT)/pack
 
 $(LABEXT_BUILT): $(LABEXT)/node_modules/.package-lock.json $(LABEXT)/tsconfig.json $(wildcard $(LABEXT)/src/*.ts) | $(BIN)/python
 	@[ -d $(LABEXT)/node_modules ] || exit 0; \
-	echo "Building the culler's JupyterLab notice into dolab_services/culler/share"; \
+	echo "Building the culler's JupyterLab notice into dolab_lab/share"; \
 	core="$$($(BIN)/python -c 'import jupyterlab, os; print(os.path.join(os.path.dirname(jupyterlab.__file__), "staging"))')" && \
 	cd $(LABEXT) && JUPYTERLAB_CORE="$$core" npm run --silent build >/dev/null && \
 	touch ../share/labextensions/dolab-culler-notice/package.json

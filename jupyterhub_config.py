@@ -14,6 +14,9 @@ from pathlib import Path
 
 from traitlets import TraitError
 
+from dolab_core.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
+from dolab_core.paths import default_data_dir
+from dolab_core.plans import PlanConfigError, load_plans_file
 from dolab_services.culler.service import culler_service
 from dolab_services.monitor.service import monitor_service
 from dolab_services.reaper import reaper_service
@@ -23,9 +26,6 @@ from dolab_services.sync.registration import sync_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.auth.envconfig import configure_login
 from dolab_spawner.backends.local import check_local_accounts
-from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
-from dolab_spawner.paths import default_data_dir
-from dolab_spawner.plans import PlanConfigError, load_plans_file
 
 env = os.environ
 here = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ it (``--remove``)::
                                     [--hub-id ID]           # default: $DOLAB_HUB_ID, else <data dir>/hub-id
 
 Only this hub's containers are ever orphans: those labelled ``dolab.hub=<this hub's id>``
-(:mod:`dolab_spawner.hubidentity`). Another hub's on a shared engine, and one made by hand, are never touched. A
+(:mod:`dolab_core.hubidentity`). Another hub's on a shared engine, and one made by hand, are never touched. A
 container from before hub ids (``dolab.managed=true`` without ``dolab.hub``) cannot be told apart from another
 hub's or a hand-made one: it is kept while a server's state names it (its server still runs it), else logged once
 as left alone, for an admin to remove.
@@ -48,9 +48,9 @@ from urllib.parse import quote
 from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Config
 
-from dolab_spawner.backends.docker import DOLAB_LABEL, HUB_LABEL, check_docker_hosts, engines
-from dolab_spawner.hubconfig import config_value, env_float
-from dolab_spawner.hubidentity import HUB_ID_ENV, check_hub_id, hub_id
+from dolab_core.engines.docker import DOLAB_LABEL, HUB_LABEL, check_docker_hosts, engines
+from dolab_core.hubconfig import config_value, env_float
+from dolab_core.hubidentity import HUB_ID_ENV, check_hub_id, hub_id
 
 from .app import ServiceApp
 from .hubclient import HubAPIError, HubClient

@@ -3,7 +3,7 @@
 A pod keeps billing until it is terminated. A hub that crashed during a start (its state is saved only after
 ``start()`` returns), a restored database, or a terminate that failed leaves pods behind. Every ``--interval``
 seconds the reaper lists the account's pods whose name starts with this hub's prefix, ``<pod_name_prefix><hub id>-``
-(``RunPodBackend.pod_name_prefix``, default ``dolab-``, and the hub's id from :mod:`dolab_spawner.hubidentity`),
+(``RunPodBackend.pod_name_prefix``, default ``dolab-``, and the hub's id from :mod:`dolab_core.hubidentity`),
 asks the hub which servers exist, and logs one line per orphan (the default, a dry run) or terminates it
 (``--terminate``)::
 
@@ -44,10 +44,9 @@ from typing import Any
 from traitlets import Bool, Float, Integer, Unicode
 from traitlets.config import Config
 
-from dolab_spawner.backends.runpod import hub_pod_prefix, pod_name
-from dolab_spawner.backends.runpod_api import PodInfo, RunPodApi, RunPodError
-from dolab_spawner.hubconfig import config_value, env_float
-from dolab_spawner.hubidentity import HUB_ID_ENV, check_hub_id, hub_id
+from dolab_core.engines.runpod import PodInfo, RunPodApi, RunPodError, hub_pod_prefix, pod_name
+from dolab_core.hubconfig import config_value, env_float
+from dolab_core.hubidentity import HUB_ID_ENV, check_hub_id, hub_id
 
 from .app import ServiceApp
 from .hubclient import HubAPIError, HubClient

@@ -55,14 +55,14 @@ CUSTOM_SCOPES: dict[str, dict[str, str]] = {
 
 def with_custom_scopes(config: Any) -> dict[str, dict[str, Any]]:
     """``c.JupyterHub.custom_scopes`` with DO-LAB's added to those the config defines so far."""
-    from dolab_spawner.hubconfig import config_value
+    from dolab_core.hubconfig import config_value
 
     return {**CUSTOM_SCOPES, **(config_value(config, "JupyterHub", "custom_scopes", {}) or {})}
 
 
 def _in_any_section(config: Any, key: str) -> list[Any]:
     """``key``'s value in every section of ``config`` that sets it (``admin_groups`` lives on the provider's class)."""
-    from dolab_spawner.hubconfig import config_value
+    from dolab_core.hubconfig import config_value
 
     return [config_value(config, section, key) for section in list(config) if key in (config[section] or {})]
 
@@ -77,7 +77,7 @@ def with_admin_role(config: Any) -> list[dict[str, Any]]:
     until named there. An overlay's own ``dolab-admin`` entry is extended, not duplicated; with an authenticator
     that manages roles (``manage_roles``), no one is named: its roles must grant the scopes.
     """
-    from dolab_spawner.hubconfig import config_value
+    from dolab_core.hubconfig import config_value
 
     roles = [dict(role) for role in config_value(config, "JupyterHub", "load_roles", []) or ()]
     managed = any(bool(value) for value in _in_any_section(config, "manage_roles"))

@@ -26,7 +26,7 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthenticated
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from tornado import web
 
-from dolab_spawner.profiles import shown
+from dolab_core.text import shown
 
 __all__ = [
     "MAX_BODY_BYTES",

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .slots import GpuSlot
+from dolab_core.gpus import GpuSlot
+from dolab_core.text import shown
+from dolab_core.times import format_time
 
 __all__ = [
     "MAX_OPTION_KEYS",
@@ -55,11 +57,9 @@ __all__ = [
     "RunPodOffer",
     "Selection",
     "default_profiles",
-    "format_stop_at",
     "parse_profile_list",
     "parse_stop_at",
     "resolve_options",
-    "shown",
     "slugify",
 ]
 
@@ -108,16 +108,6 @@ class ProfileConfigError(ValueError):
 
 class OptionsError(ValueError):
     """A user's options are not allowed; the message says what is."""
-
-
-def shown(value: Any, limit: int = 40) -> str:
-    """``value`` as a refusal may quote it: its repr, cut to about ``limit`` characters (a user's megabyte
-    string or 4000-digit number must not come back whole, nor break the message)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's digit limit for str()
-        return "a number too long to show"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _option_number(value: Any) -> float | None:
@@ -263,7 +253,7 @@ class Selection:
         if self.run_hours is not None:
             options["run_hours"] = self.run_hours
         if self.stop_at is not None:
-            options["stop_at"] = format_stop_at(self.stop_at)
+            options["stop_at"] = format_time(self.stop_at)
         if self.gpu_type is not None:
             options["gpu_type"] = self.gpu_type
         if self.max_price_per_hour is not None:
@@ -512,11 +502,6 @@ def parse_stop_at(value: Any) -> datetime:
         raise OptionsError(f"stop_at {shown(value)} is too far ahead") from None
 
 
-def format_stop_at(when: datetime) -> str:
-    """The stored form of a stop time: ISO 8601, UTC, whole seconds, with a Z."""
-    return when.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def _pick_profile(profiles: list[Profile], value: Any) -> Profile:
     slugs = ", ".join(p.slug for p in profiles)
     if value is None or value == "":
@@ -575,9 +560,9 @@ def _pick_stop_at(
         return None, None
     stop_at = parse_stop_at(raw)
     if stop_at <= now + timedelta(minutes=1):
-        raise OptionsError(f"The stop time {format_stop_at(stop_at)} is in the past; choose a time {limit} (UTC).")
+        raise OptionsError(f"The stop time {format_time(stop_at)} is in the past; choose a time {limit} (UTC).")
     if max_run_hours > 0 and stop_at > now + timedelta(hours=max_run_hours):
-        raise OptionsError(f"The stop time {format_stop_at(stop_at)} is too far ahead; choose a time {limit} (UTC).")
+        raise OptionsError(f"The stop time {format_time(stop_at)} is too far ahead; choose a time {limit} (UTC).")
     return stop_at, None
 
 

@@ -8,7 +8,6 @@ everything needed to find the server again after a hub restart.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import string
 import time
@@ -23,27 +22,31 @@ from jupyterhub.utils import maybe_future
 from traitlets import Any as AnyTrait
 from traitlets import Callable, Dict, Float, List, TraitError, Unicode, Union, default, observe, validate
 
-from dolab_services.culler.labnotice import LabNoticeTraits
+from dolab_core.engines.docker import check_docker_hosts
+from dolab_core.gpus import LOCAL_HOST, GpuSlot, inventory_from_config, load_inventory
+from dolab_core.hooks import load_hook
+from dolab_core.paths import default_data_dir
+from dolab_core.plans import Plan, PlanConfigError, PlanTable, parse_plans
+from dolab_core.serverstate import ServerState
+from dolab_lab.notice import LabNoticeTraits
 
 from .backends import BACKENDS, BackendMixin, backend_class, make_backend
 from .backends.base import apply_overrides
-from .backends.docker import check_docker_hosts, remote_slots
+from .backends.docker import remote_slots
 from .backends.runpod import pod_request
-from .paths import default_data_dir
-from .plans import Plan, PlanConfigError, PlanTable, parse_plans
 from .profiles import (
     OptionsError,
     Profile,
     ProfileConfigError,
     Selection,
     default_profiles,
-    format_stop_at,
+    format_time,
     parse_profile_list,
     parse_stop_at,
     resolve_options,
 )
 from .progress import ProgressEvents
-from .slots import LOCAL_HOST, GpuSlot, NoFreeSlot, SlotAllocator, inventory_from_config, load_inventory
+from .slots import NoFreeSlot, SlotAllocator
 
 __all__ = ["DoLabSpawner"]
 
@@ -154,7 +157,7 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     plans = Dict(
         config=True,
         help="""Plans: which profiles, quotas, run time and culling exemption each group's members get (see
-        ``dolab_spawner.plans``): ``{"plans": {name: {"profiles": [slugs] or "*", "quotas": {"gpu_hours": {"week":
+        ``dolab_core.plans``): ``{"plans": {name: {"profiles": [slugs] or "*", "quotas": {"gpu_hours": {"week":
         40}, "usd": {"month": 200}}, "max_run_hours": 72, "cull_exempt": false}}, "groups": {group: plan or [plans]},
         "default_plan": name}``. A user gets the combination of their JupyterHub groups' plans: the form shows only
         the profiles it allows and any other is refused (403), REST included. Empty (default): no restriction.
@@ -267,8 +270,8 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         # A typo would otherwise show only at a stop, as a failed backup that keeps every server's storage.
         for hook in proposal["value"]:
             try:
-                _load_hook(hook)
-            except RuntimeError as e:
+                load_hook(hook)
+            except ValueError as e:
                 raise TraitError(f"DoLabSpawner.{proposal['trait'].name}: {e}") from None
         return proposal["value"]
 
@@ -610,14 +613,14 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         self.slot_dicts = [s.to_dict() for s in slots]
         # The machine: where its GPUs are; a CPU server goes to the backend's first machine.
         self.host_name = slots[0].host if slots else self.backend_hosts(self.backend_name)[0]
-        self.stop_at = format_stop_at(selection.stop_at) if selection.stop_at else ""
+        self.stop_at = format_time(selection.stop_at) if selection.stop_at else ""
         for slot in slots:
             self.emit(15, f"Reserved GPU {slot.index} ({slot.name})")
         try:
             self._backend = self.make_backend(selection, slots)
             self._apply_own_overrides({**self._backend.hub_timeouts(), **selection.spawner_override})
             for hook in self.pre_start_hooks:
-                await maybe_future(_load_hook(hook)(self))
+                await maybe_future(load_hook(hook)(self))
             self.emit(30, f"Starting your server ({selection.profile.display_name})")
             url = await self._backend.start()
             if self._backend.api_token != self.api_token:
@@ -661,7 +664,7 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         """Run ``pre_destroy_hooks``; the first failure (a sentence) is logged, kept in the state and returned."""
         for hook in self.pre_destroy_hooks:
             try:
-                await maybe_future(_load_hook(hook)(self, reason))
+                await maybe_future(load_hook(hook)(self, reason))
             except Exception as e:
                 why = str(e) or type(e).__name__
                 self.kept_reason = why
@@ -692,46 +695,46 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     # ----- state ---------------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
-        """What a restarted hub needs: profile, backend and its state, slots, stop time."""
+        """What a restarted hub and every service need (:class:`~dolab_core.serverstate.ServerState`)."""
         state = super().get_state()
-        if self.backend_name:
-            state.update(
+        backend = self._backend
+        rented = backend.monitor_state() if backend is not None and self.backend_name else {}
+        state.update(
+            ServerState(
                 profile=self.profile_slug,
                 backend=self.backend_name,
                 host=self.host_name,
-                slots=list(self.slot_dicts),
+                slots=tuple(self.slot_dicts),
                 stop_at=self.stop_at,
-                backend_state=self._backend.get_state() if self._backend is not None else {},
-            )
-            if self._backend is not None:
-                # What the server rents, for the monitor (RunPod: price_per_hour_usd, gpu_type, gpu_count).
-                state.update(self._backend.monitor_state())
-            if self.host_workspace():
-                state["workspace"] = self.host_workspace()  # the sync service backs it up
-            if self.server is not None and self.server.port:
+                backend_state=backend.get_state() if backend is not None else {},
+                workspace=self.host_workspace() if self.backend_name else "",
                 # The server's own address: services read it directly, not through the proxy, which would count
                 # every request as the user's activity.
-                state["server_url"] = self.server.url
-        if self.kept_reason:
-            # Survives clear_state() after the stop, so the user's and admin's tools can say why.
-            state["kept"] = {"reason": self.kept_reason, "at": self.kept_at}
+                server_url=self.server.url if self.server is not None and self.server.port else "",
+                price_per_hour_usd=rented.get("price_per_hour_usd"),
+                gpu_type=str(rented.get("gpu_type") or ""),
+                gpu_count=int(rented.get("gpu_count") or 0),
+                # Survives clear_state() after the stop, so the user's and admin's tools can say why.
+                kept_reason=self.kept_reason,
+                kept_at=self.kept_at,
+            ).to_dict()
+        )
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Rebuild the backend and re-claim the slots of a server that is still running."""
         super().load_state(state)
-        kept = state.get("kept") or {}
-        self.kept_reason, self.kept_at = str(kept.get("reason", "")), str(kept.get("at", ""))
-        backend = state.get("backend")
-        if not backend or backend not in BACKENDS:
+        saved = ServerState.read(state)
+        self.kept_reason, self.kept_at = saved.kept_reason, saved.kept_at
+        if saved.backend not in BACKENDS:
             return
-        self.profile_slug = state.get("profile", "")
-        self.backend_name = backend
-        self.slot_dicts = list(state.get("slots", []))
-        self.stop_at = state.get("stop_at", "")
-        self.host_name = state.get("host", LOCAL_HOST)
-        self._backend = self._build_backend(backend, self.host_name, self.slot_dicts)
-        self._backend.load_state(state.get("backend_state", {}))
+        self.profile_slug = saved.profile
+        self.backend_name = saved.backend
+        self.slot_dicts = [dict(s) for s in saved.slots]
+        self.stop_at = saved.stop_at
+        self.host_name = saved.host
+        self._backend = self._build_backend(saved.backend, self.host_name, self.slot_dicts)
+        self._backend.load_state(dict(saved.backend_state))
         # Only a server the hub still lists holds its GPUs; stale state of a stopped one claims nothing.
         if self.slot_dicts and self.orm_spawner is not None and self.orm_spawner.server is not None:
             keys = [GpuSlot.from_dict(s).key for s in self.slot_dicts]
@@ -760,20 +763,6 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         return parse_stop_at(self.stop_at) if self.stop_at else None
 
 
-def _load_hook(hook: Any) -> Any:
-    """A hook itself, or the callable a ``module.path:name`` string names."""
-    if callable(hook):
-        return hook
-    module_name, _, attr = str(hook).partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise RuntimeError(f"hook {hook!r} cannot be loaded ({e}); write it as module.path:callable") from e
-    if not callable(found):
-        raise RuntimeError(f"hook {hook!r} is not callable")
-    return found
-
-
 def _form_time_to_utc(local: str, offset_minutes: str) -> str:
     """A ``datetime-local`` value plus the browser's ``getTimezoneOffset()`` -> ISO UTC (UTC without JS)."""
     try:
@@ -791,4 +780,4 @@ def _form_time_to_utc(local: str, offset_minutes: str) -> str:
             when = when.replace(tzinfo=timezone.utc) + timedelta(minutes=offset)
         except OverflowError:
             raise ValueError("That stop time is out of range: pick a time in the next few days.") from None
-    return format_stop_at(when)
+    return format_time(when)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dolab_spawner.slots import GpuSlot
+from dolab_core.gpus import GpuSlot
 
 A100_0 = GpuSlot(0, "GPU-aaaa", "NVIDIA A100-SXM4-80GB", 80.0)
 A100_1 = GpuSlot(1, "GPU-bbbb", "NVIDIA A100-SXM4-80GB", 80.0)

@@ -1,7 +1,7 @@
 """What every test shares: the process umask is put back after each test.
 
 Loading the shipped ``jupyterhub_config.py`` in the test process as root does what the hub does at start-up,
-including a private umask (077, :func:`dolab_spawner.paths.protect_data_dir`); later tests must not inherit it.
+including a private umask (077, :func:`dolab_core.paths.protect_data_dir`); later tests must not inherit it.
 """
 
 from __future__ import annotations

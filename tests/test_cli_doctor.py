@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dolab_core.gpus import GpuSlot
 from dolab_spawner.cli import common, doctor, main
 from dolab_spawner.cli.common import mask_url
 from dolab_spawner.cli.doctor import (
@@ -29,7 +30,6 @@ from dolab_spawner.cli.doctor import (
     check_singleuser,
     doctor_exit_code,
 )
-from dolab_spawner.slots import GpuSlot
 
 from .cli_support import INVENTORY_JSON, isolate_env, unused_url
 from .hub_double import HubDouble, serve_hub_double

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dolab_core.gpus import GpuSlot
 from dolab_spawner.cli import main
 from dolab_spawner.cli.common import CliError
 from dolab_spawner.cli.gpus import (
@@ -20,7 +21,6 @@ from dolab_spawner.cli.gpus import (
     slot_rows,
     state_problem,
 )
-from dolab_spawner.slots import GpuSlot
 
 from .cli_support import (
     A100_0,

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
-from dolab_services.culler import labnotice
+from dolab_lab import notice as labnotice
+from dolab_lab.notice import CONTAINER_DIR, NOTICE_NAME, SHARE_DIR, built_notice, with_jupyter_path
 from dolab_services.culler.extensions import extend_offer, headroom_hours
-from dolab_services.culler.labnotice import CONTAINER_DIR, NOTICE_NAME, SHARE_DIR, built_notice, with_jupyter_path
 from dolab_spawner.backends.base import child_config
 from dolab_spawner.backends.docker import DockerBackend
 from dolab_spawner.backends.local import LocalProcessBackend

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dolab_core.plans import parse_plans
 from dolab_services.culler.policy import (
     DEFAULT_RULES,
     HOUR,
@@ -20,7 +21,6 @@ from dolab_services.culler.policy import (
     decide,
     needs_inspection,
 )
-from dolab_spawner.plans import parse_plans
 
 NOW = datetime(2025, 6, 2, 12, 0, tzinfo=timezone.utc)
 PARIS_SUMMER = timezone(timedelta(hours=2))
@@ -505,7 +505,7 @@ def test_skipping_inspection_never_hides_an_idle_stop(server: ServerFacts, polic
         assert decide(uninspected, policy, NOW).reason != "idle"
 
 
-# ----- plans (dolab_spawner.plans): the same exemptions and run-time limits the spawner applies -------------------
+# ----- plans (dolab_core.plans): the same exemptions and run-time limits the spawner applies -------------------
 
 PLANS = parse_plans(
     {

@@ -29,6 +29,7 @@ from tornado.httpclient import AsyncHTTPClient
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
+from dolab_core.plans import plans_from_env
 from dolab_services.culler.policy import CullPolicy, Rule, ServerFacts
 from dolab_services.culler.service import (
     CULLER_SCOPES,
@@ -49,7 +50,6 @@ from dolab_services.culler.telemetry import StaticTelemetry
 from dolab_services.hubclient import HubClient
 from dolab_services.scopes import STOP_SERVERS as STOP
 from dolab_services.servertokens import ServerTokens
-from dolab_spawner.plans import plans_from_env
 
 from .cli_support import isolate_env, unused_url
 from .hub_double import HubDouble, serve_hub_double

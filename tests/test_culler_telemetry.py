@@ -43,7 +43,7 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_local_host_is_the_spawners() -> None:
-    from dolab_spawner.slots import LOCAL_HOST as SPAWNER_LOCAL_HOST
+    from dolab_core.gpus import LOCAL_HOST as SPAWNER_LOCAL_HOST
 
     assert LOCAL_HOST == SPAWNER_LOCAL_HOST
 

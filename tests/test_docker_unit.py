@@ -21,10 +21,13 @@ from jupyterhub.spawner import SpawnException
 from traitlets import TraitError
 from traitlets.config import Config
 
+from dolab_core.engines import docker as docker_engines
+from dolab_core.engines.docker import DockerEngines, check_docker_hosts
+from dolab_core.gpus import GpuSlot
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.backends import docker as docker_backend
-from dolab_spawner.backends.docker import DockerBackend, DockerEngines, check_docker_hosts, remote_slots
-from dolab_spawner.slots import GpuSlot, NoFreeSlot, SlotAllocator
+from dolab_spawner.backends.docker import DockerBackend, remote_slots
+from dolab_spawner.slots import NoFreeSlot, SlotAllocator
 
 GPU = {"index": 0, "uuid": "GPU-r-0", "name": "NVIDIA A100 80GB", "memory_gb": 80}
 
@@ -406,12 +409,12 @@ def test_docker_hosts_tls_settings(entry: dict[str, Any], phrase: str | None) ->
 def test_a_tls_config_always_verifies(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("-")
-    tls = docker_backend._verified_tls(str(ca), None)
+    tls = docker_engines._verified_tls(str(ca), None)
     assert (tls.verify, tls.ca_cert, tls.cert) == (True, str(ca), None)
     with pytest.raises(docker.errors.TLSParameterError):
-        docker_backend._verified_tls(None, None)
+        docker_engines._verified_tls(None, None)
     with pytest.raises(docker.errors.TLSParameterError):
-        docker_backend._verified_tls(str(tmp_path / "missing.pem"), None)
+        docker_engines._verified_tls(str(tmp_path / "missing.pem"), None)
 
 
 # ----- the container's user: never root, however it is spelled -------------------------------------------------

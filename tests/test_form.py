@@ -12,8 +12,8 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 import dolab_spawner.spawner
+from dolab_core.times import format_time
 from dolab_spawner import DoLabSpawner
-from dolab_spawner.profiles import format_stop_at
 
 UTC = timezone.utc
 
@@ -315,7 +315,7 @@ async def test_options_from_form_stop_at_local_time(offset_hours: float, tz_offs
     when_utc = (datetime.now(UTC) + timedelta(hours=3)).replace(second=0, microsecond=0)
     local = (when_utc + timedelta(hours=offset_hours)).strftime("%Y-%m-%dT%H:%M")
     form = submission(soup, stop_mode="at", stop_at=local, tz_offset_minutes=tz_offset_minutes)
-    assert await spawner.options_from_form(form) == {"profile": "cpu", "stop_at": format_stop_at(when_utc)}
+    assert await spawner.options_from_form(form) == {"profile": "cpu", "stop_at": format_time(when_utc)}
 
 
 @pytest.mark.parametrize(

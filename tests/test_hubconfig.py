@@ -1,4 +1,4 @@
-"""Unit tests for dolab_spawner.hubconfig: the helpers behind jupyterhub_config.py."""
+"""Unit tests for dolab_core.hubconfig: the helpers behind jupyterhub_config.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dolab_spawner.hubconfig import (
+from dolab_core.hubconfig import (
     ConfigEnvError,
     ensure_secret,
     env_float,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from dolab_spawner import slots
-from dolab_spawner.slots import GpuSlot, load_inventory, read_nvml_inventory
+from dolab_core import gpus as slots
+from dolab_core.gpus import GpuSlot, load_inventory, read_nvml_inventory
 
 
 class NVMLError(Exception):

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dolab_core.gpus import GpuSlot
+from dolab_core.times import format_time
 from dolab_spawner.profiles import (
     Choice,
     OptionsError,
@@ -18,13 +20,12 @@ from dolab_spawner.profiles import (
     ProfileOption,
     Selection,
     default_profiles,
-    format_stop_at,
     parse_profile_list,
     parse_stop_at,
     resolve_options,
     slugify,
 )
-from dolab_spawner.slots import GpuSlot, SlotAllocator
+from dolab_spawner.slots import SlotAllocator
 
 UTC = timezone.utc
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -801,6 +802,6 @@ def test_parse_stop_at_bad(value: Any, phrase: str) -> None:
     ],
     ids=["UTC", "microseconds dropped", "offset converted"],
 )
-def test_format_stop_at(when: datetime, text: str) -> None:
-    assert format_stop_at(when) == text
+def test_format_time(when: datetime, text: str) -> None:
+    assert format_time(when) == text
     assert parse_stop_at(text) == when.astimezone(UTC).replace(microsecond=0)

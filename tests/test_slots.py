@@ -11,15 +11,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dolab_spawner.slots import (
-    LOCAL_HOST,
-    GpuSlot,
-    NoFreeSlot,
-    SlotAllocator,
-    inventory_from_config,
-    load_inventory,
-    read_nvml_inventory,
-)
+from dolab_core.gpus import LOCAL_HOST, GpuSlot, inventory_from_config, load_inventory, read_nvml_inventory
+from dolab_spawner.slots import NoFreeSlot, SlotAllocator
 
 A100 = "NVIDIA A100-SXM4-80GB"
 A10 = "NVIDIA A10"

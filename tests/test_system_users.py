@@ -1,5 +1,5 @@
 """System accounts for local servers (dolab_spawner.backends.system_users), the data directory they must not read
-(dolab_spawner.paths.protect_data_dir) and the start-up check of the shipped config (check_local_accounts).
+(dolab_core.paths.protect_data_dir) and the start-up check of the shipped config (check_local_accounts).
 
 Account creation runs the real useradd (the tests run as root); every account made here has a prefix no real
 account has and is removed at the end.
@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from traitlets.config import Config
 
+from dolab_core.paths import protect_data_dir
 from dolab_spawner.backends.local import check_local_accounts
 from dolab_spawner.backends.system_users import (
     NAME_MAX,
@@ -33,7 +34,6 @@ from dolab_spawner.backends.system_users import (
     hand_over_workspace,
     unreachable_folder,
 )
-from dolab_spawner.paths import protect_data_dir
 from tests.e2e.hub import let_accounts_through
 
 USERADD_NAME = re.compile(r"[a-z_][a-z0-9_-]*")

@@ -13,8 +13,8 @@ from typing import Any
 
 from traitlets import Bool, Float, Integer, List, Unicode, default
 
-from dolab_spawner.hubconfig import env_float
-from dolab_spawner.plans import plans_from_env
+from dolab_core.hubconfig import env_float
+from dolab_core.plans import plans_from_env
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient

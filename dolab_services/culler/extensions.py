@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ..times import format_time, parse_time
+from dolab_core.times import format_time, parse_time
+
 from .stop import describe
 
 __all__ = ["ExtensionStore", "extend_offer", "extended_stop_at", "headroom_hours"]

@@ -16,7 +16,8 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from ..times import parse_time
+from dolab_core.times import parse_time
+
 from .policy import ServerFacts
 
 __all__ = ["InspectionError", "read_busy_kernels", "server_facts", "server_slots"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..times import format_time
+from dolab_core.times import format_time
 
 __all__ = ["CullWarning", "ServerView", "server_label"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from dolab_spawner.plans import PlanTable
+from dolab_core.plans import PlanTable
 
 __all__ = ["DEFAULT_RULES", "CullPolicy", "Decision", "Rule", "ServerFacts", "decide", "needs_inspection"]
 
@@ -62,7 +62,7 @@ class CullPolicy:
     gpu_busy_percent: float = 10
     exempt_users: frozenset[str] = frozenset()
     exempt_groups: frozenset[str] = frozenset()
-    #: The admins' plans (``dolab_spawner.plans``): a plan with ``cull_exempt`` exempts its members too.
+    #: The admins' plans (``dolab_core.plans``): a plan with ``cull_exempt`` exempts its members too.
     plans: PlanTable = field(default_factory=PlanTable)
 
     def rule_for(self, profile: str, backend: str, gpus: int) -> Rule:

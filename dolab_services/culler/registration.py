@@ -20,8 +20,8 @@ from typing import Any
 
 from traitlets.config import Config
 
-from dolab_spawner.hubconfig import config_value, env_float
-from dolab_spawner.plans import service_environment
+from dolab_core.hubconfig import config_value, env_float
+from dolab_core.plans import service_environment
 
 from ..scopes import EXTEND_SERVERS, STOP_SERVERS
 from .policy import CullPolicy

@@ -41,7 +41,8 @@ servers, their activity, options and state), ``users:activity`` (record running 
 
 from __future__ import annotations
 
-from ..times import format_time, parse_time
+from dolab_core.times import format_time, parse_time
+
 from .app import Culler, main
 from .extensions import ExtensionStore, extended_stop_at
 from .facts import InspectionError, read_busy_kernels, server_facts

@@ -24,8 +24,9 @@ from urllib.parse import quote
 
 from prometheus_client import CollectorRegistry, Counter
 
+from dolab_core.hooks import load_object
+
 from ..hubclient import HubAPIError, HubClient
-from .loader import load_object
 
 __all__ = ["STOP_REASONS", "PreStopHook", "StopOutcome", "StopPath", "load_hooks"]
 

@@ -23,9 +23,10 @@ from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient
 
+from dolab_core.times import format_time, hub_time, parse_time, utcnow
+
 from ..hubclient import HubAPIError, HubClient
 from ..servertokens import ServerTokens
-from ..times import format_time, hub_time, parse_time, utcnow
 from .extensions import ExtensionStore, extended_stop_at, headroom_hours
 from .facts import MAX_KERNELS_BODY_BYTES, InspectionError, read_busy_kernels, server_facts, server_slots
 from .notices import CullWarning, ServerView, server_label

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .loader import load_object
+from dolab_core.hooks import load_object
 
 __all__ = [
     "LOCAL_HOST",

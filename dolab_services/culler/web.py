@@ -38,9 +38,10 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import web
 from tornado.template import Template
 
+from dolab_core.times import format_time, utcnow
+
 from ..hubclient import HubAPIError
 from ..scopes import EXTEND_SERVERS, STOP_SERVERS
-from ..times import format_time, utcnow
 from ..web import JsonApiMixin, MetricsHandler, ServiceHandler, access_logger, bounded_number
 from .extensions import extend_offer, headroom_hours
 from .sweeper import Sweeper

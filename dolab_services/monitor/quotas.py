@@ -18,13 +18,13 @@ Which quota applies to a user (:meth:`QuotaConfig.for_user`):
 
 1. the user's own entry under ``users``, whole, when there is one (an admin's exception wins over everything);
 2. else, when some of the user's groups have an entry, the most generous combination of those, limit by limit (the
-   rule of ``dolab_spawner.plans``): a group that does not name a metric and period has no say in it; ``null``
+   rule of ``dolab_core.plans``): a group that does not name a metric and period has no say in it; ``null``
    from any group means no limit; else the largest number named. Example: ``gpu-team`` ``{"gpu_hours": {"week":
    30}, "usd": {"month": 100}}`` and ``students`` ``{"gpu_hours": {"week": 40}}`` give ``{"gpu_hours": {"week":
    40}, "usd": {"month": 100}}``; adding ``staff`` ``{"usd": {"month": null}}`` lifts the USD limit;
 3. else ``default``; without one, the user has no quota.
 
-The admins' plans (``dolab_spawner.plans``, handed to the service as ``$DOLAB_PLANS`` or ``$DOLAB_PLANS_FILE``)
+The admins' plans (``dolab_core.plans``, handed to the service as ``$DOLAB_PLANS`` or ``$DOLAB_PLANS_FILE``)
 carry quotas of the same shape: the user's plan quota counts as one more group entry in step 2 (so plans and this
 file's groups combine by the same most-generous rule, and a user's own entry still wins).
 """
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from dolab_spawner.plans import PlanTable
+from dolab_core.plans import PlanTable
 
 from .periods import PERIODS, Period, period_bounds
 

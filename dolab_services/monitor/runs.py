@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..times import parse_time
+from dolab_core.times import parse_time
+
 from .ledger import Charge
 
 __all__ = ["GpuPrices", "ServerRun", "server_runs"]

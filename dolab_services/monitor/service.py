@@ -28,9 +28,9 @@ from typing import Any
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 from traitlets.config import Config
 
+from dolab_core.hubconfig import config_value, env_float
+from dolab_core.plans import parse_plans, plans_from_env, service_environment
 from dolab_services.culler.stop import StopPath, load_hooks
-from dolab_spawner.hubconfig import config_value, env_float
-from dolab_spawner.plans import parse_plans, plans_from_env, service_environment
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
@@ -149,7 +149,7 @@ class MonitorApp(ServiceApp):
 
     @default("db_url")
     def _default_db_url(self) -> str:
-        from dolab_spawner.paths import default_data_dir
+        from dolab_core.paths import default_data_dir
 
         if os.environ.get("DOLAB_MONITOR_DB_URL"):
             return os.environ["DOLAB_MONITOR_DB_URL"]
@@ -320,7 +320,7 @@ def monitor_service(
     token is kept in ``<data dir>/monitor-token``: the hub's quota check sends it. None when the config already
     has a service of that name. Raises ValueError with a sentence for bad settings.
     """
-    from dolab_spawner.hubconfig import ConfigEnvError, ensure_secret, env_json
+    from dolab_core.hubconfig import ConfigEnvError, ensure_secret, env_json
 
     from .quotacheck import MonitorQuotaCheck
 

@@ -29,7 +29,7 @@ SWITCH_NOTE = (
 def choices_path(data_dir: str | Path | None = None) -> Path:
     """Where the choices live: ``<data dir>/sync-targets.json`` (default: DO-LAB's data directory)."""
     if data_dir is None:
-        from dolab_spawner.paths import default_data_dir
+        from dolab_core.paths import default_data_dir
 
         data_dir = default_data_dir()
     return Path(data_dir) / CHOICES_FILE

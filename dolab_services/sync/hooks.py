@@ -67,7 +67,7 @@ def _settings() -> SyncSettings:
 
 
 def _cache_path(username: str, target: str = "s3") -> Path:
-    from dolab_spawner.paths import default_data_dir
+    from dolab_core.paths import default_data_dir
 
     suffix = "" if target == "s3" else f".{target}"
     return Path(default_data_dir()) / "sync-cache" / f"{user_prefix(username)}{suffix}.json.gz"

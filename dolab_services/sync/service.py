@@ -101,7 +101,7 @@ class SyncService(ServiceApp):
 
     @default("cache_dir")
     def _default_cache_dir(self) -> str:
-        from dolab_spawner.paths import default_data_dir
+        from dolab_core.paths import default_data_dir
 
         return str(Path(default_data_dir()) / "sync-service-cache")
 

@@ -29,7 +29,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..hubconfig import ConfigEnvError, env_list
+from dolab_core.hubconfig import ConfigEnvError, env_list
+
 from .providers import DoLabAuthenticator, DoLabGitHubAuthenticator, DoLabGoogleAuthenticator
 
 __all__ = ["PROVIDERS", "check_crypt_key", "configure_login"]

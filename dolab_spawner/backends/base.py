@@ -17,7 +17,7 @@ from jupyterhub.spawner import Spawner
 from traitlets import Dict, HasTraits, List, Unicode
 from traitlets.config import Config
 
-from ..slots import GpuSlot
+from dolab_core.gpus import GpuSlot
 
 __all__ = [
     "HUB_PROVIDED_ATTRS",

@@ -27,7 +27,7 @@ from typing import Any
 from jupyterhub.spawner import LocalProcessSpawner, SpawnException, set_user_setuid
 from traitlets import Bool, Float, TraitError, Unicode, default, validate
 
-from dolab_services.culler.labnotice import LabNoticeTraits, built_notice, with_jupyter_path
+from dolab_lab.notice import LabNoticeTraits, built_notice, with_jupyter_path
 
 from .base import BackendMixin, child_config, http_answers
 from .system_users import (
@@ -196,7 +196,7 @@ class LocalProcessBackend(LabNoticeTraits, BackendMixin, LocalProcessSpawner):
             else:
                 env["VIRTUAL_ENV"] = prefix
         if self.lab_notice and (share := built_notice(log=self.log)):
-            # The culler's warnings inside JupyterLab (dolab_services.culler.labnotice).
+            # The culler's warnings inside JupyterLab (dolab_lab.notice).
             env["JUPYTER_PATH"] = with_jupyter_path(env.get("JUPYTER_PATH", ""), str(share))
         return env
 
@@ -356,11 +356,12 @@ def check_local_accounts(
     """Check at start-up how local servers will run, and prepare the data directory for it; a warning or None.
 
     As root with ``system_users`` (the default), the data directory is protected for users' own accounts
-    (:func:`~dolab_spawner.paths.protect_data_dir`). As root with root servers allowed, the warning to print.
+    (:func:`~dolab_core.paths.protect_data_dir`). As root with root servers allowed, the warning to print.
     Raises ValueError with a sentence for root servers nobody allowed or an unusable account prefix. The shipped
     ``jupyterhub_config.py`` calls it after the overlays.
     """
-    from ..paths import protect_data_dir
+    from dolab_core.paths import protect_data_dir
+
     from ..spawner import DoLabSpawner  # here: the spawner module imports the backends
 
     try:

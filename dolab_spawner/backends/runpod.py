@@ -11,7 +11,7 @@ The pod runs ``jupyterhub-singleuser`` with the hub's ``JUPYTERHUB_*`` variables
 environment (the RunPod key least of all) goes in. All RunPod calls go through :mod:`.runpod_api`.
 
 Pods are named ``<pod_name_prefix><hub id>-<escaped user>[--<server>]`` (the hub's id from
-:mod:`dolab_spawner.hubidentity`), so a pod created before a hub crash is found again by name, and the reaper
+:mod:`dolab_core.hubidentity`), so a pod created before a hub crash is found again by name, and the reaper
 (``dolab_services.runpod_reaper``) can tell which of this hub's pods no server owns, never touching another hub's.
 """
 
@@ -20,20 +20,15 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import string
 import time
 from typing import Any
 
-from escapism import escape as escape_name
 from jupyterhub.spawner import Spawner, SpawnException
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
-from ..hubidentity import hub_id
-from ..profiles import Selection
-from .base import BackendMixin
-from .runpod_api import (
+from dolab_core.engines.runpod import (
     BadApiKey,
     GpuType,
     NoCapacity,
@@ -42,30 +37,20 @@ from .runpod_api import (
     RunPodError,
     TransientError,
     UnknownGpuType,
+    hub_pod_prefix,
+    pod_name,
     shared_api,
 )
+from dolab_core.hubidentity import hub_id
 
-__all__ = ["RunPodBackend", "hub_pod_prefix", "pod_name", "pod_request"]
+from ..profiles import Selection
+from .base import BackendMixin
+
+__all__ = ["RunPodBackend", "pod_request"]
 
 _CLOUDS = {"secure": ("SECURE",), "community": ("COMMUNITY",), "all": ("SECURE", "COMMUNITY")}
-_SAFE = set(string.ascii_lowercase + string.digits)
 #: Variables GPU pinning sets for local GPUs; a pod's GPUs are all its own.
 _LOCAL_GPU_VARS = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
-
-
-def pod_name(prefix: str, username: str, server_name: str = "") -> str:
-    """The deterministic pod name of a server: ``<prefix><escaped user>[--<server>]``.
-
-    The escaped user name holds only letters, digits and ``-``, always followed by two hex digits, so ``--``
-    cannot occur in it and the server name is unambiguous.
-    """
-    name = prefix + escape_name(username, safe=_SAFE, escape_char="-")
-    return f"{name}--{server_name}" if server_name else name
-
-
-def hub_pod_prefix(prefix: str, hub_id: str) -> str:
-    """The start of every pod name of hub ``hub_id``: ``<prefix><hub id>-`` (what its reaper looks for)."""
-    return f"{prefix}{hub_id}-"
 
 
 def pod_request(selection: Selection) -> dict[str, Any]:
@@ -127,7 +112,7 @@ class RunPodBackend(BackendMixin, Spawner):
         of hubs sharing a RunPod account: a reaper only ever looks at its own hub's.""",
     )
 
-    hub_id = Unicode(help="This hub's id (:mod:`dolab_spawner.hubidentity`), in every pod's name.")
+    hub_id = Unicode(help="This hub's id (:mod:`dolab_core.hubidentity`), in every pod's name.")
 
     stop_action = Enum(
         ["terminate", "stop"],

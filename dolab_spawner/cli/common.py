@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 from urllib.parse import unquote
 
-from ..hubconfig import ConfigEnvError, env_json
-from ..slots import GpuSlot, inventory_from_config
+from dolab_core.gpus import GpuSlot, inventory_from_config
+from dolab_core.hubconfig import ConfigEnvError, env_json
 
 __all__ = [
     "DEFAULT_HUB_URL",

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..hubconfig import env_list, find_proxy
-from ..paths import default_data_dir
-from ..slots import GpuSlot, read_nvml_inventory
+from dolab_core.gpus import GpuSlot, read_nvml_inventory
+from dolab_core.hubconfig import env_list, find_proxy
+from dolab_core.paths import default_data_dir
+
 from .common import (
     _http_reason,
     _scrub,

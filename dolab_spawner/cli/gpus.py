@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..hubconfig import env_list
-from ..paths import default_data_dir
-from ..slots import GpuSlot, read_nvml_inventory, restrict
+from dolab_core.gpus import GpuSlot, read_nvml_inventory, restrict
+from dolab_core.hubconfig import env_list
+from dolab_core.paths import default_data_dir
+
 from .common import CliError, _http_reason, _short, default_hub_url, format_table, run_with_timeout, static_inventory
 
 __all__ = [

@@ -20,7 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..hubconfig import config_value
+from dolab_core.hubconfig import config_value
+
 from .common import CliError, _short, format_table, run_with_timeout
 from .doctor import _config_dir, _docker_reason
 
@@ -104,7 +105,7 @@ def configured_images(config: Any, default_image: str = "") -> list[str]:
 
 def configured_engines(config: Any) -> list[dict[str, Any]]:
     """``c.DoLabSpawner.docker_hosts`` validated (default: the local engine); CliError with a sentence."""
-    from ..backends.docker import check_docker_hosts
+    from dolab_core.engines.docker import check_docker_hosts
 
     try:
         return check_docker_hosts(config_value(config, "DoLabSpawner", "docker_hosts", [{"name": "local"}]))
@@ -149,7 +150,7 @@ def pull_on_engine(
     progress: Callable[[str], None],
 ) -> list[PullRow]:
     """Each image on one engine: left alone when present, else pulled with throttled progress lines."""
-    from ..backends.docker import engines
+    from dolab_core.engines.docker import engines
 
     engine = str(host["name"])
     try:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from traitlets.config import Config
 
+from dolab_core.hubconfig import ConfigEnvError
 from dolab_spawner.auth import (
     DRIVE_SCOPE,
     DoLabAuthenticator,
@@ -19,7 +20,6 @@ from dolab_spawner.auth import (
 from dolab_spawner.auth.envconfig import PROVIDERS as PROVIDER_CLASSES
 from dolab_spawner.auth.envconfig import configure_login
 from dolab_spawner.auth.providers import github_team_groups
-from dolab_spawner.hubconfig import ConfigEnvError
 from tests.e2e.hub import free_port
 
 from .conftest import OidcProvider

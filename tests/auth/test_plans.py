@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dolab_spawner.plans import (
+from dolab_core.plans import (
     UNRESTRICTED,
     Plan,
     PlanConfigError,

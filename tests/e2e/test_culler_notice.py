@@ -22,7 +22,7 @@ import pytest
 import requests
 from bs4 import BeautifulSoup
 
-from dolab_services.culler.labnotice import NOTICE_NAME, SHARE_DIR
+from dolab_lab.notice import NOTICE_NAME, SHARE_DIR
 
 from .hub import Hub, free_port
 from .stack import docker_stack

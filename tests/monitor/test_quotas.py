@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from dolab_core.plans import parse_plans
 from dolab_services.monitor.quotas import Quota, QuotaConfig, evaluate
-from dolab_spawner.plans import parse_plans
 
 NOW = datetime(2026, 11, 26, 8, 30, tzinfo=timezone.utc)  # a Thursday
 

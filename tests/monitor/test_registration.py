@@ -14,9 +14,9 @@ import pytest
 from jupyterhub.spawner import SpawnException
 from traitlets.config import Config, PyFileConfigLoader
 
+from dolab_core.plans import plans_from_env
 from dolab_services.monitor.quotacheck import MonitorQuotaCheck, is_metered
 from dolab_services.monitor.service import MONITOR_SCOPES, USER_SCOPE, monitor_service
-from dolab_spawner.plans import plans_from_env
 
 from ..cli_support import isolate_env
 from ..hub_double import HubDouble, serve_hub_double

@@ -14,8 +14,7 @@ import pytest
 import requests
 import runpod.error
 
-from dolab_spawner.backends.runpod import RunPodBackend
-from dolab_spawner.backends.runpod_api import (
+from dolab_core.engines.runpod import (
     ApiError,
     BadApiKey,
     NoCapacity,
@@ -26,6 +25,7 @@ from dolab_spawner.backends.runpod_api import (
     classify,
     escape,
 )
+from dolab_spawner.backends.runpod import RunPodBackend
 from tests.runpod_emulator.client import EmulatorProcess
 from tests.runpod_emulator.schema import GENERIC, NO_CAPACITY, NO_GPUS_ON_HOST
 
@@ -207,7 +207,7 @@ async def test_stop_resume_and_terminate_twice(em: EmulatorProcess) -> None:
 
 def backend_for(em: EmulatorProcess, user: str, **traits: Any) -> RunPodBackend:
     """A RunPodBackend outside a hub (what a restarted hub rebuilds), on the emulator."""
-    traits.setdefault("hub_id", "test1234")  # the hub's id (dolab_spawner.hubidentity) in every pod name
+    traits.setdefault("hub_id", "test1234")  # the hub's id (dolab_core.hubidentity) in every pod name
     return RunPodBackend(user=SimpleNamespace(name=user), api_key=em.api_key, api_backoff_seconds=0.05, **traits)
 
 

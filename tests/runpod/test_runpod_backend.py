@@ -18,10 +18,9 @@ import docker
 import pytest
 import requests
 
+from dolab_core.engines.runpod import PodSpec, RunPodApi, hub_pod_prefix
 from dolab_services.hubclient import HubClient
 from dolab_services.runpod_reaper import sweep_pods
-from dolab_spawner.backends.runpod import hub_pod_prefix
-from dolab_spawner.backends.runpod_api import PodSpec, RunPodApi
 from tests.e2e.hub import Hub, free_port
 from tests.e2e.jupyter import run_in_kernel
 from tests.e2e.stack import DockerStack, docker_stack

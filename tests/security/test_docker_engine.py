@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dolab_spawner.backends.docker import DockerEngines, check_docker_hosts
+from dolab_core.engines.docker import DockerEngines, check_docker_hosts
 from tests.e2e.hub import Hub, free_port
 from tests.e2e.stack import DockerStack, docker_stack
 

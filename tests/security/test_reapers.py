@@ -26,10 +26,10 @@ import docker
 import docker.errors
 import pytest
 
+from dolab_core.engines.runpod import PodSpec, RunPodApi
 from dolab_services.hubclient import HubClient
 from dolab_services.reaper import sweep
 from dolab_spawner.backends.runpod import RunPodBackend
-from dolab_spawner.backends.runpod_api import PodSpec, RunPodApi
 from tests.e2e.hub import REPO, Hub, free_port
 from tests.e2e.stack import DockerStack, docker_stack
 from tests.runpod_emulator.client import EmulatorProcess

@@ -24,12 +24,15 @@ import functools
 import json
 import logging
 import random
+import string
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from escapism import escape as escape_name
 
 __all__ = [
     "CLOUD_TYPES",
@@ -46,6 +49,8 @@ __all__ = [
     "UnknownGpuType",
     "classify",
     "escape",
+    "hub_pod_prefix",
+    "pod_name",
     "shared_api",
 ]
 
@@ -433,3 +438,23 @@ def shared_api(api_key: str, **settings: Any) -> RunPodApi:
         if key not in _shared:
             _shared[key] = RunPodApi(api_key, **settings)
         return _shared[key]
+
+
+# ----- pod names ----------------------------------------------------------------------------------------------
+
+_SAFE = set(string.ascii_lowercase + string.digits)
+
+
+def pod_name(prefix: str, username: str, server_name: str = "") -> str:
+    """The deterministic pod name of a server: ``<prefix><escaped user>[--<server>]``.
+
+    The escaped user name holds only letters, digits and ``-``, always followed by two hex digits, so ``--``
+    cannot occur in it and the server name is unambiguous.
+    """
+    name = prefix + escape_name(username, safe=_SAFE, escape_char="-")
+    return f"{name}--{server_name}" if server_name else name
+
+
+def hub_pod_prefix(prefix: str, hub_id: str) -> str:
+    """The start of every pod name of hub ``hub_id``: ``<prefix><hub id>-`` (what its reaper looks for)."""
+    return f"{prefix}{hub_id}-"

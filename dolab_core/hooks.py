@@ -1,4 +1,4 @@
-"""Find the object a ``module.path:name`` setting names: pre-stop hooks, GPU telemetry sources.
+"""Find the object a ``module.path:name`` setting names: spawner and pre-stop hooks, GPU telemetry sources.
 
 One helper for every setting of that form, so they accept and refuse the same strings; each caller keeps its own
 words (``what`` it loads and the ``kind`` of object it wants) in the sentences users read.
@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["load_object"]
+__all__ = ["load_hook", "load_object"]
 
 
 def load_object(spec: str, *, what: str, kind: str, malformed: str) -> Callable[..., Any]:
@@ -31,3 +31,10 @@ def load_object(spec: str, *, what: str, kind: str, malformed: str) -> Callable[
     if not callable(found):
         raise ValueError(f"{what} {spec!r}: {module_name} has no {kind} {attr}")
     return found
+
+
+def load_hook(hook: Any) -> Callable[..., Any]:
+    """A hook setting's callable: the hook itself, or what its ``module.path:name`` string names (ValueError)."""
+    if callable(hook):
+        return hook
+    return load_object(str(hook), what="hook", kind="callable", malformed="must be written module.path:callable")
