@@ -4,13 +4,13 @@ For each GPU NVML lists (and for a CPU-only server), start a child Python with t
 would set, and ask PyTorch in the child what it sees: one GPU with the right UUID (none for CPU). Prints
 PASS/FAIL lines; exits 1 on any FAIL, 0 when all pass or when there is no NVIDIA GPU.
 
-Needs only Python, nvidia-ml-py and PyTorch, not JupyterHub (the package's ``__init__`` imports it), so
-``dolab_spawner/slots.py`` is loaded by file path. Run: ``python bench/gpu_check.py``.
+Needs only Python, nvidia-ml-py and PyTorch, not JupyterHub: the GPU inventory comes from ``dolab_core.gpus``,
+which imports nothing else. Run: ``python bench/gpu_check.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -44,13 +44,12 @@ print(json.dumps(seen))
 
 
 def load_slots() -> Any:
-    """``dolab_spawner/slots.py`` as a module of its own (stdlib only), without the package's ``__init__``."""
-    spec = importlib.util.spec_from_file_location("dolab_slots", REPO / "dolab_spawner" / "slots.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while building GpuSlot
-    spec.loader.exec_module(module)
-    return module
+    """``dolab_core.gpus`` (stdlib only) from this checkout, whether or not DO-LAB is installed."""
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module("dolab_core.gpus")
+    finally:
+        sys.path.remove(str(REPO))
 
 
 def pinning_env(slots: list[Any]) -> dict[str, str]:
