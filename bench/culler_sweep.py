@@ -81,10 +81,10 @@ if str(REPO) not in sys.path:
 
 from dolab_services.culler.policy import CullPolicy  # noqa: E402
 from dolab_services.culler.service import CULLER_SCOPES, Sweeper, SweepReport  # noqa: E402
-from dolab_services.culler.stop import StopPath  # noqa: E402
 from dolab_services.culler.telemetry import load_telemetry  # noqa: E402
 from dolab_services.hubclient import HubClient  # noqa: E402
 from dolab_services.servertokens import ServerTokens  # noqa: E402
+from dolab_services.stop import StopPath  # noqa: E402
 
 PAGINATION = {"Accept": "application/jupyterhub-pagination+json"}
 IDLE_CULLER_TIMEOUT = 3600

@@ -317,13 +317,13 @@ async def gpu_check() -> int:
     import subprocess
     from datetime import datetime, timezone
 
-    from dolab_services.culler.stop import StopPath
     from dolab_services.hubclient import HubClient
     from dolab_services.monitor.enforcer import QuotaEnforcer
     from dolab_services.monitor.ledger import AsyncLedger, UsageLedger
     from dolab_services.monitor.runs import GpuPrices, server_runs
     from dolab_services.monitor.sampler import Monitor
     from dolab_services.monitor.telemetry import NvmlSource
+    from dolab_services.stop import StopPath
 
     source = NvmlSource(timeout_seconds=30)
     readings = await source.read()

@@ -45,11 +45,11 @@ from dolab_services.culler.service import (
     read_busy_kernels,
     server_facts,
 )
-from dolab_services.culler.stop import STOP_REASONS, StopPath, load_hooks
 from dolab_services.culler.telemetry import StaticTelemetry
 from dolab_services.hubclient import HubClient
 from dolab_services.scopes import STOP_SERVERS as STOP
 from dolab_services.servertokens import ServerTokens
+from dolab_services.stop import STOP_REASONS, StopPath, load_hooks
 
 from .cli_support import isolate_env, unused_url
 from .hub_double import HubDouble, serve_hub_double
@@ -265,9 +265,9 @@ async def test_the_stop_path_runs_the_hooks_in_order_then_stops(hub: HubDouble) 
     ]
     assert deletes(hub) == ["/hub/api/users/kim%20o%27neil/server", "/hub/api/users/alice/servers/gpu-1"]
     assert hub.requests[0]["headers"]["Authorization"] == "token culler-token"
-    assert counter(path.registry, "dolab_culler_stops_total", "idle") == 1
-    assert counter(path.registry, "dolab_culler_stops_total", "deadline") == 1
-    assert counter(path.registry, "dolab_culler_stops_total", "quota") == 0, "every reason has its series"
+    assert counter(path.registry, "dolab_server_stops_total", "idle") == 1
+    assert counter(path.registry, "dolab_server_stops_total", "deadline") == 1
+    assert counter(path.registry, "dolab_server_stops_total", "quota") == 0, "every reason has its series"
 
 
 async def test_a_raising_hook_blocks_the_stop(hub: HubDouble, caplog: pytest.LogCaptureFixture) -> None:
@@ -284,8 +284,8 @@ async def test_a_raising_hook_blocks_the_stop(hub: HubDouble, caplog: pytest.Log
         path = StopPath(client, [broken, after])
         assert await path.stop("alice", "", "idle") == "blocked"
     assert deletes(hub) == [] and later == []
-    assert counter(path.registry, "dolab_culler_stop_blocked_total", "idle") == 1
-    assert counter(path.registry, "dolab_culler_stops_total", "idle") == 0
+    assert counter(path.registry, "dolab_server_stop_blocked_total", "idle") == 1
+    assert counter(path.registry, "dolab_server_stops_total", "idle") == 0
     assert "Not stopping server alice/ (reason idle): pre-stop hook" in caplog.text
     assert "the workspace upload failed" in caplog.text
 
@@ -298,7 +298,7 @@ async def test_a_hook_that_hangs_blocks_the_stop(hub: HubDouble) -> None:
         path = StopPath(client, [stuck], hook_timeout_seconds=0.1)
         assert await path.stop("alice", "", "quota") == "blocked"
     assert deletes(hub) == []
-    assert counter(path.registry, "dolab_culler_stop_blocked_total", "quota") == 1
+    assert counter(path.registry, "dolab_server_stop_blocked_total", "quota") == 1
 
 
 @pytest.mark.parametrize(
@@ -317,7 +317,7 @@ async def test_the_hub_answer_decides_the_outcome(hub: HubDouble, status: int, o
     async with HubClient(hub.api_url, "t") as client:
         path = StopPath(client)
         assert await path.stop("alice", "", "admin") == outcome
-    assert counter(path.registry, "dolab_culler_stops_total", "admin") == (1 if outcome == "stopped" else 0)
+    assert counter(path.registry, "dolab_server_stops_total", "admin") == (1 if outcome == "stopped" else 0)
 
 
 async def test_dry_run_and_bad_reasons(hub: HubDouble) -> None:
@@ -844,7 +844,7 @@ async def test_metrics(web: Any) -> None:
     reply = await run("GET", "metrics", "")
     assert reply.status_code == 200
     names = {s.name for f in text_string_to_metric_families(reply.text) for s in f.samples}
-    assert {"dolab_culler_stops_total", "dolab_culler_stop_blocked_total"} <= names
+    assert {"dolab_server_stops_total", "dolab_server_stop_blocked_total"} <= names
 
 
 # ----- registration and the command ------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from dolab_core.plans import plans_from_env
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
 from ..servertokens import ServerTokens, revoke_quietly
+from ..stop import StopPath, load_hooks
 from .extensions import ExtensionStore
 from .policy import CullPolicy
 from .registration import SERVICE_NAME, load_policy
-from .stop import StopPath, load_hooks
 from .sweeper import Sweeper
 from .telemetry import TelemetrySource, load_telemetry
 

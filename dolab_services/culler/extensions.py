@@ -18,7 +18,7 @@ from typing import Any
 
 from dolab_core.times import format_time, parse_time
 
-from .stop import describe
+from ..stop import describe
 
 __all__ = ["ExtensionStore", "extend_offer", "extended_stop_at", "headroom_hours"]
 

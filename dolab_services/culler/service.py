@@ -10,7 +10,7 @@ sweep, cheap). Then :func:`~.policy.decide`:
 - running work (a busy kernel, a busy GPU) is recorded as the server's activity in the hub
   (``POST /users/:name/activity``), so the hub, the admin page and other tools agree it is in use;
 - a stop coming within the warning window becomes a warning, shown on the service's page and at ``api/warnings``;
-- a stop that is due goes through :class:`~.stop.StopPath` (pre-stop hooks, then the hub API).
+- a stop that is due goes through :class:`~dolab_services.stop.StopPath` (pre-stop hooks, then the hub API).
 
 Kernels are read from the server's own address (``state["server_url"]`` + ``api/kernels?no_track_activity=1``),
 never through the proxy: the proxy counts every request as the user's activity, so a culler reading through it

@@ -3,9 +3,10 @@
 A sweep lists the hub's ready servers (one paginated request, with their spawner state) and builds each one's
 facts; only servers near their idle timeout get their kernels read, and every GPU server's GPU use is read in one
 telemetry call. Then the policy decides: running work is recorded as activity, a stop within the warning window
-becomes a warning, a due stop goes through the :class:`~.stop.StopPath`. Each server is handled in its own task (at
-most ``concurrency`` kernel reads at once), a sweep waits at most ``wait_seconds`` for them, and a server still being
-handled is skipped by the next sweep; a server whose kernels cannot be read is kept from an idle stop.
+becomes a warning, a due stop goes through the :class:`~dolab_services.stop.StopPath`. Each server is handled in its
+own task (at most ``concurrency`` kernel reads at once), a sweep waits at most ``wait_seconds`` for them, and a
+server still being handled is skipped by the next sweep; a server whose kernels cannot be read is kept from an
+idle stop.
 
 Kernels are read with a token the hub mints for that one server (:class:`~dolab_services.servertokens.ServerTokens`),
 never with the culler's own: a user controls her server and can record whatever it is sent."""
@@ -27,11 +28,11 @@ from dolab_core.times import format_time, hub_time, parse_time, utcnow
 
 from ..hubclient import HubAPIError, HubClient
 from ..servertokens import ServerTokens
+from ..stop import StopPath, describe
 from .extensions import ExtensionStore, extended_stop_at, headroom_hours
 from .facts import MAX_KERNELS_BODY_BYTES, InspectionError, read_busy_kernels, server_facts, server_slots
 from .notices import CullWarning, ServerView, server_label
 from .policy import CullPolicy, Decision, ServerFacts, decide, needs_inspection
-from .stop import StopPath, describe
 from .telemetry import TelemetrySource
 
 __all__ = ["SweepReport", "Sweeper"]

@@ -5,7 +5,7 @@ After each tick the monitor hands the enforcer every user's :class:`~.quotas.Quo
 - a limit at or past ``warn_fraction`` (default 0.9) of its value becomes a :class:`QuotaWarning`, logged once
   when it appears and shown on the page and in the API until the period resets or the usage drops;
 - a limit used up stops every *metered* server of the user (holding GPUs or costing money; CPU servers go on)
-  through :class:`dolab_services.culler.stop.StopPath` with reason ``quota``: the pre-stop hooks (workspace sync)
+  through :class:`dolab_services.stop.StopPath` with reason ``quota``: the pre-stop hooks (workspace sync)
   run first, and a hook that refuses keeps the server until the next tick tries again. A stop in progress is not
   started twice.
 """
@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from dolab_services.culler.stop import StopPath, describe
-
+from ..stop import StopPath, describe
 from .quotas import LimitStatus, QuotaStatus, format_amount
 from .runs import ServerRun
 

@@ -10,7 +10,7 @@ type, backend, quota metric and period). Per-user series (``dolab_user_*{user}``
 - ``dolab_servers_running{backend}``, ``dolab_gpus_in_use{backend, gpu_type}``, ``dolab_spend_usd_per_hour{backend}``;
 - ``dolab_gpu_seconds_total{backend, gpu_type}``, ``dolab_cost_usd_total{backend}``: booked by this process;
 - ``dolab_quota_users{state}`` (``warned``, ``exceeded``): users near or past a limit;
-- ``dolab_culler_stops_total{reason}`` / ``dolab_culler_stop_blocked_total{reason}`` (the shared stop path; the
+- ``dolab_server_stops_total{reason}`` / ``dolab_server_stop_blocked_total{reason}`` (the shared stop path; the
   monitor's stops have reason ``quota``);
 - ``dolab_monitor_tick_seconds`` / ``dolab_monitor_tick_cpu_seconds`` (the last tick),
   ``dolab_monitor_ticks_total{result}``; ``process_*`` (the service's own memory and CPU);

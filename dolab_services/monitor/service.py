@@ -30,11 +30,11 @@ from traitlets.config import Config
 
 from dolab_core.hubconfig import config_value, env_float
 from dolab_core.plans import parse_plans, plans_from_env, service_environment
-from dolab_services.culler.stop import StopPath, load_hooks
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
 from ..scopes import READ_USAGE
+from ..stop import StopPath, load_hooks
 from .enforcer import QuotaEnforcer
 from .ledger import AsyncLedger, UsageLedger
 from .metrics import MonitorMetrics

@@ -13,8 +13,9 @@ the backend then terminates the pod. A failed backup raises, so the spawner stop
 (a pod is stopped with its disk); the user and admin are told through the log and the server's state. Any other
 backend raises the same way. The target comes from the hub's ``DOLAB_SYNC_*`` environment (:mod:`.config`).
 
-:func:`culler_final_sync` is the culler's pre-stop hook: it asks the dolab-sync service for the backup, so a failure
-keeps the server running (the culler tries again later) instead of stopping it.
+:func:`pre_stop_final_sync` is the pre-stop hook of the services that stop servers (the culler, the monitor's quota
+stops; :mod:`dolab_services.stop`): it asks the dolab-sync service for the backup, so a failure keeps the server
+running (the service tries again later) instead of stopping it.
 
 :func:`restore_new_workspace` runs in ``DoLabSpawner.start()`` before the backend starts: a workspace folder that
 does not exist yet, or is empty, is filled from the user's latest backup, with progress events on the spawn page.
@@ -45,7 +46,7 @@ from .tokens import user_drive_token
 if TYPE_CHECKING:
     from .drive import UserToken
 
-__all__ = ["culler_final_sync", "final_sync", "host_workspace", "restore_new_workspace"]
+__all__ = ["final_sync", "host_workspace", "pre_stop_final_sync", "restore_new_workspace"]
 
 # The culler's process logs what is under "dolab_services"; the spawner's hooks log through the hub's log.
 log = logging.getLogger("dolab_services.sync.hooks")
@@ -136,14 +137,14 @@ async def final_sync(spawner: Any, reason: str) -> None:
     )
 
 
-async def culler_final_sync(user: str, server: str, reason: str) -> None:
-    """The culler's pre-stop hook: ask dolab-sync to back ``user``'s workspace up before the stop.
+async def pre_stop_final_sync(user: str, server: str, reason: str) -> None:
+    """The pre-stop hook of the services that stop servers: ask dolab-sync to back ``user``'s workspace up first.
 
-    Runs in the culler's process (which holds no storage credentials): ``POST api/backup`` on
-    ``$DOLAB_SYNC_SERVICE_URL`` with the culler's own token. A failed backup raises, so the culler keeps the
-    server running and tries again at its next sweep. A remote server (a RunPod pod) is read by the service through
-    its own REST API; a workspace the service cannot see at all (a Docker volume on another engine) is left to the
-    spawner's own final sync.
+    Runs in the stopping service's process (the culler's or the monitor's, which hold no storage credentials):
+    ``POST api/backup`` on ``$DOLAB_SYNC_SERVICE_URL`` with that service's own token. A failed backup raises, so
+    the service keeps the server running and tries again later (the culler at its next sweep). A remote server (a
+    RunPod pod) is read by the service through its own REST API; a workspace the service cannot see at all (a
+    Docker volume on another engine) is left to the spawner's own final sync.
     """
     url = os.environ.get("DOLAB_SYNC_SERVICE_URL", "").rstrip("/")
     token = os.environ.get("JUPYTERHUB_API_TOKEN", "")

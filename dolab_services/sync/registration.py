@@ -14,12 +14,12 @@ from ..scopes import MANAGE_BACKUPS
 from .config import SECRET_ENV, SyncSettings
 from .service import SERVICE_NAME, USER_SCOPE, service_scopes
 
-__all__ = ["CULLER_HOOK", "DEFAULT_PORT", "FINAL_SYNC_HOOK", "RESTORE_HOOK", "SyncRegistration", "sync_service"]
+__all__ = ["DEFAULT_PORT", "FINAL_SYNC_HOOK", "PRE_STOP_HOOK", "RESTORE_HOOK", "SyncRegistration", "sync_service"]
 
 DEFAULT_PORT = 10103
 FINAL_SYNC_HOOK = "dolab_services.sync.hooks:final_sync"
 RESTORE_HOOK = "dolab_services.sync.hooks:restore_new_workspace"
-CULLER_HOOK = "dolab_services.sync.hooks:culler_final_sync"
+PRE_STOP_HOOK = "dolab_services.sync.hooks:pre_stop_final_sync"
 #: boto3's own credential chain, passed on when the admin uses it instead of DOLAB_SYNC_S3_* keys.
 _AWS_ENV = (
     "AWS_ACCESS_KEY_ID",
@@ -42,7 +42,7 @@ class SyncRegistration:
     user_scope: str
     pre_destroy_hook: str = FINAL_SYNC_HOOK
     pre_start_hook: str = RESTORE_HOOK
-    culler_hook: str = CULLER_HOOK
+    culler_hook: str = PRE_STOP_HOOK
 
     @property
     def caller_environment(self) -> dict[str, str]:

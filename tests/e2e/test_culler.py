@@ -309,7 +309,7 @@ def test_an_idle_server_is_culled_after_its_timeout_while_the_culler_watches_it(
     idle_for = scenario.timeline.gone[key] - last.timestamp()
     assert IDLE_SECONDS - 1 <= idle_for <= IDLE_SECONDS + LATE_SECONDS, f"culled {idle_for:.1f} s after its activity"
     scenario.wait_for_log(f"Stopped server {IDLE}/{IDLE_SERVER}, reason idle")
-    assert metric(scenario, "dolab_culler_stops_total", "idle") == 1
+    assert metric(scenario, "dolab_server_stops_total", "idle") == 1
 
 
 def test_a_hung_server_does_not_stop_the_sweep(scenario: Scenario) -> None:
@@ -446,5 +446,5 @@ def test_a_busy_gpu_keeps_an_idle_server_until_it_goes_quiet(scenario: Scenario)
     after = scenario.timeline.gone[key] - quiet
     assert IDLE_SECONDS - INTERVAL_SECONDS - 1 <= after <= IDLE_SECONDS + LATE_SECONDS, f"culled after {after:.1f} s"
     scenario.wait_for_log(f"Stopped server {GPU}/, reason idle")
-    assert metric(scenario, "dolab_culler_stops_total", "idle") == 2
-    assert metric(scenario, "dolab_culler_stops_total", "deadline") == 1
+    assert metric(scenario, "dolab_server_stops_total", "idle") == 2
+    assert metric(scenario, "dolab_server_stops_total", "deadline") == 1

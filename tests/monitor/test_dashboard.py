@@ -9,12 +9,12 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dolab_services.culler.stop import StopPath
 from dolab_services.hubclient import HubClient
 from dolab_services.monitor.ledger import Booking
 from dolab_services.monitor.metrics import MonitorMetrics
 from dolab_services.monitor.runs import GpuPrices, server_runs
 from dolab_services.monitor.telemetry import GpuReading
+from dolab_services.stop import StopPath
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "examples" / "grafana" / "dolab.json"
 

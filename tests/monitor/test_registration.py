@@ -156,7 +156,7 @@ def test_with_backups_a_quota_stop_backs_the_server_up_first(monkeypatch: pytest
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     monitor = services["dolab-monitor"]
     command = monitor["command"]
-    assert command[command.index("--pre-stop-hook") + 1] == "dolab_services.sync.hooks:culler_final_sync"
+    assert command[command.index("--pre-stop-hook") + 1] == "dolab_services.sync.hooks:pre_stop_final_sync"
     assert monitor["environment"]["DOLAB_SYNC_SERVICE_URL"].endswith("/services/dolab-sync/")
     assert "dolab-monitor-calls-dolab-sync" in roles
     sync = services["dolab-sync"]["command"]

@@ -1,7 +1,8 @@
 """The monitor's tick against a hub double: readings mapped to servers, bookings, warnings and quota stops.
 
 The hub is tests/hub_double.py (a real HTTP server on loopback); the ledger a SQLite file; GPU readings a static
-source; stops go through the culler's StopPath, with a pre-stop hook that records the order of events.
+source; stops go through the shared StopPath (dolab_services.stop), with a pre-stop hook that records the order of
+events.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dolab_services.culler.stop import StopPath
 from dolab_services.hubclient import HubClient
 from dolab_services.monitor.enforcer import QuotaEnforcer
 from dolab_services.monitor.ledger import AsyncLedger, UsageLedger
@@ -25,6 +25,7 @@ from dolab_services.monitor.quotas import QuotaConfig
 from dolab_services.monitor.runs import GpuPrices
 from dolab_services.monitor.sampler import Monitor
 from dolab_services.monitor.telemetry import GpuProcess, GpuReading, StaticSource
+from dolab_services.stop import StopPath
 
 from ..hub_double import HubDouble, serve_hub_double, users_api
 
@@ -185,7 +186,7 @@ async def test_a_tick_books_warns_and_stops_through_the_stop_path(
     assert samples[("dolab_gpu_utilization_percent", gpu0)] == 93
     assert samples[("dolab_gpu_held", gpu0)] == 1
     assert samples[("dolab_gpu_held", (("gpu_type", A100), ("host", "local"), ("index", "1")))] == 0
-    assert samples[("dolab_culler_stops_total", (("reason", "quota"),))] >= 1
+    assert samples[("dolab_server_stops_total", (("reason", "quota"),))] >= 1
     assert samples[("dolab_spend_usd_per_hour", (("backend", "runpod"),))] == 3.0
     assert samples[("dolab_quota_users", (("state", "warned"),))] == 1
     assert not any(name.startswith("dolab_user_") for name, _ in samples), "per-user series are off by default"

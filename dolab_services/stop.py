@@ -1,14 +1,15 @@
 """The one way DO-LAB's services stop a server: pre-stop hooks, then the hub API, logged and counted by reason.
 
-The culler uses it for idle, deadline and max_age stops and for an admin's stop from its page; the quota service
-will use it for quota stops. Before a server goes, every pre-stop hook runs in order: an async callable
-``hook(user, server, reason)`` (the sync service registers one that saves the workspace). A hook that raises or
-times out blocks the stop: the server keeps running, the refusal is logged and counted, and the caller tries again
-later (the culler at its next sweep). Then ``DELETE /users/:u/servers/:s`` (``/users/:u/server`` for the default
+The culler uses it for idle, deadline and max_age stops and for an admin's stop from its page; the monitor's quota
+enforcer uses it for quota stops. Before a server goes, every pre-stop hook runs in order: an async callable
+``hook(user, server, reason)`` (the sync service registers one that saves the workspace,
+``dolab_services.sync.hooks:pre_stop_final_sync``). A hook that raises or times out blocks the stop: the server
+keeps running, the refusal is logged and counted, and the caller tries again later (the culler at its next sweep,
+the monitor at its next tick). Then ``DELETE /users/:u/servers/:s`` (``/users/:u/server`` for the default
 server) asks the hub to stop it. Metrics, in the registry the caller passes (a private one by default):
 
-- ``dolab_culler_stops_total{reason}``: stops the hub accepted;
-- ``dolab_culler_stop_blocked_total{reason}``: stops a pre-stop hook refused.
+- ``dolab_server_stops_total{reason}``: stops the hub accepted;
+- ``dolab_server_stop_blocked_total{reason}``: stops a pre-stop hook refused.
 
 ``reason`` is one of :data:`STOP_REASONS`, which keeps the label set bounded.
 """
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from dolab_core.hooks import load_object
 
-from ..hubclient import HubAPIError, HubClient
+from .hubclient import HubAPIError, HubClient
 
 __all__ = ["STOP_REASONS", "PreStopHook", "StopOutcome", "StopPath", "load_hooks"]
 
@@ -79,13 +80,13 @@ class StopPath:
         self.hooks = list(hooks)
         self.hook_timeout_seconds = hook_timeout_seconds
         self.dry_run = dry_run
-        self.log = log or logging.getLogger("dolab.culler")
+        self.log = log or logging.getLogger("dolab.stop")
         self.registry = registry if registry is not None else CollectorRegistry()
         self.stops = Counter(
-            "dolab_culler_stops_total", "Servers stopped, by reason.", ["reason"], registry=self.registry
+            "dolab_server_stops_total", "Servers stopped, by reason.", ["reason"], registry=self.registry
         )
         self.blocked = Counter(
-            "dolab_culler_stop_blocked_total",
+            "dolab_server_stop_blocked_total",
             "Stops that a pre-stop hook refused (tried again later), by reason.",
             ["reason"],
             registry=self.registry,
