@@ -44,7 +44,7 @@ from .store import ObjectStore
 from .workspace import DEFAULT_EXCLUDES, Excludes
 
 if TYPE_CHECKING:
-    from .drive import UserToken
+    from .drive_auth import UserToken
 
 __all__ = ["SECRET_ENV", "TARGETS", "SyncSettings", "user_prefix"]
 
@@ -231,7 +231,8 @@ class SyncSettings:
         if not self.configured(target):
             raise ValueError(f"the backup target {target} is not configured on this hub")
         if target == "drive":
-            from .drive import DriveSettings, DriveStore, ServiceAccountKey  # pydrive2 only when Drive is used
+            from .drive import DriveSettings, DriveStore  # pydrive2 only when Drive is used
+            from .drive_auth import ServiceAccountKey
 
             settings = DriveSettings(
                 folder_name=self.drive_folder,

@@ -7,14 +7,10 @@ Layout
     folder (``blobs/ab/ab12...`` is one file with that title): one ``files.list`` query finds any key, a listing is
     one paginated query, and no per-segment folders have to be created or looked up.
 
-Authentication (two kinds of :data:`DriveCredentials`)
-    - :class:`ServiceAccountKey`: the JSON key file of a service account (its ``token_uri`` is honoured); the
-      backups then live in the service account's own Drive, one folder per user.
-    - :class:`UserToken`: a user's OAuth token, as the DO-LAB authenticator stores it with the ``drive.file`` scope
-      (:mod:`.tokens` reads it from auth_state); the backups live in the user's own Drive. When the access token has
-      expired (or Drive answers 401) a fresh one comes from ``UserToken.renew`` (the hub, which renews tokens), and
-      only failing that from the token endpoint, when the OAuth client's id and secret are known.
-    Credentials Google refuses become a :class:`~.store.StoreError` saying so ("sign in again" for a user).
+Authentication
+    :mod:`.drive_auth`: a service account's key (backups in that account's Drive, one folder per user) or a user's
+    own OAuth token (backups in the user's Drive), renewed from the hub first. Credentials Google refuses become a
+    :class:`~.store.StoreError` saying so ("sign in again" for a user).
 
 Transfers
     Files up to ``chunk_size_bytes`` go up in one multipart request; larger ones through a resumable upload in
@@ -26,7 +22,7 @@ Transfers
 
 Pointing it elsewhere
     ``api_root_url`` (an emulator, or a Drive-compatible endpoint) rewrites the root URL of googleapiclient's own
-    static Drive v2 discovery document; the OAuth token endpoint comes from the key file or :class:`UserToken`.
+    static Drive v2 discovery document; the OAuth token endpoint comes from the key file or the user token.
 """
 
 from __future__ import annotations
@@ -35,146 +31,37 @@ import hashlib
 import io
 import json
 import logging
-import random
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 from traitlets import Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .store import ObjectInfo, ObjectNotFound, StoreError, check_key
 
+# isort: split
+# drive_auth first: it works around a broken pyOpenSSL before googleapiclient and pydrive2 are imported.
+from .drive_auth import SCOPE_DRIVE_FILE, DriveAuth, DriveCredentials, ServiceAccountKey, UserToken
+from .drive_calls import DriveCalls, status_of
 
-def _import_pydrive2() -> None:
-    """Import pydrive2, working around a broken pyOpenSSL.
+# isort: split
+import httplib2
+from googleapiclient import discovery
+from googleapiclient.discovery_cache import get_static_doc
+from googleapiclient.http import MediaIoBaseDownload, MediaIoBaseUpload
+from pydrive2.drive import GoogleDrive
+from pydrive2.files import GoogleDriveFile
 
-    pydrive2 imports oauth2client, which tries pyOpenSSL first and only falls back (to its pure-Python RSA signer,
-    on ``rsa``) on ImportError. pydrive2 pins ``pyOpenSSL<=24.2.1`` and every such release caps ``cryptography``
-    below 44, while runpod 1.12 needs ``cryptography>=50``; pip can then only pick pyOpenSSL 22, whose import
-    fails with AttributeError. That pyOpenSSL is unusable anyway, so it is marked missing and oauth2client falls
-    back as designed.
-    """
-    try:
-        import OpenSSL.crypto  # noqa: F401
-    except ImportError:
-        pass
-    except AttributeError:
-        sys.modules["OpenSSL"] = None  # type: ignore[assignment]
-
-
-_import_pydrive2()
-
-import httplib2  # noqa: E402
-from googleapiclient import discovery, errors  # noqa: E402
-from googleapiclient.discovery_cache import get_static_doc  # noqa: E402
-from googleapiclient.http import MediaIoBaseDownload, MediaIoBaseUpload  # noqa: E402
-from oauth2client.client import AccessTokenRefreshError, HttpAccessTokenRefreshError, OAuth2Credentials  # noqa: E402
-from pydrive2.auth import AuthError, GoogleAuth  # noqa: E402
-from pydrive2.drive import GoogleDrive  # noqa: E402
-from pydrive2.files import ApiRequestError, GoogleDriveFile  # noqa: E402
-from pydrive2.settings import InvalidConfigError  # noqa: E402
-
-__all__ = ["DriveCredentials", "DriveSettings", "DriveStore", "DriveTarget", "ServiceAccountKey", "UserToken"]
+__all__ = ["DriveSettings", "DriveStore", "DriveTarget"]
 
 log = logging.getLogger(__name__)
 
 FOLDER_MIME = "application/vnd.google-apps.folder"
-SCOPE_DRIVE_FILE = "https://www.googleapis.com/auth/drive.file"
-GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 #: Drive's resumable uploads take chunks in multiples of this (except the last one).
 CHUNK_GRANULARITY = 256 * 1024
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-_RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ServiceAccountKey:
-    """A service account's JSON key file (``subject``: a Workspace user to impersonate by domain-wide delegation)."""
-
-    key_file: Path
-    subject: str | None = None
-
-
-@dataclass(frozen=True)
-class UserToken:
-    """A user's Google OAuth token, as the authenticator keeps it in auth_state.
-
-    ``expires_at`` is when ``access_token`` stops working (aware datetime; None: unknown, refreshed on a 401).
-
-    ``renew``: where a fresh token comes from when this one has expired or Drive refused it (the sync service reads
-    the user's auth_state again from the hub, which renews tokens). It is asked first; the store renews the token
-    itself with ``refresh_token`` only when ``renew`` gives nothing fresher and the OAuth client's id and secret are
-    known. Without either, an expired token ends the operation with the "sign in again" sentence.
-    """
-
-    access_token: str | None
-    refresh_token: str
-    client_id: str
-    client_secret: str
-    expires_at: datetime | None = None
-    token_uri: str = GOOGLE_TOKEN_URI
-    renew: Callable[[], UserToken | None] | None = field(default=None, compare=False)
-
-    @property
-    def can_refresh(self) -> bool:
-        """Whether this token can be renewed here, with the refresh token and the OAuth client's credentials."""
-        return bool(self.refresh_token and self.client_id and self.client_secret)
-
-    def __repr__(self) -> str:
-        return f"UserToken(client_id={self.client_id!r}, expires_at={self.expires_at!r})"
-
-
-def _naive_utc(moment: datetime | None) -> datetime | None:
-    """oauth2client's expiry: a naive UTC datetime."""
-    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment else None
-
-
-class _RenewableCredentials(OAuth2Credentials):
-    """oauth2client credentials that get a fresh access token from :attr:`UserToken.renew` (the hub) first, and
-    only then, when they can, from the token endpoint with the refresh token."""
-
-    def __init__(self, token: UserToken, scope: str) -> None:
-        super().__init__(
-            access_token=token.access_token,
-            client_id=token.client_id,
-            client_secret=token.client_secret,
-            refresh_token=token.refresh_token,
-            token_expiry=_naive_utc(token.expires_at),
-            token_uri=token.token_uri,
-            user_agent="dolab-sync",
-            scopes=[scope],
-        )
-        self._token = token
-
-    def _do_refresh_request(self, http: Any) -> None:
-        fresh = self._token.renew() if self._token.renew is not None else None
-        soon = datetime.now(timezone.utc) + timedelta(seconds=60)
-        if (
-            fresh is not None
-            and fresh.access_token
-            and fresh.access_token != self.access_token
-            and (fresh.expires_at is None or fresh.expires_at > soon)
-        ):
-            self.access_token = fresh.access_token
-            self.token_expiry = _naive_utc(fresh.expires_at)
-            self.invalid = False
-            return
-        if self._token.can_refresh:
-            super()._do_refresh_request(http)
-            return
-        self.invalid = True
-        raise AccessTokenRefreshError("no fresh access token")
-
-
-DriveCredentials = ServiceAccountKey | UserToken
 
 
 @dataclass(frozen=True)
@@ -202,38 +89,6 @@ class _Entry:
 def _quote(value: str) -> str:
     """A string literal of Drive's query language."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _http_error(exc: BaseException) -> errors.HttpError | None:
-    """The HTTP error behind ``exc``: itself, the one pydrive2 wrapped, or the one pydrive2 failed to wrap
-    (its ApiRequestError raises ValueError on a body that is not JSON, such as a proxy's HTML 502 page)."""
-    if isinstance(exc, errors.HttpError):
-        return exc
-    if isinstance(exc, ApiRequestError) and exc.args and isinstance(exc.args[0], errors.HttpError):
-        return exc.args[0]
-    if isinstance(exc, ValueError):
-        context = exc.__context__
-        for _ in range(5):
-            if context is None or isinstance(context, errors.HttpError):
-                return context
-            context = context.__context__
-    return None
-
-
-def _status(exc: BaseException) -> int | None:
-    http_error = _http_error(exc)
-    return http_error.resp.status if http_error is not None else None
-
-
-def _reason(exc: BaseException) -> str:
-    http_error = _http_error(exc)
-    if http_error is None:
-        return ""
-    try:
-        details = json.loads(http_error.content or b"{}").get("error", {})
-        return str((details.get("errors") or [{}])[0].get("reason", ""))
-    except (ValueError, AttributeError):
-        return ""
 
 
 class _HashingWriter(io.RawIOBase):
@@ -267,63 +122,23 @@ class DriveStore:
         root = self.settings.folder_id or self.settings.folder_name
         self.description = f"Google Drive folder {root}/{user}"
         self._lock = threading.Lock()
-        self._refresh_lock = threading.Lock()
         self._folder: str | None = None
         self._entries: dict[str, _Entry] = {}
         self._duplicates: dict[str, list[str]] = {}  # key -> ids of older files with the same title
         self._listed = False
-        self._auth = self._authenticate()
+        self._authz = DriveAuth(user, credentials, self.settings.scope, self.settings.timeout_seconds)
+        self._auth = self._authz.google_auth
+        self._auth.http = self._auth.credentials.authorize(self._authz.new_http())
+        self._auth.service = self._build_service(self._auth.http)
         self._drive = GoogleDrive(self._auth)
-
-    # -- authentication ------------------------------------------------------------------------------------------
-
-    def _new_http(self) -> httplib2.Http:
-        http = httplib2.Http(timeout=self.settings.timeout_seconds)
-        # Drive answers 308 Resume Incomplete to resumable upload chunks: not a redirect to follow.
-        http.redirect_codes = http.redirect_codes - {308}
-        return http
-
-    def _authenticate(self) -> GoogleAuth:
-        creds = self.credentials
-        if isinstance(creds, ServiceAccountKey):
-            try:
-                auth = GoogleAuth(
-                    settings={
-                        "client_config_backend": "service",
-                        "service_config": {
-                            "client_json_file_path": str(creds.key_file),
-                            "client_user_email": creds.subject,
-                        },
-                        "oauth_scope": [self.settings.scope],
-                    },
-                    http_timeout=self.settings.timeout_seconds,
-                )
-                auth.ServiceAuth()  # reads the key; no request yet (the first API call fetches a token)
-            except (OSError, ValueError, KeyError, InvalidConfigError) as e:
-                raise StoreError(
-                    "The Google Drive service account key could not be read; an admin must check the key file "
-                    "configured for the sync service."
-                ) from e
-        else:
-            if not creds.access_token and not creds.can_refresh:
-                raise StoreError(self._auth_sentence())
-            auth = GoogleAuth(
-                settings={
-                    "client_config_backend": "settings",
-                    "client_config": {
-                        "client_id": creds.client_id,
-                        "client_secret": creds.client_secret,
-                        "token_uri": creds.token_uri,
-                    },
-                    "oauth_scope": [self.settings.scope],
-                    "get_refresh_token": True,
-                },
-                http_timeout=self.settings.timeout_seconds,
-            )
-            auth.credentials = _RenewableCredentials(creds, self.settings.scope)
-        auth.http = auth.credentials.authorize(self._new_http())
-        auth.service = self._build_service(auth.http)
-        return auth
+        self._call = DriveCalls(
+            user,
+            self.description,
+            self._authz,
+            self.settings.max_retries,
+            self.settings.backoff_base_seconds,
+            self.settings.backoff_max_seconds,
+        )
 
     def _build_service(self, http: httplib2.Http) -> Any:
         root = self.settings.api_root_url
@@ -336,105 +151,6 @@ class DriveStore:
         doc.pop("mtlsRootUrl", None)
         return discovery.build_from_document(doc, http=http)
 
-    def _http(self) -> httplib2.Http:
-        """This thread's authorized connection (the one pydrive2's own calls use too)."""
-        local = self._auth.thread_local
-        if getattr(local, "http", None) is None:
-            local.http = self._auth.credentials.authorize(self._new_http())
-        return local.http
-
-    def _ensure_fresh(self) -> None:
-        """Refresh the access token ahead of its expiry (pydrive2 would otherwise try an interactive login)."""
-        creds = self._auth.credentials
-        expiry = getattr(creds, "token_expiry", None)
-        soon = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=60)
-        if creds.access_token and not creds.invalid and (expiry is None or expiry > soon):
-            return
-        with self._refresh_lock:
-            if creds.access_token and not creds.invalid and (creds.token_expiry is None or creds.token_expiry > soon):
-                return
-            creds.refresh(self._new_http())
-            log.info("Refreshed the Google Drive access token for %s", self.user)
-
-    def _auth_sentence(self) -> str:
-        if isinstance(self.credentials, UserToken):
-            return (
-                f"Google Drive refused the stored credentials of {self.user}; sign in to DO-LAB again with Google "
-                "to renew them."
-            )
-        return (
-            "Google Drive refused the sync service's service account credentials; an admin must check its key file "
-            "and that the account is enabled."
-        )
-
-    # -- error handling and retries ------------------------------------------------------------------------------
-
-    def _failure(self, exc: BaseException, doing: str) -> StoreError:
-        """The sentence for a failure that retries did not cure."""
-        status = _status(exc)
-        if isinstance(exc, StoreError):
-            return exc
-        if isinstance(exc, AccessTokenRefreshError | AuthError) or status == 401:
-            return StoreError(self._auth_sentence())
-        if status == 403:
-            if _reason(exc) in ("storageQuotaExceeded", "quotaExceeded"):
-                return StoreError(f"Google Drive is full while {doing}; free space in that Drive or ask an admin.")
-            return StoreError(
-                f"Google Drive denied access while {doing} in {self.description}; check that the account may use "
-                "that folder."
-            )
-        if status == 404:
-            return StoreError(
-                f"Google Drive found no such file or folder while {doing} in {self.description}; check that the "
-                "configured folder exists and that this account may use it."
-            )
-        if status is not None:
-            return StoreError(f"Google Drive answered HTTP {status} while {doing}; the sync will try again later.")
-        return StoreError(
-            f"Google Drive could not be reached while {doing} ({type(exc).__name__}); the sync will try again later."
-        )
-
-    def _retryable(self, exc: BaseException) -> bool:
-        if isinstance(exc, HttpAccessTokenRefreshError):
-            return exc.status in _RETRY_STATUSES
-        if isinstance(exc, AccessTokenRefreshError | AuthError | StoreError):
-            return False
-        status = _status(exc)
-        if status is not None:
-            return status in _RETRY_STATUSES or (status == 403 and _reason(exc) in _RATE_LIMIT_REASONS)
-        return isinstance(exc, OSError | httplib2.HttpLib2Error)
-
-    def _backoff(self, attempt: int, exc: BaseException, doing: str) -> None:
-        http_error = _http_error(exc)
-        delay = self.settings.backoff_base_seconds * (2**attempt) * (0.5 + random.random() / 2)
-        if http_error is not None and http_error.resp.get("retry-after", "").isdigit():
-            delay = float(http_error.resp["retry-after"])
-        delay = min(delay, self.settings.backoff_max_seconds)
-        log.warning(
-            "Google Drive failed while %s for %s (%s); retry %d in %.1f s",
-            doing,
-            self.user,
-            _status(exc) or type(exc).__name__,
-            attempt + 1,
-            delay,
-        )
-        time.sleep(delay)
-
-    def _call(self, doing: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with a fresh token, retrying what Drive says may be retried; failures become StoreError."""
-        attempt = 0
-        while True:
-            try:
-                self._ensure_fresh()
-                return fn()
-            except Exception as e:
-                if attempt < self.settings.max_retries and self._retryable(e):
-                    self._backoff(attempt, e, doing)
-                    attempt += 1
-                    continue
-                log.info("Google Drive call failed while %s for %s", doing, self.user, exc_info=True)
-                raise self._failure(e, doing) from e
-
     # -- folders and keys ----------------------------------------------------------------------------------------
 
     def _find_or_create_folder(self, title: str, parent: str) -> str:
@@ -446,7 +162,7 @@ class DriveStore:
         if found:
             return str(min(found, key=lambda f: (f["createdDate"], f["id"]))["id"])
         folder = self._drive.CreateFile({"title": title, "mimeType": FOLDER_MIME, "parents": [{"id": parent}]})
-        self._call(f"creating the folder {title}", lambda: folder.Upload({"http": self._http()}))
+        self._call(f"creating the folder {title}", lambda: folder.Upload({"http": self._authz.http()}))
         log.info("Created the Google Drive folder %s for %s", title, self.user)
         return str(folder["id"])
 
@@ -550,7 +266,7 @@ class DriveStore:
                 break
             except StoreError as e:
                 # The file we meant to replace is gone (deleted elsewhere): create it instead, once.
-                if existing is not None and _status(e.__cause__ or e) == 404 and attempt == 0:
+                if existing is not None and status_of(e.__cause__ or e) == 404 and attempt == 0:
                     existing = self._lookup(key, fresh=True)
                     attempt += 1
                     continue
@@ -577,13 +293,13 @@ class DriveStore:
             return files.insert(body=body, media_body=media, supportsAllDrives=True)
 
         if not resumable:
-            return self._call(doing, lambda: request().execute(http=self._http()))
+            return self._call(doing, lambda: request().execute(http=self._authz.http()))
 
         upload = request()
         restarts = 0
 
         def next_chunk() -> Any:
-            return upload.next_chunk(http=self._http())[1]
+            return upload.next_chunk(http=self._authz.http())[1]
 
         while True:
             try:
@@ -591,7 +307,7 @@ class DriveStore:
             except StoreError as e:
                 # Drive forgot the session (expired or dropped): start the upload again from the first byte.
                 if (
-                    _status(e.__cause__ or e) in (404, 410)
+                    status_of(e.__cause__ or e) in (404, 410)
                     and upload.resumable_uri
                     and restarts < self.settings.max_retries
                 ):
@@ -629,14 +345,14 @@ class DriveStore:
             downloader = MediaIoBaseDownload(writer, request, chunksize=self.settings.chunk_size_bytes)
 
             def next_chunk(downloader: MediaIoBaseDownload = downloader, request: Any = request) -> bool:
-                request.http = self._http()
+                request.http = self._authz.http()
                 return bool(downloader.next_chunk()[1])
 
             try:
                 while not self._call(doing, next_chunk):
                     pass
             except StoreError as e:
-                if _status(e.__cause__ or e) == 404 and attempt == 0:
+                if status_of(e.__cause__ or e) == 404 and attempt == 0:
                     entry = self._lookup(key, fresh=True)  # the cached id went stale
                     continue
                 raise
@@ -667,9 +383,9 @@ class DriveStore:
     def _delete_id(self, file_id: str, key: str) -> None:
         drive_file = GoogleDriveFile(auth=self._auth, metadata={"id": file_id}, uploaded=True)
         try:
-            self._call(f"deleting {key}", lambda: drive_file.Delete({"http": self._http()}))
+            self._call(f"deleting {key}", lambda: drive_file.Delete({"http": self._authz.http()}))
         except StoreError as e:
-            if _status(e.__cause__ or e) != 404:
+            if status_of(e.__cause__ or e) != 404:
                 raise
 
     def close(self) -> None:
@@ -678,7 +394,7 @@ class DriveStore:
             self._entries.clear()
             self._duplicates.clear()
             self._listed = False
-        self._auth.thread_local.__dict__.clear()
+        self._authz.close()
 
 
 class DriveTarget(LoggingConfigurable):

@@ -44,7 +44,7 @@ from .store import ObjectNotFound, StoreError
 from .tokens import user_drive_token
 
 if TYPE_CHECKING:
-    from .drive import UserToken
+    from .drive_auth import UserToken
 
 __all__ = ["final_sync", "host_workspace", "pre_stop_final_sync", "restore_new_workspace"]
 

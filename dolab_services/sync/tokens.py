@@ -27,7 +27,7 @@ from .store import StoreError
 if TYPE_CHECKING:
     from ..hubclient import HubClient
     from .config import SyncSettings
-    from .drive import UserToken
+    from .drive_auth import UserToken
 
 __all__ = ["DRIVE_SCOPES", "HubAuthStates", "NoDriveToken", "drive_token", "renewer"]
 
@@ -66,7 +66,7 @@ def drive_token(
     The OAuth client's id and secret come from the service's settings (``DOLAB_SYNC_DRIVE_CLIENT_ID``/``_SECRET``),
     so the store may renew the token itself only where the admin gave them.
     """
-    from .drive import UserToken
+    from .drive_auth import UserToken
 
     if not isinstance(auth_state, dict):
         return None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # Before any test module imports googleapiclient: it imports oauth2client, which a broken pyOpenSSL would crash
-# (dolab_services.sync.drive._import_pydrive2 explains and works around it).
+# (dolab_services.sync.drive_auth._import_pydrive2 explains and works around it).
 import dolab_services.sync.drive  # noqa: F401
 from tests.drive_emulator import DriveEmulator, DriveEmulatorClient
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dolab_services.sync.drive import DriveSettings, DriveStore, ServiceAccountKey
+from dolab_services.sync.drive import DriveSettings, DriveStore
+from dolab_services.sync.drive_auth import ServiceAccountKey
 from dolab_services.sync.engine import SyncEngine, SyncPolicy
 from tests.drive_emulator import DriveEmulatorClient
 from tests.sync.treeutil import MiB, big_file, describe, sample_workspace, without, write

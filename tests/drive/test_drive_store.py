@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from traitlets.config import Config
 
-from dolab_services.sync.drive import DriveSettings, DriveStore, DriveTarget, ServiceAccountKey, UserToken
+from dolab_services.sync.drive import DriveSettings, DriveStore, DriveTarget
+from dolab_services.sync.drive_auth import ServiceAccountKey, UserToken
 from dolab_services.sync.store import ObjectNotFound, ObjectStore, StoreError
 from tests.drive_emulator import DriveEmulatorClient
 

@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from dolab_services.sync.config import SyncSettings
-from dolab_services.sync.drive import DriveSettings, DriveStore, UserToken
+from dolab_services.sync.drive import DriveSettings, DriveStore
+from dolab_services.sync.drive_auth import UserToken
 from dolab_services.sync.store import StoreError
 from dolab_services.sync.tokens import NoDriveToken, drive_token
 from tests.drive_emulator import DriveEmulatorClient
