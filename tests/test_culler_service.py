@@ -100,6 +100,8 @@ def server_model(
             "server_url": server_url,
             "backend_state": {"pid": 1},
         }
+        if stop_at:
+            model["state"]["stop_at"] = stop_at
     return model
 
 
@@ -150,8 +152,8 @@ FACT_CASES = [
     pytest.param(
         server_model(state=False, profile="big"),
         {},
-        {"profile": "big", "backend": "", "gpus": 0},
-        id="no-state-profile-from-options",
+        {"profile": "", "backend": "", "gpus": 0},  # user_options are the user's to write: never read
+        id="no-state-no-profile-from-options",
     ),
     pytest.param(
         server_model(last_activity=None, started=None),  # type: ignore[arg-type]
@@ -617,7 +619,7 @@ async def test_deadline_warns_then_stops_even_a_busy_exempt_server(lab: Lab) -> 
         (warning,) = culler.warnings_for("exempt")
         assert (warning.reason, warning.stop_at) == ("deadline", soon.replace(microsecond=0))
         assert warning.to_json()["message"].startswith("Your default server stops at")
-        lab.users[0]["servers"][""]["user_options"]["stop_at"] = ago(1)
+        lab.users[0]["servers"][""]["state"]["stop_at"] = ago(1)
         await culler.sweep()
         culler.close()
     assert lab.stops() == ["exempt"]

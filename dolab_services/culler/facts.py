@@ -16,6 +16,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from dolab_core.serverstate import ServerState
 from dolab_core.times import parse_time
 
 from .policy import ServerFacts
@@ -28,10 +29,11 @@ def server_facts(
 ) -> ServerFacts:
     """The policy's view of one server of a hub user model (``servers[name]``, with ``state`` when readable).
 
-    ``stop_at``, when given, is a stop time the user extended to here; otherwise ``user_options["stop_at"]``.
+    Profile, backend, GPUs and stop time come from the spawner's validated state (:class:`ServerState`), never
+    from ``user_options``, which the user writes. ``stop_at``, when given, is a stop time the user extended to
+    here; otherwise the state's.
     """
-    state = server.get("state") or {}
-    options = server.get("user_options") or {}
+    state = ServerState.of(server)
     started = parse_time(server.get("started")) or parse_time(server.get("last_activity")) or now
     groups = user.get("groups") or ()
     return ServerFacts(
@@ -39,18 +41,17 @@ def server_facts(
         server=name,
         started=started,
         last_activity=parse_time(server.get("last_activity")),
-        profile=str(state.get("profile") or options.get("profile") or ""),
-        backend=str(state.get("backend") or ""),
-        gpus=len(server_slots(server)),
+        profile=state.profile,
+        backend=state.backend,
+        gpus=len(state.slots),
         groups=tuple(str(g) for g in groups),
-        stop_at=stop_at or parse_time(options.get("stop_at")),
+        stop_at=stop_at or state.stop_time,
     )
 
 
 def server_slots(server: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The GPU slot dicts in a server model's spawner state (none when it has no readable state)."""
-    slots = (server.get("state") or {}).get("slots")
-    return [s for s in slots if isinstance(s, Mapping)] if isinstance(slots, list) else []
+    return list(ServerState.of(server).slots)
 
 
 #: The most a kernel list may weigh (a server that sends more is not answering honestly).

@@ -2,7 +2,7 @@
 
 Every ``--interval`` seconds a sweep lists the hub's ready servers (one paginated request, with their spawner
 state) and, for each, builds :class:`~.policy.ServerFacts`: start, the hub's last activity, the profile, backend
-and GPU slots from the state, the user's groups, and the stop time (the user's ``user_options["stop_at"]``, or a
+and GPU slots from the state, the user's groups, and the stop time (the spawner state's ``stop_at``, or a
 later one the user extended to here). Only servers that :func:`~.policy.needs_inspection` says are near their
 idle timeout get their kernels read, and every server holding GPUs gets its GPU use read (one telemetry call per
 sweep, cheap). Then :func:`~.policy.decide`:

@@ -24,13 +24,14 @@ from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient
 
+from dolab_core.serverstate import ServerState
 from dolab_core.times import format_time, hub_time, parse_time, utcnow
 
 from ..hubclient import HubAPIError, HubClient
 from ..servertokens import ServerTokens
 from ..stop import StopPath, describe
 from .extensions import ExtensionStore, extended_stop_at, headroom_hours
-from .facts import MAX_KERNELS_BODY_BYTES, InspectionError, read_busy_kernels, server_facts, server_slots
+from .facts import MAX_KERNELS_BODY_BYTES, InspectionError, read_busy_kernels, server_facts
 from .notices import CullWarning, ServerView, server_label
 from .policy import CullPolicy, Decision, ServerFacts, decide, needs_inspection
 from .telemetry import TelemetrySource
@@ -55,10 +56,11 @@ class SweepReport:
 
 @dataclass
 class _Run:
-    """A server of the current sweep: its hub model and facts."""
+    """A server of the current sweep: its hub model, its spawner state and facts."""
 
     name: str
     model: Mapping[str, Any]
+    state: ServerState
     facts: ServerFacts
 
 
@@ -136,7 +138,7 @@ class Sweeper:
                 extended = self.extensions.get(str(user.get("name", "")), name, str(model.get("started") or ""))
                 facts = server_facts(user, name, model, now, extended)
                 self._groups[facts.user] = facts.groups
-                runs.append(_Run(name, model, facts))
+                runs.append(_Run(name, model, ServerState.of(model), facts))
         report.servers = len(runs)
         present = {(u, s) for u, s, _ in listed}
         self._warnings = {k: w for k, w in self._warnings.items() if k in present}
@@ -178,7 +180,7 @@ class Sweeper:
 
     async def _read_gpus(self, runs: Sequence[_Run]) -> None:
         """One telemetry call for every GPU of every server; each server gets the highest use of its GPUs."""
-        slots = [slot for run in runs for slot in server_slots(run.model)]
+        slots = [slot for run in runs for slot in run.state.slots]
         if not slots:
             return
         try:
@@ -188,7 +190,7 @@ class Sweeper:
             self.log.warning("Cannot read GPU use (%s): deciding on kernels alone this sweep", text)
             return
         for run in runs:
-            found = [readings[s["uuid"]] for s in server_slots(run.model) if s.get("uuid") in readings]
+            found = [readings[s["uuid"]] for s in run.state.slots if s.get("uuid") in readings]
             if found:
                 run.facts = replace(run.facts, gpu_percent=max(found))
 
@@ -235,7 +237,7 @@ class Sweeper:
     async def _read_kernels(self, run: _Run) -> int:
         """How many of the server's kernels are busy, read with a token for that server alone."""
         user, server = run.facts.user, run.name
-        url = str((run.model.get("state") or {}).get("server_url") or "")
+        url = run.state.server_url
         if not url:
             raise InspectionError("its state has no server_url")
         try:
@@ -321,7 +323,7 @@ class Sweeper:
 
     def _stop_at(self, user: str, server: str, model: Mapping[str, Any]) -> datetime | None:
         extended = self.extensions.get(user, server, str(model.get("started") or ""))
-        return extended or parse_time((model.get("user_options") or {}).get("stop_at"))
+        return extended or ServerState.of(model).stop_time
 
     async def extend(self, user: str, server: str, hours: Any) -> datetime:
         """Move the server's stop time ``hours`` later; the new stop time. ValueError: a sentence for the user."""
@@ -355,7 +357,7 @@ class Sweeper:
             views.append(
                 ServerView(
                     name=name,
-                    profile=str((server.get("user_options") or {}).get("profile") or ""),
+                    profile=ServerState.of(server).profile,
                     started=parse_time(server.get("started")) or now,
                     stop_at=stop_at,
                     warning=self._warnings.get((user, name)),

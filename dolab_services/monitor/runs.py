@@ -1,13 +1,13 @@
 """The running servers as the monitor sees them, read from the hub's user models (with spawner state).
 
-The spawner state DO-LAB's spawner saves (``admin:server_state``) says what each server holds: ``profile``,
-``backend`` (``local``, ``docker``, ``runpod``), ``host`` and ``slots`` (the GPU slot dicts: ``uuid``, ``index``,
-``name``, ``host``), and the backend's own state under ``backend_state``. For RunPod pods these keys are read from
-the state or its ``backend_state`` (where the RunPod backend keeps them):
+The spawner state DO-LAB's spawner saves (``admin:server_state``), read through
+:class:`~dolab_core.serverstate.ServerState`, says what each server holds: ``profile``, ``backend`` (``local``,
+``docker``, ``runpod``), ``host`` and ``slots`` (the GPU slot dicts: ``uuid``, ``index``, ``name``, ``host``).
+The profile is the one the spawner validated, never the user-written ``user_options``. For RunPod pods:
 
 - ``price_per_hour_usd``: what the whole pod costs per hour (missing: 0);
-- ``gpu_type_id`` (or ``gpu_type``) and ``gpu_count``: the pod's GPUs when it has no slots (no type: no GPU-hours
-  are counted; no count: one);
+- ``gpu_type`` and ``gpu_count``: the pod's GPUs when it has no slots (no type: no GPU-hours are counted; no
+  count: one);
 - ``gpu_utilization_percent``: the pod's GPU use (missing: unknown).
 
 Local and Docker GPUs cost what the admin sets per GPU-hour and GPU type (:class:`GpuPrices`, default 0).
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from dolab_core.serverstate import ServerState
 from dolab_core.times import parse_time
 
 from .ledger import Charge
@@ -126,48 +127,42 @@ def server_runs(users: Iterable[Mapping[str, Any]], prices: GpuPrices) -> list[S
             if not isinstance(model, Mapping):
                 continue
             started = parse_time(model.get("started"))
-            if started is None:
-                continue
-            state = model.get("state") or {}
-            if not isinstance(state, Mapping):
-                state = {}
-            slots = tuple(s for s in state.get("slots") or () if isinstance(s, Mapping) and s.get("uuid"))
-            backend = str(state.get("backend") or "")
-            gpus: dict[str, int] = {}
-            for slot in slots:
-                gpus[str(slot.get("name") or "GPU")] = gpus.get(str(slot.get("name") or "GPU"), 0) + 1
-            if backend == "runpod":
-                inner = state.get("backend_state")
-                inner = inner if isinstance(inner, Mapping) else {}
-
-                def pick(key: str, inner: Mapping[str, Any] = inner, state: Mapping[str, Any] = state) -> Any:
-                    return state[key] if state.get(key) is not None else inner.get(key)
-
-                usd = max(0.0, _number(pick("price_per_hour_usd")) or 0.0)
-                count = _number(pick("gpu_count"))
-                gpu_type = pick("gpu_type_id") or pick("gpu_type")
-                if not gpus and gpu_type:
-                    gpus = {str(gpu_type): int(count) if count is not None and count >= 0 else 1}
-                utilisation = _number(pick("gpu_utilization_percent"))
-            else:
-                usd = sum(prices.price(str(s.get("name") or "")) for s in slots)
-                utilisation = None
-            runs.append(
-                ServerRun(
-                    user=name,
-                    server=str(server),
-                    groups=groups,
-                    run=str(model.get("started")),
-                    started=started,
-                    ready=bool(model.get("ready")),
-                    profile=str(state.get("profile") or (model.get("user_options") or {}).get("profile") or ""),
-                    backend=backend,
-                    host=str(state.get("host") or ""),
-                    slots=slots,
-                    gpus={k: v for k, v in gpus.items() if v > 0},
-                    usd_per_hour=usd,
-                    gpu_utilization_percent=utilisation,
-                    pending=str(model.get("pending") or ""),
-                )
-            )
+            if started is not None:
+                runs.append(_server_run(name, str(server), groups, model, started, prices))
     return runs
+
+
+def _server_run(
+    user: str, server: str, groups: tuple[str, ...], model: Mapping[str, Any], started: datetime, prices: GpuPrices
+) -> ServerRun:
+    """One started server: what its spawner state (:class:`ServerState`) says it holds, and what that costs."""
+    state = ServerState.of(model)
+    slots = tuple(s for s in state.slots if s.get("uuid"))
+    gpus: dict[str, int] = {}
+    for slot in slots:
+        gpus[str(slot.get("name") or "GPU")] = gpus.get(str(slot.get("name") or "GPU"), 0) + 1
+    if state.backend == "runpod":
+        usd = max(0.0, state.price_per_hour_usd or 0.0)
+        if not gpus and state.gpu_type:
+            gpus = {state.gpu_type: state.gpu_count or 1}  # a pod that does not say how many GPUs rents one
+        utilisation = state.gpu_utilization_percent
+    else:
+        usd = sum(prices.price(str(s.get("name") or "")) for s in slots)
+        utilisation = None
+    return ServerRun(
+        user=user,
+        server=server,
+        groups=groups,
+        run=str(model.get("started")),
+        started=started,
+        ready=bool(model.get("ready")),
+        profile=state.profile,
+        backend=state.backend,
+        # A state without a DO-LAB server (another spawner's) has no host.
+        host=state.host if state.backend else "",
+        slots=slots,
+        gpus={k: v for k, v in gpus.items() if v > 0},
+        usd_per_hour=usd,
+        gpu_utilization_percent=utilisation,
+        pending=str(model.get("pending") or ""),
+    )

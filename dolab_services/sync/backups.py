@@ -12,7 +12,7 @@ It only ever builds a store for the user it is asked about (:meth:`SyncSettings.
 reach another user's prefix; it goes to the target the user chose within the admin's policy
 (:mod:`.choices`), and a Drive target in user mode uses that user's own token, read from the hub at each operation
 (:mod:`.tokens`), never another's. :meth:`Backups.sweep` backs up every running server whose spawner state
-names a workspace folder on this machine (``state["workspace"]``, set by DoLabSpawner for the local backend and
+names a workspace folder on this machine (:attr:`ServerState.workspace`, set by DoLabSpawner for the local backend and
 for docker servers with a bind-mounted workspace on the local engine).
 """
 
@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
+
+from dolab_core.serverstate import ServerState
 
 from ..hubclient import HubClient
 from .choices import TargetChoices
@@ -247,9 +249,8 @@ class Backups:
         workspaces: dict[str, Path] = {}
         async for user in hub.users(state="ready"):
             for server in (user.get("servers") or {}).values():
-                state = server.get("state") or {}
-                folder = state.get("workspace")
-                if server.get("ready") and isinstance(folder, str) and folder:
+                folder = ServerState.of(server).workspace
+                if server.get("ready") and folder:
                     workspaces.setdefault(user["name"], Path(folder))
         outcomes: dict[str, str] = {}
 

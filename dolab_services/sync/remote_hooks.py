@@ -13,7 +13,7 @@
   progress events; a pod that kept its disk (resumed) is not empty and is left alone.
 - :func:`sweep_remote` (from the ``dolab-sync`` service's periodic round) and :func:`backup_remote_server` (the
   culler's backup before a stop, through the service's API): back up a ready remote server at its own address
-  (``state["server_url"]``, never through the proxy).
+  (:attr:`~dolab_core.serverstate.ServerState.server_url`, never through the proxy).
 
 Which token: never one that grants more than the pod already has, since whoever is root in the pod records what it
 is sent. The hub-side hooks use the server's own API token (``spawner.api_token``), the one the hub minted for this
@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from dolab_core.serverstate import ServerState
 
 from ..hubclient import HubAPIError, HubClient
 from ..servertokens import ServerTokens
@@ -204,14 +206,13 @@ def _remote_urls(user: Mapping[str, Any], server_name: str | None = None) -> dic
     """Server name -> address of the user's ready remote servers (``server_name``: only that one)."""
     urls = {}
     for name, server in (user.get("servers") or {}).items():
-        state = server.get("state") or {}
-        url = state.get("server_url")
+        state = ServerState.of(server)
+        url = state.server_url
         if (
             (server_name is None or name == server_name)
             and server.get("ready")
-            and not state.get("workspace")
-            and state.get("backend") in REMOTE_BACKENDS
-            and isinstance(url, str)
+            and not state.workspace
+            and state.backend in REMOTE_BACKENDS
             and url.startswith(("http://", "https://"))
         ):
             urls[str(name)] = url

@@ -19,6 +19,7 @@ from typing import Any
 from dolab_core.gpus import GpuSlot, read_nvml_inventory, restrict
 from dolab_core.hubconfig import env_list
 from dolab_core.paths import default_data_dir
+from dolab_core.serverstate import ServerState
 
 from .common import CliError, _http_reason, _short, default_hub_url, format_table, run_with_timeout, static_inventory
 
@@ -80,21 +81,22 @@ def slot_rows(users: Sequence[Mapping[str, Any]], inventory: Sequence[GpuSlot]) 
     """Every GPU of ``inventory`` and every GPU a server's state says it holds, with its holder.
 
     ``users`` are user models from ``GET /hub/api/users`` whose server models carry ``state`` (DoLabSpawner's
-    ``get_state()``). A held GPU missing from the inventory (another host, a changed inventory) is listed too;
-    a GPU two servers claim gets a row for each. Malformed slot entries are skipped.
+    ``get_state()``, read through :class:`ServerState`). A held GPU missing from the inventory (another host, a
+    changed inventory) is listed too; a GPU two servers claim gets a row for each. Malformed slot entries are
+    skipped.
     """
     holders: dict[str, list[tuple[GpuSlot, dict[str, str]]]] = {}
     for user in users:
         servers = user.get("servers") or {}
         for server_name in sorted(servers):
-            state = (servers[server_name] or {}).get("state") or {}
+            state = ServerState.of(servers[server_name])
             holder = {
                 "user": str(user.get("name", "?")),
                 "server": server_name,
-                "profile": str(state.get("profile") or ""),
-                "stop_at": str(state.get("stop_at") or ""),
+                "profile": state.profile,
+                "stop_at": state.stop_at,
             }
-            for entry in state.get("slots") or []:
+            for entry in state.slots:
                 try:
                     slot = GpuSlot.from_dict(entry)
                 except ValueError:
