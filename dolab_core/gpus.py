@@ -3,6 +3,11 @@
 A :class:`GpuSlot` is one GPU of one host (``host`` is :data:`LOCAL_HOST` for the hub's machine, else a Docker
 host's name); servers record theirs in their state. :func:`load_inventory` reads the local GPUs through NVML on a
 pool of one thread with a timeout, or takes them from configuration.
+
+The services read GPU use through NVML too (the culler's ``NvmlTelemetry``, the monitor's ``NvmlSource``): both
+run their reads through an :class:`NvmlReader` (a one-thread pool of its own, a timeout, no read queued behind a
+stuck one, NVML initialised once for the process), and the culler's per-GPU utilisation is
+:func:`read_nvml_utilisation`.
 """
 
 from __future__ import annotations
@@ -11,17 +16,22 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 __all__ = [
     "LOCAL_HOST",
     "GpuSlot",
+    "NvmlBusy",
+    "NvmlReader",
+    "NvmlUnavailable",
+    "NvmlUtilisation",
     "inventory_from_config",
     "load_inventory",
     "read_nvml_inventory",
+    "read_nvml_utilisation",
     "restrict",
 ]
 
@@ -63,9 +73,9 @@ class GpuSlot:
         index = data["index"]
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValueError(f"GPU entry {dict(data)!r}: index must be a non-negative integer")
-        for field in ("uuid", "name"):
-            if not isinstance(data[field], str) or not data[field]:
-                raise ValueError(f"GPU entry {dict(data)!r}: {field} must be a non-empty string")
+        for key in ("uuid", "name"):
+            if not isinstance(data[key], str) or not data[key]:
+                raise ValueError(f"GPU entry {dict(data)!r}: {key} must be a non-empty string")
         memory_gb = data.get("memory_gb", 0)
         if not isinstance(memory_gb, (int, float)) or isinstance(memory_gb, bool) or memory_gb < 0:
             raise ValueError(f"GPU entry {dict(data)!r}: memory_gb must be a non-negative number")
@@ -199,3 +209,103 @@ async def load_inventory(
         log.error("NVML did not answer in %s s: no local GPUs for now", timeout_seconds)
         return None
     return restrict(found, gpu_ids)
+
+
+# ----- reading GPU use (the services) -----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+#: The pynvml module that ``nvmlInit`` succeeded on; a service keeps NVML initialised for its whole life.
+_nvml_initialised: Any = None
+
+
+class NvmlUnavailable(RuntimeError):
+    """NVML cannot be used at all (nvidia-ml-py missing, no driver); the message says why."""
+
+
+class NvmlBusy(RuntimeError):
+    """An earlier NVML read is still stuck in the driver, so this one was not queued behind it."""
+
+
+def _initialised_nvml() -> Any:
+    """pynvml, initialised once for the process (again after a failure). Call it with ``_nvml_lock`` held."""
+    global _nvml_initialised
+    try:
+        import pynvml
+    except ImportError as e:
+        raise NvmlUnavailable(f"nvidia-ml-py is not installed ({e})") from None
+    # Comparing modules, not a flag: a stand-in pynvml in the tests needs its own init.
+    if _nvml_initialised is not pynvml:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            raise NvmlUnavailable(str(e)) from None
+        _nvml_initialised = pynvml
+    return pynvml
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned read's outcome as seen, so asyncio does not report it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+class NvmlReader:
+    """Blocking NVML reads off the event loop: a one-thread pool of its own, each read bounded by a timeout.
+
+    :meth:`read` runs ``fn(pynvml, *args)`` with NVML initialised (once for the process, one reader at a time).
+    A read that takes longer than ``timeout_seconds`` raises :class:`asyncio.TimeoutError`; while it is still stuck
+    in the driver, later reads raise :class:`NvmlBusy` rather than queue behind it (the thread cannot be stopped).
+    """
+
+    def __init__(self, timeout_seconds: float = 5.0, thread_name_prefix: str = "dolab-nvml") -> None:
+        self.timeout_seconds = timeout_seconds
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name_prefix)
+        self._pending: asyncio.Future[Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether an earlier read is still running (stuck in the driver, after its timeout)."""
+        return self._pending is not None and not self._pending.done()
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(pynvml, *args)`` on the pool. Raises :class:`NvmlUnavailable`, :class:`NvmlBusy`,
+        :class:`asyncio.TimeoutError`, or what ``fn`` raised."""
+        if self.busy:
+            raise NvmlBusy("NVML is still stuck in an earlier read")
+
+        def locked() -> T:
+            with _nvml_lock:
+                return fn(_initialised_nvml(), *args)
+
+        loop = asyncio.get_running_loop()
+        self._pending = pending = loop.run_in_executor(self._pool, locked)
+        pending.add_done_callback(_retrieve)
+        # shield: on a timeout the thread cannot be stopped, and ``_pending`` must stay undone until it ends.
+        result: T = await asyncio.wait_for(asyncio.shield(pending), self.timeout_seconds)
+        return result
+
+    def close(self) -> None:
+        """Let the pool's thread go; NVML itself stays initialised for the process."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class NvmlUtilisation:
+    """What :func:`read_nvml_utilisation` read: percent per GPU uuid, and NVML's error for each GPU it could not."""
+
+    percent: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def read_nvml_utilisation(pynvml: Any, uuids: Sequence[str]) -> NvmlUtilisation:
+    """The utilisation of the GPUs ``uuids``. Blocking: run it through :meth:`NvmlReader.read`."""
+    reading = NvmlUtilisation()
+    for uuid in uuids:
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+            reading.percent[uuid] = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except pynvml.NVMLError as e:
+            # A GPU fallen off the bus, or a MIG instance (NVML has no utilisation for those).
+            reading.errors[uuid] = str(e)
+    return reading

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from dolab_core import gpus
+from dolab_core.gpus import LOCAL_HOST
 from dolab_services.culler import telemetry
 from dolab_services.culler.telemetry import (
-    LOCAL_HOST,
     FileTelemetry,
     NvmlTelemetry,
     StaticTelemetry,
@@ -43,9 +44,7 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_local_host_is_the_spawners() -> None:
-    from dolab_core.gpus import LOCAL_HOST as SPAWNER_LOCAL_HOST
-
-    assert LOCAL_HOST == SPAWNER_LOCAL_HOST
+    assert telemetry.LOCAL_HOST is LOCAL_HOST, "the culler reads the host the spawner writes (dolab_core.gpus)"
 
 
 # ----- StaticTelemetry --------------------------------------------------------------------------------------
@@ -262,7 +261,7 @@ MIG = {
 
 @pytest.fixture(autouse=True)
 def fresh_nvml_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telemetry, "_nvml_initialised", None)
+    monkeypatch.setattr(gpus, "_nvml_initialised", None)
 
 
 @pytest.fixture
@@ -420,7 +419,7 @@ async def test_nvml_hung_read_times_out_and_is_not_queued_behind(
         stuck_gpu["block"].set()
         del stuck_gpu["block"]
         for _ in range(100):
-            if source._pending is not None and source._pending.done():
+            if not source.reader.busy:
                 break
             await asyncio.sleep(0.01)
         assert await source.gpu_percent(SLOTS[:1]) == {"GPU-a": 97.0}

@@ -1,4 +1,5 @@
-"""How the culler (and later the monitor service) reads GPU use: the telemetry interface.
+"""How the culler reads GPU use: the telemetry interface (the monitor's, which reads more, is in
+:mod:`dolab_services.monitor.telemetry`; both read NVML through :class:`dolab_core.gpus.NvmlReader`).
 
 A *telemetry source* answers one question: how busy is each of these GPUs right now? A server whose GPU is above
 the policy's ``gpu_busy_percent`` counts as running work, so it is kept with no browser open even when no kernel
@@ -9,7 +10,7 @@ is executing (a training script in a terminal, say). The interface::
         async def close(self) -> None: ...
 
 ``slots`` are the GPU slot dicts of one server's spawner state (``uuid``, ``index``, ``name``, ``host``, ...;
-see ``dolab_spawner.slots.GpuSlot``). The answer maps a GPU's ``uuid`` to its utilisation in percent (0 to 100),
+see :class:`dolab_core.gpus.GpuSlot`). The answer maps a GPU's ``uuid`` to its utilisation in percent (0 to 100),
 for the GPUs the source knows; it leaves out the others, and the culler then decides on the server's kernels
 alone. A source never raises because one GPU cannot be read: it logs and leaves that GPU out. It should answer in
 a few seconds, and it must not block the event loop: run blocking calls in a small thread pool of its own, with
@@ -18,7 +19,7 @@ a timeout. ``close`` frees what the source holds when the service stops.
 The sources here, chosen by the culler's telemetry setting (see :func:`load_telemetry`):
 
 - ``"nvml"``: :class:`NvmlTelemetry`, the GPUs of the machine the service runs on (slots whose host is
-  ``"local"``), read through NVML.
+  ``"local"``), read through NVML (:class:`dolab_core.gpus.NvmlReader`, shared with the monitor).
 - ``"file:/path/to/gpu.json"``: :class:`FileTelemetry`, a JSON object ``{"GPU-uuid": percent, ...}`` that any
   other tool keeps up to date (a DCGM exporter scrape, ``nvidia-smi`` in a cron job, a remote host's agent). The
   file is read on every call, so writing it atomically (write a temporary file, then rename) is all a feeder needs.
@@ -32,7 +33,7 @@ The sources here, chosen by the culler's telemetry setting (see :func:`load_tele
           async def close(self):
               ...
 
-RunPod pods' reported GPU use will be another source of this kind.
+RunPod pods' reported GPU use could be another source of this kind.
 """
 
 from __future__ import annotations
@@ -42,17 +43,14 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from dolab_core.gpus import LOCAL_HOST, NvmlBusy, NvmlReader, NvmlUnavailable, read_nvml_utilisation
 from dolab_core.hooks import load_object
 
 __all__ = [
-    "LOCAL_HOST",
     "FileTelemetry",
     "NvmlTelemetry",
     "StaticTelemetry",
@@ -61,10 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The host of GPUs on the machine the hub runs on; the same value as ``dolab_spawner.slots.LOCAL_HOST``, kept
-#: here so that the service does not import the spawner (and JupyterHub with it).
-LOCAL_HOST = "local"
 
 
 @runtime_checkable
@@ -176,64 +170,18 @@ class FileTelemetry:
         """Nothing to free."""
 
 
-# NVML state is per process: one init, kept for the process's life, and one reader at a time.
-_nvml_lock = threading.Lock()
-_nvml_initialised: object | None = None  # the pynvml module that nvmlInit succeeded on
-
-
-@dataclass
-class _NvmlReading:
-    percent: dict[str, float] = field(default_factory=dict)
-    #: Why NVML cannot be used at all ("" when it can).
-    unavailable: str = ""
-    #: uuid -> NVML's error, for the GPUs that could not be read.
-    errors: dict[str, str] = field(default_factory=dict)
-
-
-def _read_nvml_utilisation(uuids: Sequence[str]) -> _NvmlReading:
-    """Blocking: run in :class:`NvmlTelemetry`'s pool."""
-    global _nvml_initialised
-    with _nvml_lock:
-        try:
-            import pynvml
-        except ImportError as e:
-            return _NvmlReading(unavailable=f"nvidia-ml-py is not installed ({e})")
-        # Comparing modules, not a flag: a stand-in pynvml in the tests needs its own init.
-        if _nvml_initialised is not pynvml:
-            try:
-                pynvml.nvmlInit()
-            except pynvml.NVMLError as e:
-                return _NvmlReading(unavailable=str(e))
-            _nvml_initialised = pynvml
-        reading = _NvmlReading()
-        for uuid in uuids:
-            try:
-                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-                reading.percent[uuid] = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-            except pynvml.NVMLError as e:
-                # A GPU fallen off the bus, or a MIG instance (NVML has no utilisation for those).
-                reading.errors[uuid] = str(e)
-        return reading
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark an abandoned read's outcome as seen, so asyncio does not report it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
-
-
 class NvmlTelemetry:
     """The utilisation of the local GPUs (slots whose host is ``"local"``), read through NVML.
 
-    NVML runs in a one-thread pool of this source's own, never on the event loop, and a read that takes longer
-    than ``timeout_seconds`` gives no readings; while it is still stuck, later calls give none either rather
-    than queue behind it. Without NVML (no driver, no GPU), every call gives no readings, logged once.
+    NVML runs through a :class:`~dolab_core.gpus.NvmlReader` of this source's own (one thread, never the event
+    loop), and a read that takes longer than ``timeout_seconds`` gives no readings; while it is still stuck, later
+    calls give none either rather than queue behind it. Without NVML (no driver, no GPU), every call gives no
+    readings, logged once.
     """
 
     def __init__(self, timeout_seconds: float = 5.0):
         self.timeout_seconds = timeout_seconds
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dolab-culler-nvml")
-        self._pending: asyncio.Future[_NvmlReading] | None = None
+        self.reader = NvmlReader(timeout_seconds, thread_name_prefix="dolab-culler-nvml")
         self._unavailable_logged = False
         self._failing: set[str] = set()
 
@@ -242,25 +190,21 @@ class NvmlTelemetry:
         uuids = _uuids(slots, host=LOCAL_HOST)
         if not uuids:
             return {}
-        if self._pending is not None and not self._pending.done():
+        try:
+            reading = await self.reader.read(read_nvml_utilisation, uuids)
+        except NvmlBusy:
             log.warning("NVML is still stuck in an earlier read: no GPU use for %s this time", ", ".join(uuids))
             return {}
-        loop = asyncio.get_running_loop()
-        self._pending = pending = loop.run_in_executor(self._pool, _read_nvml_utilisation, uuids)
-        pending.add_done_callback(_retrieve)
-        try:
-            # shield: on a timeout the thread cannot be stopped, and ``_pending`` must stay undone until it ends.
-            reading = await asyncio.wait_for(asyncio.shield(pending), self.timeout_seconds)
         except asyncio.TimeoutError:
             log.warning("NVML did not answer in %s s: no GPU use for %s", self.timeout_seconds, ", ".join(uuids))
             return {}
+        except NvmlUnavailable as e:
+            if not self._unavailable_logged:
+                log.warning("NVML is not available (%s): no GPU use for local GPUs", e)
+                self._unavailable_logged = True
+            return {}
         except Exception:
             log.exception("Reading GPU use through NVML failed")
-            return {}
-        if reading.unavailable:
-            if not self._unavailable_logged:
-                log.warning("NVML is not available (%s): no GPU use for local GPUs", reading.unavailable)
-                self._unavailable_logged = True
             return {}
         self._unavailable_logged = False
         for uuid, error in reading.errors.items():
@@ -272,8 +216,8 @@ class NvmlTelemetry:
         return reading.percent
 
     async def close(self) -> None:
-        """Let the pool's thread go; NVML itself stays initialised for the process."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Let the reader's thread go; NVML itself stays initialised for the process."""
+        self.reader.close()
 
 
 def load_telemetry(spec: str) -> TelemetrySource:

@@ -38,14 +38,14 @@ import json
 import logging
 import math
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from dolab_core.gpus import LOCAL_HOST, NvmlBusy, NvmlReader, NvmlUnavailable
+
 __all__ = [
-    "LOCAL_HOST",
     "FileSource",
     "GpuProcess",
     "GpuReading",
@@ -56,7 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-LOCAL_HOST = "local"
 
 
 @dataclass(frozen=True)
@@ -190,104 +189,88 @@ class FileSource:
         """Nothing to free."""
 
 
-# NVML state is per process: initialised once, one reader at a time.
-_nvml_lock = threading.Lock()
-_nvml_module: Any = None
-
-
 def _gb(value: Any) -> float:
     return round(float(value) / 2**30, 3)
 
 
-def read_nvml() -> list[GpuReading]:
-    """Every local GPU through NVML (blocking: :class:`NvmlSource` runs it in its pool). RuntimeError: no NVML."""
-    global _nvml_module
-    with _nvml_lock:
+def read_nvml(pynvml: Any) -> list[GpuReading]:
+    """Every local GPU through an initialised ``pynvml`` (blocking: :class:`NvmlSource` runs it through its
+    :class:`~dolab_core.gpus.NvmlReader`)."""
+    readings = []
+    for index in range(pynvml.nvmlDeviceGetCount()):
         try:
-            import pynvml
-        except ImportError as e:
-            raise RuntimeError(f"nvidia-ml-py is not installed ({e})") from None
-        if _nvml_module is not pynvml:
-            try:
-                pynvml.nvmlInit()
-            except pynvml.NVMLError as e:
-                raise RuntimeError(str(e)) from None
-            _nvml_module = pynvml
-        readings = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            try:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                uuid = pynvml.nvmlDeviceGetUUID(handle)
-                name = pynvml.nvmlDeviceGetName(handle)
-            except pynvml.NVMLError as e:
-                log.debug("NVML cannot read GPU %d (%s)", index, e)
-                continue
-            values: dict[str, Any] = {}
-            for key, read in (
-                ("utilization_percent", lambda h: float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)),
-                ("memory", lambda h: pynvml.nvmlDeviceGetMemoryInfo(h)),
-                ("temperature_c", lambda h: float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))),
-                ("power_w", lambda h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
-            ):
-                try:
-                    values[key] = read(handle)
-                except pynvml.NVMLError:  # not supported on this GPU (MIG, some boards): unknown
-                    values[key] = None
-            processes: dict[int, GpuProcess] = {}
-            for lister in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-                try:
-                    for p in getattr(pynvml, lister)(handle):
-                        used = getattr(p, "usedGpuMemory", None)
-                        processes[int(p.pid)] = GpuProcess(int(p.pid), _gb(used) if isinstance(used, int) else None)
-                except (pynvml.NVMLError, AttributeError):
-                    continue
-            memory = values.pop("memory")
-            readings.append(
-                GpuReading(
-                    uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
-                    host=LOCAL_HOST,
-                    index=index,
-                    name=name.decode() if isinstance(name, bytes) else str(name),
-                    memory_used_gb=_gb(memory.used) if memory is not None else None,
-                    memory_total_gb=_gb(memory.total) if memory is not None else None,
-                    processes=tuple(sorted(processes.values(), key=lambda p: p.pid)),
-                    **values,
-                )
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+        except pynvml.NVMLError as e:
+            log.debug("NVML cannot read GPU %d (%s)", index, e)
+            continue
+        memory = _nvml_value(pynvml, pynvml.nvmlDeviceGetMemoryInfo, handle)
+        readings.append(
+            GpuReading(
+                uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+                host=LOCAL_HOST,
+                index=index,
+                name=name.decode() if isinstance(name, bytes) else str(name),
+                utilization_percent=_nvml_value(
+                    pynvml, lambda h: float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu), handle
+                ),
+                memory_used_gb=_gb(memory.used) if memory is not None else None,
+                memory_total_gb=_gb(memory.total) if memory is not None else None,
+                temperature_c=_nvml_value(
+                    pynvml, lambda h: float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)), handle
+                ),
+                power_w=_nvml_value(pynvml, lambda h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0, handle),
+                processes=_nvml_processes(pynvml, handle),
             )
-        return readings
+        )
+    return readings
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _nvml_value(pynvml: Any, read: Callable[[Any], Any], handle: Any) -> Any:
+    """One reading of a GPU; None when this GPU does not support it (MIG, some boards): unknown."""
+    try:
+        return read(handle)
+    except pynvml.NVMLError:
+        return None
+
+
+def _nvml_processes(pynvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
+    """The compute and graphics processes on a GPU, by pid, with the GPU memory each holds when NVML says."""
+    processes: dict[int, GpuProcess] = {}
+    for lister in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        try:
+            for p in getattr(pynvml, lister)(handle):
+                used = getattr(p, "usedGpuMemory", None)
+                processes[int(p.pid)] = GpuProcess(int(p.pid), _gb(used) if isinstance(used, int) else None)
+        except (pynvml.NVMLError, AttributeError):
+            continue
+    return tuple(sorted(processes.values(), key=lambda p: p.pid))
 
 
 class NvmlSource:
-    """This machine's GPUs through NVML, on one thread of its own, each read bounded by ``timeout_seconds``.
+    """This machine's GPUs through NVML, through a :class:`~dolab_core.gpus.NvmlReader` of its own (one thread,
+    each read bounded by ``timeout_seconds``).
 
     While a read is stuck in the driver, later ticks get no readings rather than queue behind it.
     """
 
     def __init__(self, timeout_seconds: float = 5.0) -> None:
         self.timeout_seconds = timeout_seconds
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dolab-monitor-nvml")
-        self._pending: asyncio.Future[list[GpuReading]] | None = None
+        self.reader = NvmlReader(timeout_seconds, thread_name_prefix="dolab-monitor-nvml")
         self._unavailable = ""
 
     async def read(self) -> list[GpuReading]:
         """Every local GPU NVML can read."""
-        if self._pending is not None and not self._pending.done():
+        try:
+            readings = await self.reader.read(read_nvml)
+        except NvmlBusy:
             log.warning("NVML is still stuck in an earlier read: no GPU readings this tick")
             return []
-        loop = asyncio.get_running_loop()
-        self._pending = pending = loop.run_in_executor(self._pool, read_nvml)
-        pending.add_done_callback(_retrieve)
-        try:
-            readings = await asyncio.wait_for(asyncio.shield(pending), self.timeout_seconds)
         except asyncio.TimeoutError:
             log.warning("NVML did not answer in %g s: no GPU readings this tick", self.timeout_seconds)
             return []
-        except RuntimeError as e:
+        except NvmlUnavailable as e:
             if str(e) != self._unavailable:
                 log.warning("NVML is not available (%s): no readings of local GPUs", e)
                 self._unavailable = str(e)
@@ -300,7 +283,7 @@ class NvmlSource:
 
     async def close(self) -> None:
         """Let the thread go; NVML stays initialised for the process."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
 
 
 def load_source(spec: str) -> TelemetrySource:

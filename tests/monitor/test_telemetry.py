@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dolab_services.monitor import telemetry
+from dolab_core import gpus
 from dolab_services.monitor.runs import GpuPrices, server_runs
 from dolab_services.monitor.telemetry import FileSource, GpuReading, NvmlSource, StaticSource, load_source
 
@@ -104,7 +104,7 @@ def fake_pynvml(fail_power: bool = False) -> types.ModuleType:
 
 async def test_nvml_source_reads_every_gpu_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml())
-    monkeypatch.setattr(telemetry, "_nvml_module", None)
+    monkeypatch.setattr(gpus, "_nvml_initialised", None)
     source = NvmlSource()
     readings = await source.read()
     await source.close()
@@ -127,7 +127,7 @@ async def test_nvml_source_without_a_driver_gives_nothing(
 
     nvml.nvmlInit = no_driver  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    monkeypatch.setattr(telemetry, "_nvml_module", None)
+    monkeypatch.setattr(gpus, "_nvml_initialised", None)
     source = NvmlSource()
     assert await source.read() == [] and await source.read() == []
     await source.close()
