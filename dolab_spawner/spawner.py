@@ -1,8 +1,10 @@
 """DoLabSpawner: the one spawner the hub sees.
 
-It reads the chosen profile, validates the untrusted ``user_options``, reserves GPU slots, hands the server to
-a backend (a local process now; Docker and RunPod later), streams progress, and keeps in the spawner state
-everything needed to find the server again after a hub restart.
+It reads the chosen profile, validates the untrusted ``user_options``, checks plan and quota, reserves GPU slots,
+hands the server to the profile's backend (a local process, a Docker container or a RunPod pod: :mod:`.backends`,
+through the :class:`~.backends.base.Backend` interface, never by name), streams progress, and keeps in the spawner
+state (:class:`~dolab_core.serverstate.ServerState`) everything needed to find the server again after a hub
+restart. The options form is :mod:`.form`.
 """
 
 from __future__ import annotations
@@ -11,18 +13,16 @@ import asyncio
 import os
 import string
 import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-import jinja2
 from escapism import escape
 from jupyterhub.spawner import Spawner, SpawnException
 from jupyterhub.utils import maybe_future
 from traitlets import Any as AnyTrait
 from traitlets import Callable, Dict, Float, List, TraitError, Unicode, Union, default, observe, validate
 
-from dolab_core.engines.docker import check_docker_hosts
 from dolab_core.gpus import LOCAL_HOST, GpuSlot, inventory_from_config, load_inventory
 from dolab_core.hooks import load_hook
 from dolab_core.paths import default_data_dir
@@ -30,10 +30,10 @@ from dolab_core.plans import Plan, PlanConfigError, PlanTable, parse_plans
 from dolab_core.serverstate import ServerState
 from dolab_lab.notice import LabNoticeTraits
 
-from .backends import BACKENDS, BackendMixin, backend_class, make_backend
-from .backends.base import apply_overrides
-from .backends.docker import remote_slots
-from .backends.runpod import pod_request
+from . import form
+from .backends import BACKENDS, backend_class
+from .backends.base import Backend, ServerReadyHook, apply_overrides, make_backend
+from .backends.docker_hosts import remote_slots
 from .profiles import (
     OptionsError,
     Profile,
@@ -50,11 +50,6 @@ from .slots import NoFreeSlot, SlotAllocator
 
 __all__ = ["DoLabSpawner"]
 
-_TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-)
 _SAFE_CHARS = set(string.ascii_lowercase + string.digits)
 
 
@@ -76,11 +71,31 @@ class _SlotPool:
         self.retry_at = 0.0
 
 
+class _OverrideKeys(Mapping[str, set[str]]):
+    """Per backend name, the traits a profile's ``spawner_override`` may set: the spawner's and its backend's config
+    traits. A backend is imported only when a profile names it."""
+
+    def __init__(self, spawner_cls: type[Spawner]) -> None:
+        self._own = set(spawner_cls.class_trait_names(config=True))
+
+    def __getitem__(self, name: str) -> set[str]:
+        if name not in BACKENDS:
+            raise KeyError(name)
+        return self._own | set(backend_class(name).class_trait_names(config=True))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BACKENDS)
+
+    def __len__(self) -> int:
+        return len(BACKENDS)
+
+
 class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     """Profiles, GPU slots and backends behind one spawner.
 
     Extension points, in the order ``start()`` uses them: :meth:`get_profiles`, :meth:`check_quota`,
-    slot allocation, :meth:`make_backend`, the backend's ``start()``.
+    slot allocation, :meth:`make_backend`, the backend's ``start()``. Services reach the running server through
+    public members only (:meth:`host_workspace`, :attr:`server_ready_hooks`, :attr:`workspace_uid`, the state).
     """
 
     profile_list = Union(
@@ -90,10 +105,10 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         help="""Profiles users choose from, in kubespawner's schema plus DO-LAB's keys.
 
         Each entry: ``display_name`` (required), ``slug`` (default: from the display name), ``description``,
-        ``default`` (bool), ``backend`` (``local`` or ``docker``), ``gpus`` (count, default 0), ``gpu_type`` (matched on
-        whole words of the GPU name, e.g. ``"A100"``), ``spawner_override`` (trait -> value, set on the
-        spawner and the backend; dicts merge) and ``profile_options`` (name -> ``{display_name, choices:
-        {slug: {display_name, description, default, spawner_override}}}``). ``backend: runpod`` profiles add
+        ``default`` (bool), ``backend`` (``local``, ``docker`` or ``runpod``), ``gpus`` (count, default 0),
+        ``gpu_type`` (matched on whole words of the GPU name, e.g. ``"A100"``), ``spawner_override`` (trait ->
+        value, set on the spawner and the backend; dicts merge) and ``profile_options`` (name -> ``{display_name,
+        choices: {slug: {display_name, description, default, spawner_override}}}``). ``backend: runpod`` profiles add
         ``runpod`` (``gpu_types``, ``cloud_type``, ``image``, disks, ``max_price_per_hour``; see the README).
 
         A callable ``f(spawner)`` (may be async) returning such a list is evaluated at each form render and
@@ -205,7 +220,7 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     kept_at = Unicode("")
 
     _pool: ClassVar[_SlotPool] = _SlotPool()
-    _backend: BackendMixin | None = None
+    _backend: Backend | None = None
 
     # ----- configuration -------------------------------------------------------------------------------
 
@@ -246,12 +261,7 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
             selection = resolve_options(await self.get_profiles(), user_options)
         except Exception:
             return
-        timeouts: dict[str, float] = {}
-        cls = backend_class(selection.profile.backend)
-        if cls.hub_timeouts is not BackendMixin.hub_timeouts:
-            backend = make_backend(self, cls)
-            apply_overrides(backend, selection.spawner_override)
-            timeouts = backend.hub_timeouts()
+        timeouts = backend_class(selection.profile.backend).hub_timeouts(self, selection)
         self._apply_own_overrides({**timeouts, **selection.spawner_override})
 
     @default("docker_hosts")
@@ -260,6 +270,9 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
 
     @validate("docker_hosts")
     def _validate_docker_hosts(self, proposal: dict) -> Any:
+        # Here, not at the top: the check imports docker-py, which a hub without Docker engines never needs.
+        from dolab_core.engines.docker import check_docker_hosts
+
         try:
             return check_docker_hosts(proposal["value"])
         except ValueError as e:
@@ -291,10 +304,9 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         return value
 
     @classmethod
-    def override_keys(cls) -> dict[str, set[str]]:
-        """Per backend, the trait names a profile's ``spawner_override`` may set."""
-        own = set(cls.class_trait_names(config=True))
-        return {name: own | set(b.class_trait_names(config=True)) for name, b in BACKENDS.items()}
+    def override_keys(cls) -> Mapping[str, set[str]]:
+        """Per backend, the trait names a profile's ``spawner_override`` may set (imports a backend when asked)."""
+        return _OverrideKeys(cls)
 
     @classmethod
     def _parse_profiles(cls, raw: Any) -> list[Profile]:
@@ -412,66 +424,12 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         return self.render_options_form
 
     async def render_options_form(self, spawner: Spawner | None = None) -> str:
-        """The form: one card per profile with live GPU availability, its options, and a stop time."""
-        profiles = await self.get_profiles()
-        await self.ensure_inventory()
-        previous = self.user_options or {}
-        selected = previous.get("profile") if previous.get("profile") in {p.slug for p in profiles} else None
-        if selected is None:
-            selected = next((p.slug for p in profiles if p.default), profiles[0].slug)
-        max_run_hours = self.user_max_run_hours()
-        cards = []
-        for profile in profiles:
-            free = total = 0
-            if profile.gpus:
-                free, total = self.allocator.availability(
-                    profile.gpu_type, profile.gpu_exact, self.backend_hosts(profile.backend)
-                )
-            card = {"profile": profile, "free": free, "total": total, "selected": profile.slug == selected}
-            if profile.runpod is not None:
-                card["prices"] = await self._runpod_prices(profile)
-            cards.append(card)
-        now = datetime.now(timezone.utc)
-        return _TEMPLATES.get_template("options_form.html").render(
-            cards=cards,
-            max_run_hours=max_run_hours,
-            previous=previous,
-            now_utc=now.strftime("%Y-%m-%dT%H:%M"),
-            latest_utc=(now + timedelta(hours=max_run_hours)).strftime("%Y-%m-%dT%H:%M") if max_run_hours > 0 else "",
-        )
+        """The form: one card per profile with live GPU availability and prices, its options, and a stop time."""
+        return await form.render_options_form(self)
 
     async def options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, Any]:
         """Turn the posted form into user_options, and check them so errors show on the form itself."""
-
-        def first(key: str) -> str:
-            return (formdata.get(key) or [""])[0].strip()
-
-        profiles = await self.get_profiles()
-        slug = first("profile")
-        options: dict[str, Any] = {"profile": slug}
-        chosen = next((p for p in profiles if p.slug == slug), None)
-        for option in chosen.options if chosen else ():
-            value = first(f"profile-option-{slug}--{option.name}")
-            if value:
-                options[option.name] = value
-        if first(f"gpus-{slug}"):
-            options["gpus"] = first(f"gpus-{slug}")
-        if first(f"gpu_type-{slug}"):
-            options["gpu_type"] = first(f"gpu_type-{slug}")
-        mode = first("stop_mode")
-        if mode == "hours":
-            options["run_hours"] = first("run_hours")
-        elif mode == "at" and first("stop_at"):
-            options["stop_at"] = _form_time_to_utc(first("stop_at"), first("tz_offset_minutes"))
-        try:
-            await self.check_plan(options)
-        except SpawnException as e:
-            raise ValueError(e.message) from None
-        try:
-            selection = resolve_options(profiles, options, max_run_hours=self.user_max_run_hours())
-        except OptionsError as e:
-            raise ValueError(str(e)) from None
-        return selection.user_options()
+        return await form.options_from_form(self, formdata)
 
     # ----- start / poll / stop -------------------------------------------------------------------------
 
@@ -530,38 +488,19 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         return slots
 
     def backend_hosts(self, backend: str) -> list[str]:
-        """The machines a backend can run servers on: this one for ``local``, the engines for ``docker``."""
-        if backend == "docker":
-            return [h["name"] for h in self.docker_hosts]
-        if backend == "runpod":
-            return ["runpod"]
-        return [LOCAL_HOST]
+        """The machines a backend can run servers on (its :meth:`~.backends.base.Backend.hosts`)."""
+        return backend_class(backend).hosts(self)
 
-    async def _runpod_prices(self, profile: Profile) -> list[dict[str, Any]]:
-        """The form's live price per pod-hour of each GPU type a RunPod profile offers (cached by the adapter)."""
-        assert profile.runpod is not None
-        backend = make_backend(self, backend_class("runpod"))
-        try:
-            return await backend.offered_prices(list(profile.runpod.gpu_types), profile.gpus, profile.runpod.cloud_type)
-        except Exception:
-            self.log.exception("Could not read RunPod prices for the form")
-            return [{"id": g, "name": g, "price": None} for g in profile.runpod.gpu_types]
+    def _new_backend(self, backend: str, host: str, slots: list[dict[str, Any]]) -> Backend:
+        """The backend ``backend`` for this server on ``host`` with ``slots``; not configured yet."""
+        cls = backend_class(backend)
+        traits = {"gpu_slots": slots, "workspace_dir": self._workspace_dir(), "progress_callback": self.emit}
+        return make_backend(self, cls, **traits, **cls.placement(self, host))
 
-    def _build_backend(self, backend: str, host: str, slots: list[dict[str, Any]]) -> BackendMixin:
-        traits: dict[str, Any] = {"gpu_slots": slots, "workspace_dir": self._workspace_dir()}
-        if backend == "docker":
-            traits["docker_host"] = next((h for h in self.docker_hosts if h["name"] == host), {"name": host})
-            traits["progress_callback"] = self.emit
-        if backend == "runpod":
-            traits["progress_callback"] = self.emit
-        return make_backend(self, backend_class(backend), **traits)
-
-    def make_backend(self, selection: Selection, slots: list[GpuSlot]) -> BackendMixin:
-        """Build the backend for a selection, on the machine of its slots, with the profile's overrides."""
-        backend = self._build_backend(selection.profile.backend, self.host_name, [s.to_dict() for s in slots])
-        apply_overrides(backend, selection.spawner_override)
-        if selection.profile.runpod is not None:
-            backend.pod_request = pod_request(selection)
+    def make_backend(self, selection: Selection, slots: list[GpuSlot]) -> Backend:
+        """Build the backend for a selection, on the machine of its slots, configured with the selection."""
+        backend = self._new_backend(selection.profile.backend, self.host_name, [s.to_dict() for s in slots])
+        backend.configure(selection)
         return backend
 
     def _apply_own_overrides(self, overrides: dict[str, Any]) -> None:
@@ -606,8 +545,8 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         if self.orm_spawner is not None:
             self.orm_spawner.user_options = normalized
 
-        uses_slots = backend_class(selection.profile.backend).uses_gpu_slots
-        slots = self._allocate(selection) if selection.gpus and uses_slots else []
+        backend_cls = backend_class(selection.profile.backend)
+        slots = self._allocate(selection) if selection.gpus and backend_cls.uses_gpu_slots else []
         self.profile_slug = selection.profile.slug
         self.backend_name = selection.profile.backend
         self.slot_dicts = [s.to_dict() for s in slots]
@@ -618,7 +557,7 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
             self.emit(15, f"Reserved GPU {slot.index} ({slot.name})")
         try:
             self._backend = self.make_backend(selection, slots)
-            self._apply_own_overrides({**self._backend.hub_timeouts(), **selection.spawner_override})
+            self._apply_own_overrides({**backend_cls.hub_timeouts(self, selection), **selection.spawner_override})
             for hook in self.pre_start_hooks:
                 await maybe_future(load_hook(hook)(self))
             self.emit(30, f"Starting your server ({selection.profile.display_name})")
@@ -646,15 +585,14 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     async def stop(self, now: bool = False) -> None:
         """Run the pre-destroy hooks, then stop the backend's server (idempotent) and free its slots.
 
-        When a hook fails the storage is kept: the backend's ``suspend()`` where it has one, else its ``stop()``
-        (a local or bind-mounted workspace outlives its server anyway).
+        When a hook fails the storage is kept: the backend's ``suspend()`` (a container stopped, not removed; a pod
+        stopped with its disk; a local workspace outlives its server anyway).
         """
         try:
             if self._backend is not None:
                 failure = await self._run_pre_destroy_hooks("stop")
-                suspend = getattr(self._backend, "suspend", None)
-                if failure and callable(suspend):
-                    await suspend()
+                if failure:
+                    await self._backend.suspend(now=now)
                 else:
                     await self._backend.stop(now=now)
         finally:
@@ -678,14 +616,19 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
 
     def host_workspace(self) -> str:
         """The server's workspace folder when it is one on this machine (local backend, docker with a bind mount
-        on the local engine), else "" (a named volume, a remote machine)."""
-        if self.backend_name == "local":
-            return self._workspace_dir()
-        if self.backend_name == "docker" and self.host_name == LOCAL_HOST:
-            host = next((h for h in self.docker_hosts if h["name"] == LOCAL_HOST), {})
-            if host.get("workspace", "bind") == "bind":
-                return self._workspace_dir()
-        return ""
+        on the local engine), else "" (a named volume, a remote machine, no server)."""
+        return self._backend.host_workspace() if self._backend is not None else ""
+
+    @property
+    def server_ready_hooks(self) -> list[ServerReadyHook] | None:
+        """Where to register ``hook(server_url, token)`` callables the backend runs once the server answers, before
+        the start ends (the sync's restore into a new pod); None when the backend runs none or there is no server."""
+        return self._backend.server_ready_hooks if self._backend is not None else None
+
+    @property
+    def workspace_uid(self) -> int | None:
+        """Who should own a workspace folder made for this server before it starts (None: whoever made it)."""
+        return self._backend.new_workspace_uid() if self._backend is not None else None
 
     def _release(self, why: str) -> None:
         released = self.allocator.release(self.owner)
@@ -733,7 +676,7 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         self.slot_dicts = [dict(s) for s in saved.slots]
         self.stop_at = saved.stop_at
         self.host_name = saved.host
-        self._backend = self._build_backend(saved.backend, self.host_name, self.slot_dicts)
+        self._backend = self._new_backend(saved.backend, self.host_name, self.slot_dicts)
         self._backend.load_state(dict(saved.backend_state))
         # Only a server the hub still lists holds its GPUs; stale state of a stopped one claims nothing.
         if self.slot_dicts and self.orm_spawner is not None and self.orm_spawner.server is not None:
@@ -761,23 +704,3 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     def stop_at_datetime(self) -> datetime | None:
         """The user's hard deadline, if they chose one."""
         return parse_stop_at(self.stop_at) if self.stop_at else None
-
-
-def _form_time_to_utc(local: str, offset_minutes: str) -> str:
-    """A ``datetime-local`` value plus the browser's ``getTimezoneOffset()`` -> ISO UTC (UTC without JS)."""
-    try:
-        when = datetime.fromisoformat(local)
-    except ValueError:
-        return local  # resolve_options says what is wrong with it
-    if when.tzinfo is None:
-        try:
-            offset = int(offset_minutes) if offset_minutes and len(offset_minutes) <= 6 else 0
-        except ValueError:
-            offset = 0
-        if abs(offset) > 24 * 60:  # no time zone is a day away from UTC: not what a browser sends
-            offset = 0
-        try:
-            when = when.replace(tzinfo=timezone.utc) + timedelta(minutes=offset)
-        except OverflowError:
-            raise ValueError("That stop time is out of range: pick a time in the next few days.") from None
-    return format_time(when)

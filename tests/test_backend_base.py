@@ -11,8 +11,8 @@ from traitlets.config import Config
 
 from dolab_core.gpus import GpuSlot
 from dolab_spawner import DoLabSpawner
-from dolab_spawner.backends import LocalProcessBackend
 from dolab_spawner.backends.base import apply_overrides, child_config, gpu_environment
+from dolab_spawner.backends.local import LocalProcessBackend
 
 A100 = GpuSlot(index=0, uuid="GPU-1b2c3d4e-0000-1111-2222-333344445555", name="NVIDIA A100-SXM4-80GB", memory_gb=80)
 A100_2 = GpuSlot(index=1, uuid="GPU-9f8e7d6c-0000-1111-2222-333344445555", name="NVIDIA A100-SXM4-80GB", memory_gb=80)

@@ -26,7 +26,9 @@ from dolab_core.engines.docker import DockerEngines, check_docker_hosts
 from dolab_core.gpus import GpuSlot
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.backends import docker as docker_backend
-from dolab_spawner.backends.docker import DockerBackend, remote_slots
+from dolab_spawner.backends.docker import DockerBackend
+from dolab_spawner.backends.docker_hosts import remote_slots
+from dolab_spawner.backends.docker_user import run_as_uid
 from dolab_spawner.slots import NoFreeSlot, SlotAllocator
 
 GPU = {"index": 0, "uuid": "GPU-r-0", "name": "NVIDIA A100 80GB", "memory_gb": 80}
@@ -446,7 +448,7 @@ PASSWD = (
     ],
 )
 def test_run_as_uid(spec: str, passwd: str | None, uid: int | None) -> None:
-    assert docker_backend.run_as_uid(spec, passwd) == uid
+    assert run_as_uid(spec, passwd) == uid
 
 
 @pytest.mark.parametrize(
@@ -466,7 +468,7 @@ def test_run_as_uid(spec: str, passwd: str | None, uid: int | None) -> None:
 )
 def test_run_as_uid_refuses(spec: str, phrase: str) -> None:
     with pytest.raises(ValueError, match=phrase):
-        docker_backend.run_as_uid(spec, PASSWD)
+        run_as_uid(spec, PASSWD)
 
 
 @pytest.mark.parametrize("user", ["0", "0000", "root", "0:0", "root:root", "0:1000", "+0", ""])

@@ -216,7 +216,7 @@ async def restore_new_workspace(spawner: Any) -> None:
             if not engine.snapshots():
                 return None
             workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
-            uid = getattr(getattr(spawner, "_backend", None), "workspace_uid", None)
+            uid = getattr(spawner, "workspace_uid", None)
             if os.geteuid() == 0 and isinstance(uid, int) and uid >= 0:
                 os.chown(workspace, uid, -1)  # the container's user owns its workspace (docker backend)
             return engine.restore(workspace, progress=progress)

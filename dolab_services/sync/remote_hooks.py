@@ -144,7 +144,7 @@ def arm_remote_restore(
 ) -> Callable[[str, str], Awaitable[RestoreReport | None]] | None:
     """Register the restore of a new pod's empty workspace with the spawner's backend; the registered hook, or
     None when the backend cannot run one."""
-    hooks = getattr(getattr(spawner, "_backend", None), "server_ready_hooks", None)
+    hooks = getattr(spawner, "server_ready_hooks", None)
     if not isinstance(hooks, list):
         spawner.log.warning("Backend %s cannot restore a workspace at start", getattr(spawner, "backend_name", "?"))
         return None

@@ -1,27 +1,30 @@
-"""What every backend shares: how DoLabSpawner builds one, and how a server is pinned to its GPUs.
+"""The backend interface (:class:`Backend`), how DoLabSpawner builds one, and how a server is pinned to its GPUs.
 
 A backend is a JupyterHub ``Spawner`` subclass (so it can reuse LocalProcessSpawner, DockerSpawner, ...) that
 DoLabSpawner creates per server and delegates the process, container or pod to. The hub only ever sees
 DoLabSpawner; :func:`make_backend` passes the backend everything the hub gave DoLabSpawner, which is what
-wrapspawner forgot (``orm_spawner``, the token, the OAuth client, the server).
+wrapspawner forgot (``orm_spawner``, the token, the OAuth client, the server), except ``user_options``: a backend
+gets the validated selection (:meth:`Backend.configure`), never what a user sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from jupyterhub.spawner import Spawner
+from traitlets import Any as AnyTrait
 from traitlets import Dict, HasTraits, List, Unicode
 from traitlets.config import Config
 
-from dolab_core.gpus import GpuSlot
+from dolab_core.gpus import LOCAL_HOST, GpuSlot
 
 __all__ = [
     "HUB_PROVIDED_ATTRS",
-    "BackendMixin",
+    "Backend",
+    "ServerReadyHook",
     "apply_overrides",
     "child_config",
     "gpu_environment",
@@ -43,7 +46,6 @@ HUB_PROVIDED_ATTRS = (
     "trusted_alt_names",
     "public_url",
     "public_hub_url",
-    "user_options",
     "api_token",
     "admin_access",
     "internal_ssl",
@@ -75,25 +77,106 @@ def gpu_environment(slots: Sequence[GpuSlot]) -> dict[str, str]:
 
 
 if TYPE_CHECKING:
+    from ..profiles import Profile, Selection
+    from ..spawner import DoLabSpawner
+
     _MixinBase = Spawner
 else:
     # Not Spawner itself: JupyterHub refuses Spawner subclasses without start/stop/poll.
     _MixinBase = HasTraits
 
+#: ``hook(server_url, token)``, run by a backend once its server answers (see :attr:`Backend.server_ready_hooks`).
+ServerReadyHook = Callable[[str, str], Awaitable[Any]]
 
-class BackendMixin(_MixinBase):  # type: ignore[valid-type,misc]
-    """Traits DoLabSpawner sets on every backend before ``start()``; mix in before a Spawner class."""
+
+class Backend(_MixinBase):  # type: ignore[valid-type,misc]
+    """What DoLabSpawner asks of every backend; mix in before a Spawner class (``class X(Backend, Spawner)``).
+
+    A backend is registered by name in :data:`dolab_spawner.backends.BACKENDS`. DoLabSpawner uses, in this order:
+
+    1. before a server exists (class methods, no backend built): :meth:`hosts` (the machines, so the slots, it can
+       use), :meth:`hub_timeouts` (``start_timeout``/``http_timeout`` for the hub) and :meth:`form_prices`;
+    2. :func:`make_backend` with :meth:`placement` (what the backend needs of the spawner to run on one of its
+       hosts), then :meth:`configure` with the validated :class:`~dolab_spawner.profiles.Selection` (a backend never
+       sees the raw ``user_options``);
+    3. the Spawner's ``start``/``poll``/``stop``, and :meth:`suspend` instead of ``stop`` when a pre-destroy hook
+       failed; :attr:`server_ready_hooks` for the services' hooks that need the running server;
+    4. for the spawner's state: :meth:`host_workspace`, :meth:`monitor_state`, and the Spawner's
+       ``get_state``/``load_state``/``clear_state`` (kept under the state's ``backend_state``).
+    """
 
     gpu_slots: List[dict] = List(help="The GPUs this server holds, as GpuSlot dicts (set by DoLabSpawner).")
     workspace_dir = Unicode(help="The user's workspace on this host (set by DoLabSpawner).")
     extra_env = Dict(help="Variables DoLabSpawner adds last, over `environment` (GPU pinning).")
+    progress_callback: Any = AnyTrait(None, allow_none=True, help="DoLabSpawner.emit, for progress events.")
 
     #: Whether this backend's servers hold GPU slots of DoLabSpawner's allocator (RunPod rents its own GPUs).
     uses_gpu_slots: ClassVar[bool] = True
 
-    def hub_timeouts(self) -> dict[str, float]:
-        """``start_timeout``/``http_timeout`` the hub should use for this backend's servers (empty: the spawner's)."""
+    # ----- before a server exists ----------------------------------------------------------------------
+
+    @classmethod
+    def hosts(cls, spawner: DoLabSpawner) -> list[str]:
+        """The machines this backend runs servers on, first the one for a server without GPUs; the slot
+        allocator takes GPUs only on these. Default: this machine."""
+        return [LOCAL_HOST]
+
+    @classmethod
+    def hub_timeouts(cls, spawner: DoLabSpawner, selection: Selection) -> dict[str, float]:
+        """``start_timeout``/``http_timeout`` the hub should use for a server of ``selection`` (empty: the
+        spawner's own). Read before ``start()`` (the hub reads ``start_timeout`` first), so without a backend."""
         return {}
+
+    @classmethod
+    async def form_prices(cls, spawner: DoLabSpawner, profile: Profile) -> list[dict[str, Any]] | None:
+        """The options form's live prices for ``profile``: per offered GPU type ``{"id", "name", "price"}`` (USD
+        per server-hour, None when unknown); None (default) for a backend without prices."""
+        return None
+
+    @classmethod
+    def configured_value(cls, spawner: DoLabSpawner, selection: Selection, name: str) -> Any:
+        """A trait's value for a server of ``selection`` without building a backend: the profile's override, else
+        the config as :func:`make_backend` gives it (``c.DoLabSpawner`` lines, then the backend's own sections),
+        else the trait's default. For traits with a plain default (no ``@default`` method)."""
+        if name in selection.spawner_override:
+            return selection.spawner_override[name]
+        config = child_config(spawner.config, cls, type(spawner))
+        merged = Config()
+        for section in cls.section_names():
+            if config._has_section(section):
+                merged.merge(config[section])
+        return merged[name] if name in merged else cls.class_traits()[name].default()
+
+    @classmethod
+    def placement(cls, spawner: DoLabSpawner, host: str) -> dict[str, Any]:
+        """The traits a backend needs of the spawner to run on ``host`` (one of :meth:`hosts`); default none."""
+        return {}
+
+    # ----- one server ----------------------------------------------------------------------------------
+
+    def configure(self, selection: Selection) -> None:
+        """Take what the user chose: the profile's and the chosen options' ``spawner_override``."""
+        apply_overrides(self, selection.spawner_override)
+
+    async def suspend(self, now: bool = False) -> None:
+        """Stop the server keeping its storage (a pre-destroy hook, the final backup, failed). Default:
+        ``stop()``, for a backend whose storage outlives its server anyway (a folder on a machine)."""
+        await self.stop(now=now)
+
+    @property
+    def server_ready_hooks(self) -> list[ServerReadyHook] | None:
+        """Async ``hook(server_url, token)`` callables that ``start()`` runs once the server answers, before it
+        returns (``server_url`` is the server's own address with its base URL); a hook that raises fails the start.
+        None (default): this backend runs none, its workspace is on a machine the pre-start hooks reach."""
+        return None
+
+    def host_workspace(self) -> str:
+        """The server's workspace when it is a folder on the hub's machine, else "" (a volume, another machine)."""
+        return ""
+
+    def new_workspace_uid(self) -> int | None:
+        """Who should own a workspace folder made for this server before it starts (None: whoever made it)."""
+        return None
 
     def monitor_state(self) -> dict[str, Any]:
         """Keys DoLabSpawner adds to its state for the monitor (RunPod: ``price_per_hour_usd``, ``gpu_type``,

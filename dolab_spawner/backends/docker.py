@@ -13,23 +13,22 @@ Built on DockerSpawner, so every ``c.DockerSpawner.*`` setting an admin already 
   (``dolab-<hub id>-<user>[--<server>]``) and its ``dolab.hub`` label, so the reaper removes only its own hub's;
 - a ``tls`` engine is always verified against its ``ca_cert``;
 - the workspace (a host directory, or a named volume on remote engines) is mounted at ``workspace_mount_path``;
-- every Docker call runs on a bounded pool per engine, with pulls on a pool of their own, so one user's pull
-  never stalls the others' starts and polls; SDK calls carry their own timeouts too;
+- Docker calls run on two bounded thread pools per engine, shared by the hub's servers and sized by the first
+  server that uses them (:mod:`dolab_core.engines.docker`): pulls on ``pull_pool_size`` threads, everything else on
+  ``docker_pool_size``. So pulls wait only for other pulls of the same engine, never hold up the other servers'
+  starts, polls and stops; each SDK call has its own timeout too (a pull's is between two chunks);
 - the slot pool may span several engines (``DoLabSpawner.docker_hosts``): a slot is (host, GPU).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import ipaddress
 import os
 import re
-import tarfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import docker
@@ -37,102 +36,28 @@ import docker.errors
 import requests
 from dockerspawner import DockerSpawner
 from jupyterhub.spawner import SpawnException
-from traitlets import Any as AnyTrait
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
 from dolab_core.engines.docker import DOLAB_LABEL, HUB_LABEL, engines
-from dolab_core.gpus import LOCAL_HOST, GpuSlot
+from dolab_core.gpus import LOCAL_HOST
 from dolab_core.hubidentity import hub_id
 from dolab_lab.notice import CONTAINER_DIR, NOTICE_NAME, LabNoticeTraits, built_notice
 
-from .base import BackendMixin, http_answers
+from .base import Backend, http_answers
+from .docker_hosts import host_entry, workspace_kind
+from .docker_user import image_passwd, run_as_uid
 
-__all__ = ["DockerBackend", "remote_slots", "run_as_uid"]
+if TYPE_CHECKING:
+    from ..spawner import DoLabSpawner
 
-_UID = re.compile(r"[0-9]{1,10}")
-_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
-_MAX_PASSWD_BYTES = 1 << 20
-
-
-def run_as_uid(spec: str, passwd: str | None) -> int | None:
-    """The uid a container created with user ``spec`` (``user[:group]``) runs as, resolved the way runc does;
-    None when ``spec`` names a user and ``passwd`` (the image's /etc/passwd) is not given.
-
-    Only plain forms are accepted: a decimal uid (``0000`` is uid 0) or an account name, each optionally with a
-    decimal gid or group name. Raises ValueError with a sentence for anything else (``+0``, ``-0``, an empty user,
-    spaces), and for a name the image does not have.
-    """
-    user, _, group = spec.partition(":")
-    if not (_UID.fullmatch(user) or _ACCOUNT.fullmatch(user)) or (
-        ":" in spec and not (_UID.fullmatch(group) or _ACCOUNT.fullmatch(group))
-    ):
-        raise ValueError(f"the user {spec!r} is not of the form uid[:gid] or name[:group]")
-    if _UID.fullmatch(user):
-        return int(user)  # runc reads a numeric user as a uid, never as a name
-    if user == "root":
-        return 0
-    if passwd is None:
-        return None
-    for line in passwd.splitlines():
-        fields = line.split(":")
-        if len(fields) >= 3 and fields[0] == user:
-            # runc reads a uid field that is not a number as 0.
-            return int(fields[2]) if re.fullmatch(r"[+-]?[0-9]+", fields[2]) else 0
-    raise ValueError(f"the image has no user {user!r}")
-
-
-def remote_slots(hosts: list[dict[str, Any]]) -> list[GpuSlot]:
-    """The GPUs of the engines on other machines (the hub's own machine reads NVML or ``gpu_inventory``)."""
-    return [
-        GpuSlot.from_dict({**gpu, "host": host["name"]})
-        for host in hosts
-        if host["name"] != LOCAL_HOST
-        for gpu in host.get("gpu_inventory", [])
-    ]
+__all__ = ["DockerBackend"]
 
 
 def _is_gpu_driver_error(error: Exception) -> bool:
     return "could not select device driver" in str(error)
 
 
-#: (engine, image id) -> the image's /etc/passwd; image ids name their content, so an entry never goes stale.
-_passwd_cache: dict[tuple[str, str], str] = {}
-
-
-def _read_passwd(client: docker.APIClient, image_id: str, labels: dict[str, str]) -> str:
-    """The image's /etc/passwd, through a container that is created, read and removed, never started; ValueError
-    with a sentence when it has none that can be read (a name cannot be checked then)."""
-    created = client.create_container(
-        image_id,
-        command=["/nonexistent"],
-        entrypoint=[],
-        labels=labels,
-        network_disabled=True,
-        host_config=client.create_host_config(network_mode="none"),
-    )
-    try:
-        try:
-            stream, stat = client.get_archive(created["Id"], "/etc/passwd")
-        except docker.errors.NotFound:
-            raise ValueError("the image has no /etc/passwd") from None
-        if int(stat.get("size") or 0) > _MAX_PASSWD_BYTES:
-            raise ValueError("the image's /etc/passwd is too large")
-        data = bytearray()
-        for chunk in stream:
-            data += chunk
-            if len(data) > _MAX_PASSWD_BYTES + 65536:
-                raise ValueError("the image's /etc/passwd is too large")
-        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as archive:
-            member = next(iter(archive.getmembers()), None)
-            if member is None or not member.isfile():
-                raise ValueError("the image's /etc/passwd is not a plain file")
-            reader = archive.extractfile(member)
-            return reader.read(_MAX_PASSWD_BYTES).decode("utf-8", errors="replace") if reader else ""
-    finally:
-        client.remove_container(created["Id"], force=True)
-
-
-class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
+class DockerBackend(LabNoticeTraits, Backend, DockerSpawner):
     """A single-user server in a container (``backend: docker``)."""
 
     gpu_attach = Enum(
@@ -184,7 +109,6 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
 
     docker_host = Dict(help="The ``docker_hosts`` entry this server runs on (set by DoLabSpawner).")
     hub_id = Unicode(help="This hub's id (:mod:`dolab_core.hubidentity`), in every container's name and labels.")
-    progress_callback: Callable[[int, str], None] | None = AnyTrait(None, allow_none=True)  # type: ignore[assignment]
 
     @default("hub_id")
     def _default_hub_id(self) -> str:
@@ -208,6 +132,28 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
     def host_name(self) -> str:
         """The engine's name in ``docker_hosts``."""
         return str(self.docker_host.get("name", "local"))
+
+    # ----- the backend interface -----------------------------------------------------------------------
+
+    @classmethod
+    def hosts(cls, spawner: DoLabSpawner) -> list[str]:
+        """The engines of ``DoLabSpawner.docker_hosts``, in their order."""
+        return [h["name"] for h in spawner.docker_hosts]
+
+    @classmethod
+    def placement(cls, spawner: DoLabSpawner, host: str) -> dict[str, Any]:
+        """The ``docker_hosts`` entry of the engine ``host``."""
+        return {"docker_host": host_entry(spawner.docker_hosts, host)}
+
+    def host_workspace(self) -> str:
+        """The workspace folder when it is bind-mounted from this machine (the local engine's default)."""
+        if self.host_name == LOCAL_HOST and workspace_kind(self.docker_host) == "bind":
+            return self.workspace_dir
+        return ""
+
+    def new_workspace_uid(self) -> int | None:
+        """``workspace_uid``: the container's user must be able to write a workspace made for it."""
+        return self.workspace_uid
 
     # ----- the engine ----------------------------------------------------------------------------------
 
@@ -335,7 +281,7 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
         return dict(value or {})
 
     def _workspace_volume(self) -> dict[str, Any]:
-        if self.docker_host.get("workspace", "bind" if self.host_name == "local" else "volume") == "volume":
+        if workspace_kind(self.docker_host) == "volume":
             name = f"dolab-ws-{os.path.basename(self.workspace_dir.rstrip('/'))}"
             return {name: {"bind": self.workspace_mount_path, "mode": "rw"}}
         return {self.workspace_dir: {"bind": self.workspace_mount_path, "mode": "rw"}}
@@ -399,15 +345,8 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
 
     async def _image_passwd(self, image_id: str) -> str:
         """The image's /etc/passwd (read once per engine and image id, from a container that is never started)."""
-        key = (self.host_name, image_id)
-        if key not in _passwd_cache:
-            labels = {**self._labels(), "dolab.probe": "passwd"}  # a leftover is the reaper's, like any other
-            future = self.executor.submit(_read_passwd, self.client, image_id, labels)
-            passwd = await asyncio.wrap_future(future)
-            if len(_passwd_cache) >= 64:
-                _passwd_cache.pop(next(iter(_passwd_cache)))
-            _passwd_cache[key] = passwd
-        return _passwd_cache[key]
+        labels = {**self._labels(), "dolab.probe": "passwd"}  # a leftover is the reaper's, like any other
+        return await image_passwd(self.executor, self.client, self.host_name, image_id, labels)
 
     def _refuse(self, message: str, status_code: int = 503) -> SpawnException:
         self.log.warning("Not starting %s on engine %s: %s", self._log_name, self.host_name, message)
@@ -416,9 +355,11 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
     # ----- start / stop --------------------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        """Create and start the container; every engine failure becomes a sentence and leaves nothing behind."""
-        # The image comes from the profile only: DockerSpawner would read user_options["image"] as an image.
-        self.user_options: dict[str, Any] = {}
+        """Create and start the container; every engine failure becomes a sentence and leaves nothing behind.
+
+        The image comes from the profile only: a backend never gets the user's ``user_options``, from which
+        DockerSpawner would take an ``image``.
+        """
         self._admin_host_config = self.extra_host_config
         self._admin_create_kwargs = self.extra_create_kwargs
         self.extra_host_config = lambda spawner: spawner._extra_host_config()
@@ -554,7 +495,7 @@ class DockerBackend(LabNoticeTraits, BackendMixin, DockerSpawner):
             )
             self.clear_state()
 
-    async def suspend(self) -> None:
+    async def suspend(self, now: bool = False) -> None:
         """Stop the container without removing it: what DoLabSpawner does instead of ``stop()`` when a pre-destroy
         hook (the final backup) failed, so nothing in the container is lost. The next start replaces it."""
         if not self.object_id:

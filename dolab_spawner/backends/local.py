@@ -29,7 +29,7 @@ from traitlets import Bool, Float, TraitError, Unicode, default, validate
 
 from dolab_lab.notice import LabNoticeTraits, built_notice, with_jupyter_path
 
-from .base import BackendMixin, child_config, http_answers
+from .base import Backend, child_config, http_answers
 from .system_users import (
     Account,
     AccountError,
@@ -65,7 +65,7 @@ def _programs(command: str) -> list[str]:
     return programs
 
 
-class LocalProcessBackend(LabNoticeTraits, BackendMixin, LocalProcessSpawner):
+class LocalProcessBackend(LabNoticeTraits, Backend, LocalProcessSpawner):
     """A single-user server as a local process (``backend: local``)."""
 
     python_env = Unicode(
@@ -164,6 +164,10 @@ class LocalProcessBackend(LabNoticeTraits, BackendMixin, LocalProcessSpawner):
 
     @default("notebook_dir")
     def _default_notebook_dir(self) -> str:
+        return self.workspace_dir
+
+    def host_workspace(self) -> str:
+        """The workspace: always a folder on this machine."""
         return self.workspace_dir
 
     def make_preexec_fn(self, name):

@@ -8,7 +8,8 @@ happens, a start that fails or is cancelled terminates the pod it created: no po
 
 The pod runs ``jupyterhub-singleuser`` with the hub's ``JUPYTERHUB_*`` variables, the API URL at
 ``hub_connect_url`` (a public https address the pod can reach) and the server's own token; nothing of the hub's
-environment (the RunPod key least of all) goes in. All RunPod calls go through :mod:`.runpod_api`.
+environment (the RunPod key least of all) goes in. All RunPod calls go through
+:mod:`dolab_core.engines.runpod`; what to ask for and what is offered is :mod:`.runpod_offers`.
 
 Pods are named ``<pod_name_prefix><hub id>-<escaped user>[--<server>]`` (the hub's id from
 :mod:`dolab_core.hubidentity`), so a pod created before a hub crash is found again by name, and the reaper
@@ -21,11 +22,10 @@ import asyncio
 import os
 import shlex
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyterhub.spawner import Spawner, SpawnException
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-from traitlets import Any as AnyTrait
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 
 from dolab_core.engines.runpod import (
@@ -43,40 +43,20 @@ from dolab_core.engines.runpod import (
 )
 from dolab_core.hubidentity import hub_id
 
-from ..profiles import Selection
-from .base import BackendMixin
+from .base import Backend, ServerReadyHook, make_backend
+from .runpod_offers import cloud_word, offers_within_cap, pod_request, price_rows
 
-__all__ = ["RunPodBackend", "pod_request"]
+if TYPE_CHECKING:
+    from ..profiles import Profile, Selection
+    from ..spawner import DoLabSpawner
 
-_CLOUDS = {"secure": ("SECURE",), "community": ("COMMUNITY",), "all": ("SECURE", "COMMUNITY")}
+__all__ = ["RunPodBackend"]
+
 #: Variables GPU pinning sets for local GPUs; a pod's GPUs are all its own.
 _LOCAL_GPU_VARS = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES")
 
 
-def pod_request(selection: Selection) -> dict[str, Any]:
-    """What a validated selection of a ``backend: runpod`` profile asks RunPod for (RunPodBackend.pod_request)."""
-    offer = selection.profile.runpod
-    if offer is None:
-        raise ValueError(f"profile {selection.profile.slug!r} is not a runpod profile")
-    return {
-        "profile": selection.profile.slug,
-        "gpu_types": list(selection.gpu_types),
-        "gpu_count": selection.gpus,
-        "cloud_type": offer.cloud_type,
-        "image": offer.image,
-        "container_disk_gb": offer.container_disk_gb,
-        "volume_gb": offer.volume_gb,
-        "volume_mount_path": offer.volume_mount_path,
-        "network_volume_id": offer.network_volume_id,
-        "max_price_per_hour": selection.price_cap_per_hour,
-    }
-
-
-def _cloud_word(cloud: str) -> str:
-    return cloud.lower()
-
-
-class RunPodBackend(BackendMixin, Spawner):
+class RunPodBackend(Backend, Spawner):
     """A single-user server in a RunPod pod (``backend: runpod``)."""
 
     #: RunPod GPUs are rented per pod, not taken from the hub's GPU slots.
@@ -166,12 +146,7 @@ class RunPodBackend(BackendMixin, Spawner):
 
     # Set by DoLabSpawner.
     pod_request = Dict(help="What to rent: the selection's GPU types in order, count, cloud, image, price cap...")
-    progress_callback: Any = AnyTrait(None, allow_none=True, help="DoLabSpawner.emit, for progress events.")
-    server_ready_hooks: List[Any] = List(
-        help="""Async ``hook(server_url, token)`` callables run once the pod's server answers, before start() returns
-        (``server_url`` is its own address with the base URL). The sync's restore of a new workspace registers here
-        (``dolab_services.sync.remote_hooks``); a hook that raises fails the start (the pod is terminated)."""
-    )
+    _ready_hooks: List[Any] = List()
 
     # State.
     _resumed = False
@@ -218,9 +193,45 @@ class RunPodBackend(BackendMixin, Spawner):
         """This server's pod name."""
         return pod_name(hub_pod_prefix(self.pod_name_prefix, self.hub_id), self.user.name, self.name)
 
-    def hub_timeouts(self) -> dict[str, float]:
-        """``start_timeout`` and ``http_timeout`` the hub should use for this backend."""
-        return {"start_timeout": self.pod_start_timeout_seconds, "http_timeout": self.pod_http_timeout_seconds}
+    # ----- the backend interface -----------------------------------------------------------------------
+
+    @classmethod
+    def hosts(cls, spawner: DoLabSpawner) -> list[str]:
+        """RunPod's machines are rented, not the hub's: one host, ``runpod``, with no slots."""
+        return ["runpod"]
+
+    @classmethod
+    def hub_timeouts(cls, spawner: DoLabSpawner, selection: Selection) -> dict[str, float]:
+        """``pod_start_timeout_seconds`` and ``pod_http_timeout_seconds``: a pod pulls its image first."""
+        return {
+            "start_timeout": float(cls.configured_value(spawner, selection, "pod_start_timeout_seconds")),
+            "http_timeout": float(cls.configured_value(spawner, selection, "pod_http_timeout_seconds")),
+        }
+
+    @classmethod
+    async def form_prices(cls, spawner: DoLabSpawner, profile: Profile) -> list[dict[str, Any]] | None:
+        """Live prices per pod-hour of each GPU type the profile offers (cached by the adapter); None prices when
+        RunPod cannot say."""
+        assert profile.runpod is not None
+        gpu_types = list(profile.runpod.gpu_types)
+        backend = make_backend(spawner, cls)
+        try:
+            return await backend.offered_prices(gpu_types, profile.gpus, profile.runpod.cloud_type)
+        except Exception:
+            spawner.log.exception("Could not read RunPod prices for the form")
+            return [{"id": g, "name": g, "price": None} for g in gpu_types]
+
+    def configure(self, selection: Selection) -> None:
+        """The profile's overrides, and what to rent (:func:`.runpod_offers.pod_request`)."""
+        super().configure(selection)
+        self.pod_request = pod_request(selection)
+
+    @property
+    def server_ready_hooks(self) -> list[ServerReadyHook]:
+        """Run once the pod's server answers, before start() returns. The sync's restore of a new workspace
+        registers here (``dolab_services.sync.remote_hooks``); a hook that raises fails the start (the pod is
+        terminated)."""
+        return self._ready_hooks
 
     def _emit(self, progress: int, message: str) -> None:
         self.log.info("%s: %s", self._log_name, message)
@@ -335,25 +346,16 @@ class RunPodBackend(BackendMixin, Spawner):
         request = self.pod_request
         count = int(request.get("gpu_count", 1))
         cap = float(request.get("max_price_per_hour") or 0)
-        offers, refused = [], []
+        found: list[tuple[str, GpuType | None]] = []
         for gpu_id in request["gpu_types"]:
             try:
-                gpu = await self.api.gpu_type(gpu_id, count)
+                found.append((gpu_id, await self.api.gpu_type(gpu_id, count)))
             except UnknownGpuType:
                 self.log.error("RunPod does not know the GPU type %r of profile %s", gpu_id, request.get("profile"))
-                refused.append(f"{gpu_id} (unknown to RunPod)")
-                continue
+                found.append((gpu_id, None))
             except RunPodError as e:
                 raise self._api_failure(e, "reading GPU prices") from None
-            for cloud in _CLOUDS[request.get("cloud_type", "secure")]:
-                price = gpu.price(cloud)
-                if price is None:
-                    continue
-                total = round(price * count, 4)
-                if cap and total > cap:
-                    refused.append(f"{gpu.display_name} on {_cloud_word(cloud)} cloud (${total:.2f}/h)")
-                    continue
-                offers.append((gpu, cloud, total))
+        offers, refused = offers_within_cap(found, count, cap, request.get("cloud_type", "secure"))
         if not offers:
             cap_text = f" at or below ${cap:.2f} per hour" if cap else ""
             raise SpawnException(
@@ -368,7 +370,7 @@ class RunPodBackend(BackendMixin, Spawner):
         offers = await self._offers()
         tried: list[str] = []
         for i, (gpu, cloud, price) in enumerate(offers):
-            what = f"{gpu.display_name} on {_cloud_word(cloud)} cloud"
+            what = f"{gpu.display_name} on {cloud_word(cloud)} cloud"
             if i == 0:
                 self._emit(35, f"Requesting {what} (${price:.2f}/h)")
             else:
@@ -446,7 +448,7 @@ class RunPodBackend(BackendMixin, Spawner):
                 )
                 await self._wait_server(url)
                 base_url = self.server.base_url if self.server is not None else "/"
-                for hook in self.server_ready_hooks:
+                for hook in self._ready_hooks:
                     await hook(url.rstrip("/") + base_url, self.api_token)
                 return url
             if pod.running and not announced:
@@ -591,7 +593,7 @@ class RunPodBackend(BackendMixin, Spawner):
             raise
         self.log.info("Pod %s of %s terminated", self.pod_id, self._log_name)
 
-    async def suspend(self) -> None:
+    async def suspend(self, now: bool = False) -> None:
         """Stop the pod keeping its disk (billed for storage only), e.g. when the workspace sync before a stop
         failed and terminating would lose work. Idempotent."""
         await self._adopt_by_name()
@@ -609,20 +611,7 @@ class RunPodBackend(BackendMixin, Spawner):
         """Live prices for the form: per GPU type, its name and price per pod-hour in the profile's cloud(s)."""
         if not self.api_key:
             return [{"id": g, "name": g, "price": None} for g in gpu_types]
-        found = await self.api.gpu_types(list(gpu_types))
-        rows = []
-        for gpu_id in gpu_types:
-            gpu = found.get(gpu_id)
-            prices = [gpu.price(c) for c in _CLOUDS[cloud_type]] if gpu else []
-            offered = [p for p in prices if p]
-            rows.append(
-                {
-                    "id": gpu_id,
-                    "name": gpu.display_name if gpu else gpu_id,
-                    "price": round(min(offered) * gpu_count, 2) if offered else None,
-                }
-            )
-        return rows
+        return price_rows(await self.api.gpu_types(list(gpu_types)), gpu_types, gpu_count, cloud_type)
 
     # ----- state ---------------------------------------------------------------------------------------
 

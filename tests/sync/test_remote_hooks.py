@@ -65,7 +65,7 @@ def remote_spawner(server: JupyterServer | None, token: str | None = None) -> An
         log=logging.getLogger("test.spawner"),
         emit=lambda progress, message: events.append((progress, message)),
         events=events,
-        _backend=SimpleNamespace(server_ready_hooks=[]),
+        server_ready_hooks=[],
     )
 
 
@@ -125,7 +125,7 @@ async def test_restore_at_spawn_runs_once_the_new_pods_server_answers(
     await hooks.restore_new_workspace(spawner)
 
     # Nothing yet: the pod does not exist before the backend starts it; the restore waits for its server.
-    [restore] = spawner._backend.server_ready_hooks
+    [restore] = spawner.server_ready_hooks
     assert contents(new.root) == {}
     report = await restore(new.url, new.token)
 
@@ -153,7 +153,7 @@ async def test_a_failed_restore_at_spawn_is_said_and_the_start_goes_on(
     new = jupyter()
     spawner = remote_spawner(new)
     await hooks.restore_new_workspace(spawner)
-    [restore] = spawner._backend.server_ready_hooks
+    [restore] = spawner.server_ready_hooks
 
     assert await restore(new.url, "not-its-token") is None
 
