@@ -8,7 +8,8 @@ Stored through SQLAlchemy 2 (SQLite by default, PostgreSQL by URL). Two tables:
   which that run is accounted.
 
 **Never twice.** :meth:`UsageLedger.account` books, for each running server, the interval from its watermark (or
-from the run's start, for a run the ledger has not seen) up to now, and moves the watermark, in one transaction:
+from the run's start, for a run the ledger has not seen) up to now (the increments are the pure
+:func:`usage_increments` of the watermarks it read), and moves the watermark, in one transaction:
 the increments and the new watermark are committed together or not at all. A monitor restart, a tick that times
 out after all, or a second tick with the same ``now`` finds the watermark already moved and books nothing again.
 Time the monitor was down is booked at its next tick (the hub still lists the run with its start time); only the
@@ -42,7 +43,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .periods import PERIODS, Period, period_start, split_by_day, utc_day
 from .quotas import Metric
 
-__all__ = ["AsyncLedger", "Booking", "Charge", "LedgerConflict", "UsageLedger", "database_url"]
+__all__ = [
+    "AsyncLedger",
+    "Booking",
+    "Charge",
+    "Increments",
+    "LedgerConflict",
+    "UsageKey",
+    "UsageLedger",
+    "WatermarkMove",
+    "database_url",
+    "usage_increments",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,6 +139,76 @@ class Booking:
     cost_usd: float
 
 
+#: A usage row's key: ``(user, server, UTC day, GPU type, backend)``.
+UsageKey = tuple[str, str, date, str, str]
+
+
+@dataclass(frozen=True)
+class WatermarkMove:
+    """A server's watermark moving to ``until`` for ``charge``'s run, from ``previous`` (``(run, until)``; None
+    when the ledger has not seen the server)."""
+
+    charge: Charge
+    previous: tuple[str, float] | None
+    until: float
+
+
+@dataclass(frozen=True)
+class Increments:
+    """What one accounting step adds: GPU-seconds and USD per usage row, the watermarks it moves, the bookings."""
+
+    usage: Mapping[UsageKey, tuple[float, float]]
+    moves: Sequence[WatermarkMove]
+    bookings: Sequence[Booking]
+
+
+def usage_increments(
+    charges: Iterable[Charge], watermarks: Mapping[tuple[str, str], tuple[str, float]], now: float
+) -> Increments:
+    """The increments that book every metered charge from its watermark up to ``now`` (epoch seconds). Pure.
+
+    ``watermarks`` maps ``(user, server)`` to ``(run, accounted_until)``. A charge books from its run's start,
+    or from its watermark when the watermark belongs to the same run; nothing when that is not before ``now``.
+    Time is split at UTC midnight; a server's cost is shared among its GPU types by their count, and a server
+    without GPUs that costs money books under the type ``cpu``.
+    """
+    usage: dict[UsageKey, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    moves: list[WatermarkMove] = []
+    bookings: list[Booking] = []
+    for charge in charges:
+        if not charge.metered:
+            continue
+        mark = watermarks.get((charge.user, charge.server))
+        begin = charge.started
+        if mark is not None and mark[0] == charge.run:
+            begin = max(begin, mark[1])
+        if now <= begin:
+            continue
+        gpu_seconds, cost = _book_interval(charge, begin, now, usage)
+        moves.append(WatermarkMove(charge, mark, now))
+        bookings.append(Booking(charge.user, charge.server, charge.backend, now - begin, gpu_seconds, cost))
+    return Increments({key: (gpu_s, usd) for key, (gpu_s, usd) in usage.items()}, moves, bookings)
+
+
+def _book_interval(
+    charge: Charge, begin: float, end: float, usage: dict[UsageKey, list[float]]
+) -> tuple[dict[str, float], float]:
+    """Add ``charge``'s ``begin``..``end`` to ``usage``, day by day; its GPU-seconds by GPU type, and its cost."""
+    gpu_seconds: dict[str, float] = defaultdict(float)
+    cost = 0.0
+    types = dict(charge.gpus) or {"cpu": 0}
+    for day, seconds in split_by_day(begin, end):
+        day_cost = charge.usd_per_hour * seconds / 3600
+        cost += day_cost
+        for gpu_type, n in types.items():
+            share = n / charge.gpu_count if charge.gpu_count else 1.0
+            row = usage[(charge.user, charge.server, day, gpu_type, charge.backend)]
+            row[0] += n * seconds
+            row[1] += day_cost * share
+            gpu_seconds[gpu_type] += n * seconds
+    return gpu_seconds, cost
+
+
 def database_url(url: str) -> str:
     """``url`` with a PostgreSQL driver that is installed: psycopg (3) when psycopg2 is not there."""
     for prefix in ("postgresql://", "postgres://"):
@@ -169,107 +251,97 @@ class UsageLedger:
     def account(self, charges: Iterable[Charge], now: float) -> list[Booking]:
         """Book every charge's unaccounted time up to ``now`` (epoch seconds), atomically; what was booked.
 
-        Raises :class:`LedgerConflict` (and books nothing) when another writer moved a watermark meanwhile, or the
+        The increments are :func:`usage_increments` of the watermarks read in the same transaction. Raises
+        :class:`LedgerConflict` (and books nothing) when another writer moved a watermark meanwhile, or the
         database's error when it refuses the transaction.
         """
         charges = [c for c in charges if c.metered]
         if not charges:
             return []
-        bookings: list[Booking] = []
+        users = sorted({c.user for c in charges})
         with Session(self.engine) as session, session.begin():
-            users = sorted({c.user for c in charges})
-            marks = {
-                (user, server): (run, until)
-                for user, server, run, until in session.execute(
-                    select(
-                        Watermark.user_name, Watermark.server, Watermark.run_started, Watermark.accounted_until
-                    ).where(Watermark.user_name.in_(users))
+            step = usage_increments(charges, self._watermarks(session, users), now)
+            for move in step.moves:
+                self._move_watermark(session, move)
+            if step.usage:
+                self._add_usage(session, users, step.usage)
+        return step.bookings
+
+    @staticmethod
+    def _watermarks(session: Session, users: Sequence[str]) -> dict[tuple[str, str], tuple[str, float]]:
+        """``(user, server) -> (run, accounted_until)`` of ``users``' servers."""
+        return {
+            (user, server): (run, until)
+            for user, server, run, until in session.execute(
+                select(Watermark.user_name, Watermark.server, Watermark.run_started, Watermark.accounted_until).where(
+                    Watermark.user_name.in_(users)
                 )
-            }
-            increments: dict[tuple[str, str, date, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
-            for charge in charges:
-                mark = marks.get((charge.user, charge.server))
-                begin = charge.started
-                if mark is not None and mark[0] == charge.run:
-                    begin = max(begin, mark[1])
-                end = now
-                if end <= begin:
-                    continue
-                gpu_seconds: dict[str, float] = defaultdict(float)
-                cost = 0.0
-                types = dict(charge.gpus) or {"cpu": 0}
-                for day, seconds in split_by_day(begin, end):
-                    day_cost = charge.usd_per_hour * seconds / 3600
-                    cost += day_cost
-                    for gpu_type, n in types.items():
-                        share = n / charge.gpu_count if charge.gpu_count else 1.0
-                        row = increments[(charge.user, charge.server, day, gpu_type, charge.backend)]
-                        row[0] += n * seconds
-                        row[1] += day_cost * share
-                        gpu_seconds[gpu_type] += n * seconds
-                # The watermark moves only from the value read above (compare and set): a writer that lost a race
-                # matches no row, and its whole transaction is rolled back, so no interval is booked twice.
-                if mark is None:
-                    session.add(
-                        Watermark(
-                            user_name=charge.user, server=charge.server, run_started=charge.run, accounted_until=end
-                        )
+            )
+        }
+
+    @staticmethod
+    def _move_watermark(session: Session, move: WatermarkMove) -> None:
+        """Move one watermark, only from the value read before (compare and set): a writer that lost a race
+        matches no row and raises :class:`LedgerConflict`, so its whole transaction is rolled back and no interval
+        is booked twice."""
+        charge = move.charge
+        if move.previous is None:
+            session.add(
+                Watermark(
+                    user_name=charge.user, server=charge.server, run_started=charge.run, accounted_until=move.until
+                )
+            )
+            try:
+                session.flush()
+            except IntegrityError:
+                raise LedgerConflict(f"another writer booked {charge.user}/{charge.server} first") from None
+            return
+        moved = session.execute(
+            update(Watermark)
+            .where(
+                Watermark.user_name == charge.user,
+                Watermark.server == charge.server,
+                Watermark.run_started == move.previous[0],
+                Watermark.accounted_until == move.previous[1],
+            )
+            .values(run_started=charge.run, accounted_until=move.until)
+        )
+        if getattr(moved, "rowcount", 1) != 1:
+            raise LedgerConflict(f"another writer booked {charge.user}/{charge.server} meanwhile")
+
+    @staticmethod
+    def _add_usage(session: Session, users: Sequence[str], usage: Mapping[UsageKey, tuple[float, float]]) -> None:
+        """Add the increments to their usage rows, creating the rows a day or GPU type did not have yet."""
+        days = sorted({key[2] for key in usage})
+        existing = {
+            (user, server, day, gpu_type, backend): row_id
+            for row_id, user, server, day, gpu_type, backend in session.execute(
+                select(
+                    UsageRow.id, UsageRow.user_name, UsageRow.server, UsageRow.day, UsageRow.gpu_type, UsageRow.backend
+                ).where(UsageRow.user_name.in_(users), UsageRow.day.in_(days))
+            )
+        }
+        for key, (gpu_s, usd) in usage.items():
+            row_id = existing.get(key)
+            if row_id is None:
+                user, server, day, gpu_type, backend = key
+                session.add(
+                    UsageRow(
+                        user_name=user,
+                        server=server,
+                        day=day,
+                        gpu_type=gpu_type,
+                        backend=backend,
+                        gpu_seconds=gpu_s,
+                        cost_usd=usd,
                     )
-                    try:
-                        session.flush()
-                    except IntegrityError:
-                        raise LedgerConflict(f"another writer booked {charge.user}/{charge.server} first") from None
-                else:
-                    moved = session.execute(
-                        update(Watermark)
-                        .where(
-                            Watermark.user_name == charge.user,
-                            Watermark.server == charge.server,
-                            Watermark.run_started == mark[0],
-                            Watermark.accounted_until == mark[1],
-                        )
-                        .values(run_started=charge.run, accounted_until=end)
-                    )
-                    if getattr(moved, "rowcount", 1) != 1:
-                        raise LedgerConflict(f"another writer booked {charge.user}/{charge.server} meanwhile")
-                bookings.append(Booking(charge.user, charge.server, charge.backend, end - begin, gpu_seconds, cost))
-            if increments:
-                days = sorted({k[2] for k in increments})
-                existing = {
-                    (user, server, day, gpu_type, backend): row_id
-                    for row_id, user, server, day, gpu_type, backend in session.execute(
-                        select(
-                            UsageRow.id,
-                            UsageRow.user_name,
-                            UsageRow.server,
-                            UsageRow.day,
-                            UsageRow.gpu_type,
-                            UsageRow.backend,
-                        ).where(UsageRow.user_name.in_(users), UsageRow.day.in_(days))
-                    )
-                }
-                for key, (gpu_s, usd) in increments.items():
-                    row_id = existing.get(key)
-                    if row_id is None:
-                        user, server, day, gpu_type, backend = key
-                        session.add(
-                            UsageRow(
-                                user_name=user,
-                                server=server,
-                                day=day,
-                                gpu_type=gpu_type,
-                                backend=backend,
-                                gpu_seconds=gpu_s,
-                                cost_usd=usd,
-                            )
-                        )
-                    else:  # an increment in SQL, not a value computed here from an earlier read
-                        session.execute(
-                            update(UsageRow)
-                            .where(UsageRow.id == row_id)
-                            .values(gpu_seconds=UsageRow.gpu_seconds + gpu_s, cost_usd=UsageRow.cost_usd + usd)
-                        )
-        return bookings
+                )
+            else:  # an increment in SQL, not a value computed here from an earlier read
+                session.execute(
+                    update(UsageRow)
+                    .where(UsageRow.id == row_id)
+                    .values(gpu_seconds=UsageRow.gpu_seconds + gpu_s, cost_usd=UsageRow.cost_usd + usd)
+                )
 
     # ----- reading -------------------------------------------------------------------------------------
 

@@ -12,7 +12,16 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from dolab_services.monitor.ledger import AsyncLedger, Charge, LedgerConflict, UsageLedger, _Base, database_url
+from dolab_services.monitor.ledger import (
+    AsyncLedger,
+    Charge,
+    LedgerConflict,
+    UsageLedger,
+    WatermarkMove,
+    _Base,
+    database_url,
+    usage_increments,
+)
 
 UTC = timezone.utc
 A100 = "NVIDIA A100 80GB"
@@ -56,6 +65,65 @@ def charge(
     usd: float = 0.0,
 ) -> Charge:
     return Charge(user, server, f"{started}Z", at(started), backend, {A100: 1} if gpus is None else gpus, usd)
+
+
+# ----- the increments step (pure, no database) ---------------------------------------------------------------
+
+
+def test_increments_of_a_run_the_ledger_has_not_seen() -> None:
+    """Booked from the run's start; split at UTC midnight; the cost shared among GPU types by their count."""
+    run = charge(started="2026-11-25T23:00:00", gpus={A100: 2, H100: 1}, usd=3.0)
+    step = usage_increments([run], {}, at("2026-11-26T01:00:00"))
+    nov25, nov26 = when("2026-11-25T00:00:00").date(), when("2026-11-26T00:00:00").date()
+    assert step.usage == {
+        ("alice", "", nov25, A100, "local"): (7200.0, 2.0),
+        ("alice", "", nov25, H100, "local"): (3600.0, 1.0),
+        ("alice", "", nov26, A100, "local"): (7200.0, 2.0),
+        ("alice", "", nov26, H100, "local"): (3600.0, 1.0),
+    }
+    assert step.moves == [WatermarkMove(run, None, at("2026-11-26T01:00:00"))]
+    [booking] = step.bookings
+    assert (booking.seconds, dict(booking.gpu_seconds), booking.cost_usd) == (
+        7200.0,
+        {A100: 14400.0, H100: 7200.0},
+        6.0,
+    )
+
+
+def test_increments_go_on_from_the_watermark_of_the_same_run() -> None:
+    run = charge()
+    mark = (run.run, at("2026-11-26T08:45:00"))
+    step = usage_increments([run], {("alice", ""): mark}, at("2026-11-26T09:00:00"))
+    assert [b.seconds for b in step.bookings] == [900.0]
+    assert step.moves == [WatermarkMove(run, mark, at("2026-11-26T09:00:00"))]
+
+
+def test_increments_of_a_new_run_ignore_the_old_runs_watermark() -> None:
+    run = charge(started="2026-11-26T08:00:00")
+    old = ("2026-11-20T08:00:00Z", at("2026-11-26T08:50:00"))
+    step = usage_increments([run], {("alice", ""): old}, at("2026-11-26T09:00:00"))
+    assert [b.seconds for b in step.bookings] == [3600.0], "from its own start, not the old run's watermark"
+    assert step.moves[0].previous == old, "the watermark moves from the value read (compare and set)"
+
+
+@pytest.mark.parametrize(
+    ("charges", "watermarks"),
+    [
+        ([charge(gpus={})], {}),  # a free CPU server: not metered
+        ([charge(started="2026-11-26T10:00:00")], {}),  # starts after now
+        ([charge()], {("alice", ""): ("2026-11-26T08:00:00Z", at("2026-11-26T09:00:00"))}),  # booked up to now
+    ],
+    ids=["not-metered", "future-start", "already-booked"],
+)
+def test_increments_that_book_nothing(charges: list[Charge], watermarks: dict) -> None:
+    step = usage_increments(charges, watermarks, at("2026-11-26T09:00:00"))
+    assert (dict(step.usage), list(step.moves), list(step.bookings)) == ({}, [], [])
+
+
+def test_a_priced_server_without_gpus_books_money_as_cpu() -> None:
+    step = usage_increments([charge(backend="runpod", gpus={}, usd=1.0)], {}, at("2026-11-26T10:00:00"))
+    day = when("2026-11-26T00:00:00").date()
+    assert step.usage == {("alice", "", day, "cpu", "runpod"): (0.0, 2.0)}
 
 
 # ----- arithmetic (a table) ----------------------------------------------------------------------------------
