@@ -9,13 +9,10 @@ restart. The options form is :mod:`.form`.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import string
-import time
-from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any
 
 from escapism import escape
 from jupyterhub.spawner import Spawner, SpawnException
@@ -23,30 +20,19 @@ from jupyterhub.utils import maybe_future
 from traitlets import Any as AnyTrait
 from traitlets import Callable, Dict, Float, List, TraitError, Unicode, Union, default, observe, validate
 
-from dolab_core.gpus import LOCAL_HOST, GpuSlot, inventory_from_config, load_inventory
+from dolab_core.gpus import LOCAL_HOST, GpuSlot
 from dolab_core.hooks import load_hook
 from dolab_core.paths import default_data_dir
-from dolab_core.plans import Plan, PlanConfigError, PlanTable, parse_plans
 from dolab_core.serverstate import ServerState
 from dolab_lab.notice import LabNoticeTraits
 
 from . import form
 from .backends import BACKENDS, backend_class
 from .backends.base import Backend, ServerReadyHook, apply_overrides, make_backend
-from .backends.docker_hosts import remote_slots
-from .profiles import (
-    OptionsError,
-    Profile,
-    ProfileConfigError,
-    Selection,
-    default_profiles,
-    format_time,
-    parse_profile_list,
-    parse_stop_at,
-    resolve_options,
-)
+from .profiles import OptionsError, Selection, format_time, parse_stop_at, resolve_options
 from .progress import ProgressEvents
-from .slots import NoFreeSlot, SlotAllocator
+from .reservations import GpuReservations
+from .user_profiles import UserProfiles
 
 __all__ = ["DoLabSpawner"]
 
@@ -58,44 +44,13 @@ def workspace_name(username: str) -> str:
     return escape(username, safe=_SAFE_CHARS, escape_char="-")
 
 
-class _SlotPool:
-    """The hub-wide GPU table every DoLabSpawner shares (one hub per process)."""
-
-    #: After NVML timed out, how long to treat the host as GPU-less before asking again.
-    retry_seconds = 300.0
-
-    def __init__(self) -> None:
-        self.allocator = SlotAllocator()
-        self.loaded = False
-        self.lock: asyncio.Lock | None = None
-        self.retry_at = 0.0
-
-
-class _OverrideKeys(Mapping[str, set[str]]):
-    """Per backend name, the traits a profile's ``spawner_override`` may set: the spawner's and its backend's config
-    traits. A backend is imported only when a profile names it."""
-
-    def __init__(self, spawner_cls: type[Spawner]) -> None:
-        self._own = set(spawner_cls.class_trait_names(config=True))
-
-    def __getitem__(self, name: str) -> set[str]:
-        if name not in BACKENDS:
-            raise KeyError(name)
-        return self._own | set(backend_class(name).class_trait_names(config=True))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(BACKENDS)
-
-    def __len__(self) -> int:
-        return len(BACKENDS)
-
-
-class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
+class DoLabSpawner(LabNoticeTraits, ProgressEvents, UserProfiles, GpuReservations, Spawner):
     """Profiles, GPU slots and backends behind one spawner.
 
-    Extension points, in the order ``start()`` uses them: :meth:`get_profiles`, :meth:`check_quota`,
-    slot allocation, :meth:`make_backend`, the backend's ``start()``. Services reach the running server through
-    public members only (:meth:`host_workspace`, :attr:`server_ready_hooks`, :attr:`workspace_uid`, the state).
+    Extension points, in the order ``start()`` uses them: :meth:`get_profiles` (:mod:`.user_profiles`),
+    :meth:`check_quota`, slot allocation (:mod:`.reservations`), :meth:`make_backend`, the backend's ``start()``.
+    Services reach the running server through public members only (:meth:`host_workspace`,
+    :attr:`server_ready_hooks`, :attr:`workspace_uid`, the state).
     """
 
     profile_list = Union(
@@ -219,7 +174,6 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     kept_reason = Unicode("")
     kept_at = Unicode("")
 
-    _pool: ClassVar[_SlotPool] = _SlotPool()
     _backend: Backend | None = None
 
     # ----- configuration -------------------------------------------------------------------------------
@@ -227,24 +181,6 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
     @default("workspace_root")
     def _default_workspace_root(self) -> str:
         return os.path.join(default_data_dir(), "workspaces")
-
-    @validate("profile_list")
-    def _validate_profile_list(self, proposal: dict) -> Any:
-        value = proposal["value"]
-        if not callable(value):
-            try:
-                self._parse_profiles(value)
-            except ProfileConfigError as e:
-                raise TraitError(f"DoLabSpawner.profile_list: {e}") from None
-        return value
-
-    @validate("plans")
-    def _validate_plans(self, proposal: dict) -> Any:
-        try:
-            parse_plans(proposal["value"])
-        except PlanConfigError as e:
-            raise TraitError(f"DoLabSpawner.plans: {e}") from None
-        return proposal["value"]
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> Any:
@@ -288,30 +224,6 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
                 raise TraitError(f"DoLabSpawner.{proposal['trait'].name}: {e}") from None
         return proposal["value"]
 
-    @validate("gpu_inventory")
-    def _validate_gpu_inventory(self, proposal: dict) -> Any:
-        value = proposal["value"]
-        if value is not None:
-            if not isinstance(value, (list, tuple)):
-                raise TraitError(
-                    "DoLabSpawner.gpu_inventory must be a list of dicts with index, uuid, name and memory_gb, "
-                    f"not {type(value).__name__}"
-                )
-            try:
-                inventory_from_config(value)
-            except (ValueError, TypeError) as e:
-                raise TraitError(f"DoLabSpawner.gpu_inventory: {e}") from None
-        return value
-
-    @classmethod
-    def override_keys(cls) -> Mapping[str, set[str]]:
-        """Per backend, the trait names a profile's ``spawner_override`` may set (imports a backend when asked)."""
-        return _OverrideKeys(cls)
-
-    @classmethod
-    def _parse_profiles(cls, raw: Any) -> list[Profile]:
-        return parse_profile_list(raw, backends=list(BACKENDS), allowed_overrides=cls.override_keys())
-
     @classmethod
     def check_config(cls, config: Any) -> None:
         """Raise a readable error for bad DoLabSpawner config, so the hub refuses to start on it.
@@ -320,102 +232,6 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         at a user's first start. The shipped ``jupyterhub_config.py`` calls it.
         """
         cls(config=config)
-
-    # ----- profiles and the GPU inventory --------------------------------------------------------------
-
-    @property
-    def allocator(self) -> SlotAllocator:
-        """The hub-wide slot table."""
-        return self._pool.allocator
-
-    @property
-    def owner(self) -> str:
-        """Who holds this server's slots in the allocator."""
-        return f"{self.user.name}/{self.name}"
-
-    async def ensure_inventory(self) -> list[GpuSlot]:
-        """Read the GPUs once per hub process (NVML off the event loop), shared by every spawner."""
-        pool = self._pool
-        if not pool.loaded and time.monotonic() >= pool.retry_at:
-            if pool.lock is None:
-                pool.lock = asyncio.Lock()
-            async with pool.lock:
-                if not pool.loaded and time.monotonic() >= pool.retry_at:
-                    inventory = await load_inventory(self.gpu_inventory, self.gpu_ids, self.nvml_timeout_seconds)
-                    if inventory is None:
-                        pool.retry_at = time.monotonic() + pool.retry_seconds
-                        return pool.allocator.inventory
-                    pool.allocator.set_inventory([*inventory, *remote_slots(self.docker_hosts)])
-                    pool.loaded = True
-                    listed = ", ".join(f"{s.host}/{s.index}: {s.name}" for s in pool.allocator.inventory)
-                    self.log.info("GPU inventory: %s", listed or "none")
-        return pool.allocator.inventory
-
-    @property
-    def plan_table(self) -> PlanTable:
-        """The admin's plans, parsed (checked at start-up by ``check_config``)."""
-        return parse_plans(self.plans)
-
-    def user_plan(self) -> Plan:
-        """This user's plan: the combination of the plans of their JupyterHub groups."""
-        groups = [g.name for g in getattr(self.user, "groups", None) or []]
-        return self.plan_table.plan_for(groups)
-
-    def user_max_run_hours(self) -> float:
-        """The latest stop time this user may choose: the spawner's ``max_run_hours``, lowered by their plan's."""
-        plan_hours = self.user_plan().max_run_hours
-        if plan_hours is None:
-            return self.max_run_hours
-        return min(self.max_run_hours, plan_hours) if self.max_run_hours > 0 else plan_hours
-
-    async def get_profiles(self) -> list[Profile]:
-        """The profiles this user may choose from now: the configured ones their plan allows."""
-        profiles = await self.get_all_profiles()
-        plan = self.user_plan()
-        allowed = [p for p in profiles if plan.allows_profile(p.slug)]
-        if not allowed:
-            raise SpawnException(
-                "Your plan does not include any profile of this hub. Ask an administrator to add you to a group "
-                "with a plan.",
-                reason="plan",
-                status_code=403,
-            )
-        return allowed
-
-    async def check_plan(self, user_options: Any) -> None:
-        """Refuse (403, a sentence) a profile that exists but that the user's plan does not include."""
-        slug = user_options.get("profile") if isinstance(user_options, dict) else None
-        plan = self.user_plan()
-        if not isinstance(slug, str) or not slug or plan.allows_profile(slug):
-            return
-        profiles = await self.get_all_profiles()
-        profile = next((p for p in profiles if p.slug == slug), None)
-        if profile is None:
-            return  # an unknown profile: resolve_options says which ones exist
-        allowed = ", ".join(p.slug for p in profiles if plan.allows_profile(p.slug)) or "none"
-        raise SpawnException(
-            f"Your plan does not include the profile {profile.display_name!r} ({slug}). You can start: {allowed}. "
-            "Ask an administrator if you need it.",
-            reason="plan",
-            status_code=403,
-        )
-
-    async def get_all_profiles(self) -> list[Profile]:
-        """Every configured profile, before the user's plan filters them."""
-        if callable(self.profile_list):
-            raw = await maybe_future(self.profile_list(self))
-            try:
-                return self._parse_profiles(raw)
-            except ProfileConfigError as e:
-                self.log.error("profile_list callable returned a bad list: %s", e)
-                raise SpawnException(
-                    "The profile list is misconfigured. Please tell an administrator.",
-                    reason="config",
-                    status_code=503,
-                ) from None
-        if self.profile_list:
-            return self._parse_profiles(self.profile_list)
-        return default_profiles(await self.ensure_inventory())
 
     # ----- the options form ----------------------------------------------------------------------------
 
@@ -456,36 +272,6 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         """Refuse before any cost when ``quota_check`` says so."""
         if self.quota_check is not None:
             await maybe_future(self.quota_check(self, selection))
-
-    def _allocate(self, selection: Selection) -> list[GpuSlot]:
-        """Take the GPUs (synchronously: no await between check and take) or refuse with a sentence."""
-        profile = selection.profile
-        try:
-            slots = self.allocator.allocate(
-                self.owner, selection.gpus, profile.gpu_type, profile.gpu_exact, self.backend_hosts(profile.backend)
-            )
-        except NoFreeSlot as e:
-            kind = f"{profile.gpu_type} " if profile.gpu_type else ""
-            if e.total == 0:
-                message = (
-                    f"There is no {kind}GPU for the profile {profile.display_name!r} here. "
-                    "Pick another profile or ask an administrator."
-                )
-            elif e.wanted > e.total:
-                message = (
-                    f"There are only {e.total} {kind}GPU(s) here; the profile {profile.display_name!r} "
-                    f"asks for {e.wanted}. Ask for fewer GPUs or pick another profile."
-                )
-            elif e.free == 0:
-                message = f"All {e.total} {kind}GPU(s) are in use. Pick a CPU profile or try again when a GPU is free."
-            else:
-                message = (
-                    f"Only {e.free} of {e.total} {kind}GPU(s) are free together on one machine; you asked for "
-                    f"{e.wanted}. Ask for fewer GPUs or try again when more are free."
-                )
-            raise self._refuse(message, reason="no_gpu", status_code=409) from None
-        self.log.info("Slot(s) allocated to %s: %s", self.owner, ", ".join(f"GPU {s.index} ({s.name})" for s in slots))
-        return slots
 
     def backend_hosts(self, backend: str) -> list[str]:
         """The machines a backend can run servers on (its :meth:`~.backends.base.Backend.hosts`)."""
@@ -630,11 +416,6 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         """Who should own a workspace folder made for this server before it starts (None: whoever made it)."""
         return self._backend.new_workspace_uid() if self._backend is not None else None
 
-    def _release(self, why: str) -> None:
-        released = self.allocator.release(self.owner)
-        if released:
-            self.log.info("Slot(s) released by %s (%s): %s", self.owner, why, ", ".join(released))
-
     # ----- state ---------------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
@@ -680,12 +461,7 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, Spawner):
         self._backend.load_state(dict(saved.backend_state))
         # Only a server the hub still lists holds its GPUs; stale state of a stopped one claims nothing.
         if self.slot_dicts and self.orm_spawner is not None and self.orm_spawner.server is not None:
-            keys = [GpuSlot.from_dict(s).key for s in self.slot_dicts]
-            conflicts = self.allocator.claim(self.owner, keys)
-            if conflicts:
-                self.log.error("%s's state claims GPU(s) another server holds: %s", self.owner, conflicts)
-            else:
-                self.log.info("Slot(s) re-claimed by %s from its state: %s", self.owner, ", ".join(keys))
+            self._reclaim(self.slot_dicts)
 
     def _workspace_dir(self) -> str:
         return os.path.join(self.workspace_root, workspace_name(self.user.name))

@@ -11,7 +11,7 @@ from bs4 import BeautifulSoup, Tag
 from traitlets import TraitError
 from traitlets.config import Config
 
-import dolab_spawner.spawner
+import dolab_spawner.reservations
 from dolab_core.times import format_time
 from dolab_spawner import DoLabSpawner
 
@@ -44,10 +44,10 @@ GPU_INVENTORY = [
 
 
 @pytest.fixture(autouse=True)
-def fresh_pool() -> Iterator[dolab_spawner.spawner._SlotPool]:
+def fresh_pool() -> Iterator[dolab_spawner.reservations.SlotPool]:
     """Every test gets its own hub-wide slot table; the class-level one is put back after."""
     saved = DoLabSpawner._pool
-    DoLabSpawner._pool = dolab_spawner.spawner._SlotPool()
+    DoLabSpawner._pool = dolab_spawner.reservations.SlotPool()
     try:
         yield DoLabSpawner._pool
     finally:
@@ -147,7 +147,7 @@ async def test_availability_follows_the_shared_allocator() -> None:
     assert "dolab-none-free" in a100["class"], "fewer free than the profile's 2 GPUs"
 
 
-async def test_inventory_is_read_once_per_pool(fresh_pool: dolab_spawner.spawner._SlotPool) -> None:
+async def test_inventory_is_read_once_per_pool(fresh_pool: dolab_spawner.reservations.SlotPool) -> None:
     await render(make_spawner())
     assert fresh_pool.loaded
     assert [s.uuid for s in fresh_pool.allocator.inventory] == ["GPU-0000", "GPU-0001"]

@@ -117,16 +117,17 @@ async def test_a_hung_nvml_is_reported_as_unknown_not_as_no_gpus(monkeypatch: py
 
 
 async def test_spawner_asks_nvml_again_after_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dolab_spawner import spawner as spawner_module
-    from dolab_spawner.spawner import DoLabSpawner, _SlotPool
+    from dolab_spawner import reservations
+    from dolab_spawner.reservations import SlotPool
+    from dolab_spawner.spawner import DoLabSpawner
 
     answers: list[list[GpuSlot] | None] = [None, [GpuSlot(0, "GPU-a", "A100", 80)]]
 
     async def fake_load(*args: Any) -> list[GpuSlot] | None:
         return answers.pop(0)
 
-    monkeypatch.setattr(spawner_module, "load_inventory", fake_load)
-    monkeypatch.setattr(DoLabSpawner, "_pool", _SlotPool())
+    monkeypatch.setattr(reservations, "load_inventory", fake_load)
+    monkeypatch.setattr(DoLabSpawner, "_pool", SlotPool())
     DoLabSpawner._pool.retry_seconds = 0.05
     spawner = DoLabSpawner()
     assert await spawner.ensure_inventory() == []

@@ -12,7 +12,7 @@ from jupyterhub.spawner import SpawnException
 from traitlets import TraitError
 from traitlets.config import Config
 
-import dolab_spawner.spawner
+import dolab_spawner.reservations
 from dolab_spawner import DoLabSpawner
 
 PROFILES: list[dict[str, Any]] = [
@@ -35,7 +35,7 @@ PLANS = {
 @pytest.fixture(autouse=True)
 def fresh_pool() -> Iterator[None]:
     saved = DoLabSpawner._pool
-    DoLabSpawner._pool = dolab_spawner.spawner._SlotPool()
+    DoLabSpawner._pool = dolab_spawner.reservations.SlotPool()
     try:
         yield
     finally:
