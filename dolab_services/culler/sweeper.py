@@ -119,26 +119,7 @@ class Sweeper:
         started = time.monotonic()
         report = SweepReport()
         users = [user async for user in self.hub.users(state="ready")]
-        now = utcnow()
-        runs: list[_Run] = []
-        listed: set[tuple[str, str, str]] = set()
-        for user in users:
-            for name, model in (user.get("servers") or {}).items():
-                if not isinstance(model, Mapping):
-                    continue
-                listed.add((str(user.get("name", "")), name, str(model.get("started") or "")))
-                if not model.get("ready") or model.get("pending"):
-                    continue
-                if "state" not in model:
-                    self._log_once(
-                        ("", ""),
-                        "The hub lists servers without their state: the token needs "
-                        "admin:server_state (their kernels and GPUs cannot be read)",
-                    )
-                extended = self.extensions.get(str(user.get("name", "")), name, str(model.get("started") or ""))
-                facts = server_facts(user, name, model, now, extended)
-                self._groups[facts.user] = facts.groups
-                runs.append(_Run(name, model, ServerState.of(model), facts))
+        runs, listed = self._runs_of(users, utcnow())
         report.servers = len(runs)
         present = {(u, s) for u, s, _ in listed}
         self._warnings = {k: w for k, w in self._warnings.items() if k in present}
@@ -177,6 +158,32 @@ class Sweeper:
             report.seconds,
         )
         return report
+
+    def _runs_of(
+        self, users: Sequence[Mapping[str, Any]], now: datetime
+    ) -> tuple[list[_Run], set[tuple[str, str, str]]]:
+        """The ready servers of the hub's ``users`` models with their facts, and every server listed as
+        ``(user, server, started)`` (a server gone from the list loses its warnings, extensions and token)."""
+        runs: list[_Run] = []
+        listed: set[tuple[str, str, str]] = set()
+        for user in users:
+            for name, model in (user.get("servers") or {}).items():
+                if not isinstance(model, Mapping):
+                    continue
+                listed.add((str(user.get("name", "")), name, str(model.get("started") or "")))
+                if not model.get("ready") or model.get("pending"):
+                    continue
+                if "state" not in model:
+                    self._log_once(
+                        ("", ""),
+                        "The hub lists servers without their state: the token needs "
+                        "admin:server_state (their kernels and GPUs cannot be read)",
+                    )
+                extended = self.extensions.get(str(user.get("name", "")), name, str(model.get("started") or ""))
+                facts = server_facts(user, name, model, now, extended)
+                self._groups[facts.user] = facts.groups
+                runs.append(_Run(name, model, ServerState.of(model), facts))
+        return runs, listed
 
     async def _read_gpus(self, runs: Sequence[_Run]) -> None:
         """One telemetry call for every GPU of every server; each server gets the highest use of its GPUs."""

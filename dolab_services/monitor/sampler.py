@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -117,35 +117,9 @@ class Monitor:
         report.gpus_read = len(readings)
         self.runs, self.readings = runs, readings
         self._record_history(runs, readings, now)
-        try:
-            bookings = await self.ledger.account([r.charge() for r in runs], now.timestamp())
-        except Exception as e:  # the database is down or slow: nothing booked, the next tick books it all
-            report.problems.append(f"ledger: {e or type(e).__name__}")
-            self.log.error("Cannot book usage in the ledger (%s): trying again next tick", e or type(e).__name__)
-            bookings = []
-        else:
-            report.booked = len(bookings)
-            self.metrics.observe_bookings(bookings)
+        await self._book(runs, now, report)
         metered_users = {r.user: r.groups for r in runs if r.metered}
-        usage: dict[str, Any] = {}
-        if self.quotas.empty or not metered_users:
-            self.statuses = {}
-            self.enforcer.apply({}, runs, now)
-        elif not report.problems:
-            try:
-                usage = await self.ledger.period_usage(metered_users, now)
-            except Exception as e:
-                report.problems.append(f"ledger: {e or type(e).__name__}")
-                self.log.error("Cannot read usage from the ledger (%s): quotas not checked", e or type(e).__name__)
-            else:
-                statuses = {}
-                for user, groups in metered_users.items():
-                    quota = self.quotas.for_user(user, groups)
-                    if quota:
-                        statuses[user] = evaluate(user, quota, usage.get(user, {}), now)
-                self.statuses = statuses
-                report.quota_users = len(statuses)
-                report.stops = self.enforcer.apply(statuses, runs, now)
+        usage = await self._check_quotas(runs, metered_users, now, report)
         if self.metrics.per_user and not usage and metered_users:
             try:
                 usage = await self.ledger.period_usage(metered_users, now)
@@ -173,6 +147,48 @@ class Monitor:
             report.cpu_seconds,
         )
         return report
+
+    async def _book(self, runs: Sequence[ServerRun], now: datetime, report: TickReport) -> None:
+        """Book the runs' usage up to ``now`` in the ledger; a failure is a problem of the tick, booked next tick."""
+        try:
+            bookings = await self.ledger.account([r.charge() for r in runs], now.timestamp())
+        except Exception as e:  # the database is down or slow: nothing booked, the next tick books it all
+            report.problems.append(f"ledger: {e or type(e).__name__}")
+            self.log.error("Cannot book usage in the ledger (%s): trying again next tick", e or type(e).__name__)
+        else:
+            report.booked = len(bookings)
+            self.metrics.observe_bookings(bookings)
+
+    async def _check_quotas(
+        self,
+        runs: Sequence[ServerRun],
+        metered_users: Mapping[str, tuple[str, ...]],
+        now: datetime,
+        report: TickReport,
+    ) -> dict[str, Any]:
+        """Evaluate the metered users' quotas and let the enforcer warn and stop; the usage read (``{}``: none).
+
+        Quotas are not checked when the tick could not book (the usage would be short)."""
+        usage: dict[str, Any] = {}
+        if self.quotas.empty or not metered_users:
+            self.statuses = {}
+            self.enforcer.apply({}, runs, now)
+        elif not report.problems:
+            try:
+                usage = await self.ledger.period_usage(metered_users, now)
+            except Exception as e:
+                report.problems.append(f"ledger: {e or type(e).__name__}")
+                self.log.error("Cannot read usage from the ledger (%s): quotas not checked", e or type(e).__name__)
+            else:
+                statuses = {}
+                for user, groups in metered_users.items():
+                    quota = self.quotas.for_user(user, groups)
+                    if quota:
+                        statuses[user] = evaluate(user, quota, usage.get(user, {}), now)
+                self.statuses = statuses
+                report.quota_users = len(statuses)
+                report.stops = self.enforcer.apply(statuses, runs, now)
+        return usage
 
     async def _read_gpus(self) -> list[GpuReading]:
         try:
