@@ -181,7 +181,7 @@ def test_load_file() -> None:
 
 
 async def test_load_custom_class() -> None:
-    source = load_telemetry(" tests.test_culler_telemetry:GoodSource ")
+    source = load_telemetry(" tests.culler.test_telemetry:GoodSource ")
     assert isinstance(source, GoodSource)
     assert isinstance(source, TelemetrySource)
     assert await source.gpu_percent([slot("GPU-a")]) == {"GPU-a": 99.0}
@@ -192,17 +192,17 @@ BAD_SPECS = [
     pytest.param("   ", "is empty", id="blank"),
     pytest.param("file:", "names no file", id="file without a path"),
     pytest.param("dcgm", "is not understood", id="unknown word"),
-    pytest.param("tests.test_culler_telemetry:", "is not understood", id="no class name"),
+    pytest.param("tests.culler.test_telemetry:", "is not understood", id="no class name"),
     pytest.param(":GoodSource", "is not understood", id="no module"),
-    pytest.param("tests.test_culler_telemetry:Good-Source", "is not understood", id="class name not an identifier"),
+    pytest.param("tests.culler.test_telemetry:Good-Source", "is not understood", id="class name not an identifier"),
     pytest.param("dolab_no_such_module:Source", "cannot import dolab_no_such_module", id="module not found"),
-    pytest.param("tests.test_culler_telemetry:Missing", "has no class Missing", id="class not found"),
-    pytest.param("tests.test_culler_telemetry:NOT_A_CLASS", "has no class NOT_A_CLASS", id="not callable"),
+    pytest.param("tests.culler.test_telemetry:Missing", "has no class Missing", id="class not found"),
+    pytest.param("tests.culler.test_telemetry:NOT_A_CLASS", "has no class NOT_A_CLASS", id="not callable"),
     pytest.param(
-        "tests.test_culler_telemetry:NoGpuPercent", "NoGpuPercent has no gpu_percent method", id="no gpu_percent"
+        "tests.culler.test_telemetry:NoGpuPercent", "NoGpuPercent has no gpu_percent method", id="no gpu_percent"
     ),
     pytest.param(
-        "tests.test_culler_telemetry:Exploding", "Exploding() failed (no credentials configured)", id="init fails"
+        "tests.culler.test_telemetry:Exploding", "Exploding() failed (no credentials configured)", id="init fails"
     ),
 ]
 
