@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from dolab_core.gpus import LOCAL_HOST
 from dolab_core.hubconfig import config_value
 
 from .common import CliError, _short, format_table, run_with_timeout
@@ -108,7 +109,7 @@ def configured_engines(config: Any) -> list[dict[str, Any]]:
     from dolab_core.engines.docker import check_docker_hosts
 
     try:
-        return check_docker_hosts(config_value(config, "DoLabSpawner", "docker_hosts", [{"name": "local"}]))
+        return check_docker_hosts(config_value(config, "DoLabSpawner", "docker_hosts", [{"name": LOCAL_HOST}]))
     except ValueError as e:
         raise CliError(f"c.DoLabSpawner.docker_hosts in the hub config is not usable: {e}") from None
 
