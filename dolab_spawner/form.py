@@ -17,7 +17,8 @@ from jupyterhub.spawner import SpawnException
 from dolab_core.times import format_time
 
 from .backends import backend_class
-from .profiles import OptionsError, Profile, resolve_options
+from .options import OptionsError, resolve_options
+from .profiles import Profile
 
 if TYPE_CHECKING:
     from .spawner import DoLabSpawner

@@ -15,7 +15,8 @@ from traitlets import TraitError, validate
 from dolab_core.gpus import GpuSlot, inventory_from_config, load_inventory
 
 from .backends.docker_hosts import remote_slots
-from .profiles import Profile, Selection
+from .options import Selection
+from .profiles import Profile
 from .slots import NoFreeSlot, SlotAllocator
 
 __all__ = ["GpuReservations", "SlotPool", "no_slot_sentence"]

@@ -24,12 +24,13 @@ from dolab_core.gpus import LOCAL_HOST, GpuSlot
 from dolab_core.hooks import load_hook
 from dolab_core.paths import default_data_dir
 from dolab_core.serverstate import ServerState
+from dolab_core.times import format_time
 from dolab_lab.notice import LabNoticeTraits
 
 from . import form
 from .backends import BACKENDS, backend_class
 from .backends.base import Backend, ServerReadyHook, apply_overrides, make_backend
-from .profiles import OptionsError, Selection, format_time, parse_stop_at, resolve_options
+from .options import OptionsError, Selection, parse_stop_at, resolve_options
 from .progress import ProgressEvents
 from .reservations import GpuReservations
 from .user_profiles import UserProfiles

@@ -1,4 +1,4 @@
-"""Unit tests for dolab_spawner.profiles: the admin's profile_list and the user's options."""
+"""Unit tests for dolab_spawner.profiles (the admin's profile_list) and dolab_spawner.options (the user's options)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,14 @@ from hypothesis import strategies as st
 
 from dolab_core.gpus import GpuSlot
 from dolab_core.times import format_time
+from dolab_spawner.options import OptionsError, Selection, parse_stop_at, resolve_options
 from dolab_spawner.profiles import (
     Choice,
-    OptionsError,
     Profile,
     ProfileConfigError,
     ProfileOption,
-    Selection,
     default_profiles,
     parse_profile_list,
-    parse_stop_at,
-    resolve_options,
     slugify,
 )
 from dolab_spawner.slots import SlotAllocator

@@ -77,7 +77,8 @@ def gpu_environment(slots: Sequence[GpuSlot]) -> dict[str, str]:
 
 
 if TYPE_CHECKING:
-    from ..profiles import Profile, Selection
+    from ..options import Selection
+    from ..profiles import Profile
     from ..spawner import DoLabSpawner
 
     _MixinBase = Spawner
@@ -97,7 +98,7 @@ class Backend(_MixinBase):  # type: ignore[valid-type,misc]
     1. before a server exists (class methods, no backend built): :meth:`hosts` (the machines, so the slots, it can
        use), :meth:`hub_timeouts` (``start_timeout``/``http_timeout`` for the hub) and :meth:`form_prices`;
     2. :func:`make_backend` with :meth:`placement` (what the backend needs of the spawner to run on one of its
-       hosts), then :meth:`configure` with the validated :class:`~dolab_spawner.profiles.Selection` (a backend never
+       hosts), then :meth:`configure` with the validated :class:`~dolab_spawner.options.Selection` (a backend never
        sees the raw ``user_options``);
     3. the Spawner's ``start``/``poll``/``stop``, and :meth:`suspend` instead of ``stop`` when a pre-destroy hook
        failed; :attr:`server_ready_hooks` for the services' hooks that need the running server;

@@ -13,7 +13,7 @@ environment (the RunPod key least of all) goes in. All RunPod calls go through
 
 Pods are named ``<pod_name_prefix><hub id>-<escaped user>[--<server>]`` (the hub's id from
 :mod:`dolab_core.hubidentity`), so a pod created before a hub crash is found again by name, and the reaper
-(``dolab_services.runpod_reaper``) can tell which of this hub's pods no server owns, never touching another hub's.
+(``dolab_services.reapers.runpod``) can tell which of this hub's pods no server owns, never touching another hub's.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from .base import Backend, ServerReadyHook, make_backend
 from .runpod_offers import cloud_word, offers_within_cap, pod_request, price_rows
 
 if TYPE_CHECKING:
-    from ..profiles import Profile, Selection
+    from ..options import Selection
+    from ..profiles import Profile
     from ..spawner import DoLabSpawner
 
 __all__ = ["RunPodBackend"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from dolab_core.engines.runpod import GpuType
 
-from ..profiles import Selection
+from ..options import Selection
 
 __all__ = ["CLOUDS", "cloud_word", "offers_within_cap", "pod_request", "price_rows"]
 

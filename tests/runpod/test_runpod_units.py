@@ -14,7 +14,8 @@ from dolab_core.engines.runpod import GpuType, PodInfo, pod_name
 from dolab_services.runpod_reaper import find_pod_orphans, runpod_reaper_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.backends.runpod_offers import pod_request
-from dolab_spawner.profiles import OptionsError, ProfileConfigError, parse_profile_list, resolve_options
+from dolab_spawner.options import OptionsError, resolve_options
+from dolab_spawner.profiles import ProfileConfigError, parse_profile_list
 from tests.runpod_emulator.client import EmulatorProcess
 
 A100 = "NVIDIA A100 80GB PCIe"
