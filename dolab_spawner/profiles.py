@@ -296,57 +296,7 @@ def parse_profile_list(
     """
     if not isinstance(raw, (list, tuple)):
         raise ProfileConfigError(f"profile_list must be a list of dicts, not {type(raw).__name__}")
-    profiles: list[Profile] = []
-    for i, entry in enumerate(raw):
-        where = f"profile_list[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ProfileConfigError(f"{where}: each profile must be a dict, not {type(entry).__name__}")
-        _unknown_keys(entry, _PROFILE_KEYS, where)
-        display = _text(entry.get("display_name"), where, "display_name", required=True)
-        slug = _text(entry.get("slug", slugify(display)), where, "slug", required=True)
-        if not _SLUG.fullmatch(slug):
-            raise ProfileConfigError(f"{where}: slug {slug!r} must be lower-case letters, digits, - and _ (no '--')")
-        where = f"profile {slug!r}"
-        backend = entry.get("backend", "local")
-        if backend not in backends:
-            raise ProfileConfigError(
-                f"{where}: backend {backend!r} is not available; this install has: {', '.join(backends)}"
-            )
-        gpus = entry.get("gpus", 0)
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or not 0 <= gpus <= 64:
-            raise ProfileConfigError(f"{where}: gpus must be a whole number from 0 to 64, not {gpus!r}")
-        gpu_type = _text(entry.get("gpu_type"), where, "gpu_type")
-        if gpu_type and not gpus:
-            raise ProfileConfigError(f"{where}: gpu_type is set but gpus is 0; set gpus to 1 or more")
-        runpod = None
-        if backend == "runpod":
-            runpod = _parse_runpod(entry.get("runpod"), where)
-            if gpu_type:
-                raise ProfileConfigError(
-                    f"{where}: a runpod profile lists its GPU types in runpod.gpu_types, not in gpu_type"
-                )
-            if not gpus:
-                raise ProfileConfigError(f"{where}: a runpod profile needs gpus (the GPU count per pod) of 1 or more")
-        elif "runpod" in entry:
-            raise ProfileConfigError(f"{where}: runpod settings are only for backend: runpod")
-        allowed = None if allowed_overrides is None else allowed_overrides.get(backend, ())
-        raw_options = entry.get("profile_options") or {}
-        if not isinstance(raw_options, Mapping):
-            raise ProfileConfigError(f"{where}: profile_options must be a dict of option name -> option")
-        profiles.append(
-            Profile(
-                slug=slug,
-                display_name=display,
-                description=_text(entry.get("description"), where, "description"),
-                default=_bool(entry.get("default", False), where, "default"),
-                backend=backend,
-                gpus=gpus,
-                gpu_type=gpu_type,
-                spawner_override=_overrides(entry.get("spawner_override"), where, allowed),
-                options=tuple(_parse_option(n, o, where, allowed) for n, o in raw_options.items()),
-                runpod=runpod,
-            )
-        )
+    profiles = [_parse_profile(entry, f"profile_list[{i}]", backends, allowed_overrides) for i, entry in enumerate(raw)]
     slugs = [p.slug for p in profiles]
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
     if duplicates:
@@ -354,6 +304,61 @@ def parse_profile_list(
     if sum(p.default for p in profiles) > 1:
         raise ProfileConfigError("profile_list: only one profile may say default: True")
     return profiles
+
+
+def _parse_profile(
+    entry: Any, where: str, backends: Collection[str], allowed_overrides: Mapping[str, Collection[str]] | None
+) -> Profile:
+    if not isinstance(entry, Mapping):
+        raise ProfileConfigError(f"{where}: each profile must be a dict, not {type(entry).__name__}")
+    _unknown_keys(entry, _PROFILE_KEYS, where)
+    display = _text(entry.get("display_name"), where, "display_name", required=True)
+    slug = _text(entry.get("slug", slugify(display)), where, "slug", required=True)
+    if not _SLUG.fullmatch(slug):
+        raise ProfileConfigError(f"{where}: slug {slug!r} must be lower-case letters, digits, - and _ (no '--')")
+    where = f"profile {slug!r}"
+    backend = entry.get("backend", "local")
+    if backend not in backends:
+        available = ", ".join(backends)
+        raise ProfileConfigError(f"{where}: backend {backend!r} is not available; this install has: {available}")
+    gpus = entry.get("gpus", 0)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or not 0 <= gpus <= 64:
+        raise ProfileConfigError(f"{where}: gpus must be a whole number from 0 to 64, not {gpus!r}")
+    gpu_type = _text(entry.get("gpu_type"), where, "gpu_type")
+    if gpu_type and not gpus:
+        raise ProfileConfigError(f"{where}: gpu_type is set but gpus is 0; set gpus to 1 or more")
+    runpod = _runpod_offer(entry, backend, gpus, gpu_type, where)
+    allowed = None if allowed_overrides is None else allowed_overrides.get(backend, ())
+    raw_options = entry.get("profile_options") or {}
+    if not isinstance(raw_options, Mapping):
+        raise ProfileConfigError(f"{where}: profile_options must be a dict of option name -> option")
+    return Profile(
+        slug=slug,
+        display_name=display,
+        description=_text(entry.get("description"), where, "description"),
+        default=_bool(entry.get("default", False), where, "default"),
+        backend=backend,
+        gpus=gpus,
+        gpu_type=gpu_type,
+        spawner_override=_overrides(entry.get("spawner_override"), where, allowed),
+        options=tuple(_parse_option(n, o, where, allowed) for n, o in raw_options.items()),
+        runpod=runpod,
+    )
+
+
+def _runpod_offer(entry: Mapping[str, Any], backend: str, gpus: int, gpu_type: str, where: str) -> RunPodOffer | None:
+    """A ``backend: runpod`` profile's ``runpod`` settings (its GPU types, not ``gpu_type``); None for the others,
+    which may not have any."""
+    if backend != "runpod":
+        if "runpod" in entry:
+            raise ProfileConfigError(f"{where}: runpod settings are only for backend: runpod")
+        return None
+    runpod = _parse_runpod(entry.get("runpod"), where)
+    if gpu_type:
+        raise ProfileConfigError(f"{where}: a runpod profile lists its GPU types in runpod.gpu_types, not in gpu_type")
+    if not gpus:
+        raise ProfileConfigError(f"{where}: a runpod profile needs gpus (the GPU count per pod) of 1 or more")
+    return runpod
 
 
 def default_profiles(inventory: Iterable[GpuSlot]) -> list[Profile]:
