@@ -1,5 +1,11 @@
 """Backup and restore of one workspace to one :class:`~.store.ObjectStore`: incremental, content-addressed, crash-safe.
 
+:class:`SyncEngine` runs the steps every backup and restore share, whatever the files' side: a workspace on this
+machine (:mod:`.local`, :meth:`SyncEngine.backup` and :meth:`SyncEngine.restore`) or one in a running Jupyter
+server reached through its contents API (:mod:`.remote`). A side is a :class:`BackupSource` (list the files, tell
+a file known unchanged, read a changed one) and a :class:`RestoreDestination` (make folders, write a file, finish);
+what is stored and how (:mod:`.blobs`, :mod:`.manifest`) does not depend on it.
+
 Design
     - File contents are immutable blobs named by their SHA-256 (``blobs/ab/ab12...``): a file that did not change,
       or was renamed or copied, is never uploaded again, and a blob is never overwritten with other content.
@@ -12,22 +18,15 @@ Design
       :meth:`SyncEngine.collect_garbage`, run when no sync of the workspace is.
     - Deletions: ``mirror`` (a snapshot is the workspace as it is; deleted files live on in older snapshots) or
       ``keep`` (files deleted from the workspace are carried into every new snapshot).
-    - Change detection without reading: the local :class:`~.manifest.HashCache` (size, mtime, ctime, inode). No
-      cache (a new machine) means hashing everything once; uploads still only happen for new contents.
-    - Files are hashed and uploaded by a bounded thread pool, streamed (never held in memory). A file that changes
-      while it is read is tried again, then left as it was in the previous snapshot, with a log line.
-
-Workspace access goes through :mod:`.workspace` and :mod:`.dirfd`: a backup and a restore each open the workspace's
-root once and reach everything below it by directory descriptors (``openat`` with ``O_NOFOLLOW``), never by
-resolving a path again, so a user who swaps a folder for a symlink while the service (root) works gets a refusal,
-never a read or a write outside the workspace.
+    - Change detection without reading: the local :class:`~.manifest.HashCache`. No cache (a new machine) means
+      reading everything once; uploads still only happen for new contents.
+    - Files are read, hashed and uploaded by a bounded thread pool, streamed (never held in memory). A file a side
+      could not read (gone, refused, changing) is left as it was in the previous snapshot, with a log line.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -36,12 +35,13 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
-from .dirfd import create_temp, make_symlink, open_parent, open_root, opened, walk
+from .blobs import BlobWriter, Progress, fetch_verified
+from .dirfd import open_root, opened
+from .local import LocalDestination, LocalSource
 from .manifest import (
     BLOB_PREFIX,
-    CHUNK_BYTES,
     CHUNK_THRESHOLD_BYTES,
     SNAPSHOT_PREFIX,
     FileRecord,
@@ -53,27 +53,23 @@ from .manifest import (
     snapshot_key,
     snapshot_time,
 )
-from .selection import PathSelection
-from .store import ObjectNotFound, ObjectStore, StoreError
-from .workspace import (
-    Excludes,
-    LinkEntry,
-    ScannedFile,
-    UnsafePath,
-    check_relpath,
-    fd_path,
-    open_file_at,
-    scan,
-)
+from .store import ObjectNotFound, ObjectStore
+from .workspace import Excludes, ScannedFile, ScanResult
 
-__all__ = ["BackupReport", "RestoreReport", "SnapshotInfo", "SyncEngine", "SyncPolicy"]
+__all__ = [
+    "BackupReport",
+    "BackupSource",
+    "RestoreDestination",
+    "RestoreReport",
+    "SnapshotInfo",
+    "SyncEngine",
+    "SyncPolicy",
+]
 
 log = logging.getLogger("dolab.sync")
 
-#: ``progress(done_bytes, total_bytes)``, called from worker threads.
-Progress = Callable[[int, int], None]
-
-_READ_CHUNK = 1 << 20
+#: A hash cache entry: size, mtime_ns, ctime_ns, inode, sha256.
+CacheEntry = tuple[int, int, int, int, str]
 
 
 @dataclass(frozen=True)
@@ -121,6 +117,64 @@ class SnapshotInfo:
     created: datetime | None
 
 
+class BackupSource(Protocol):
+    """Where a backup reads files from (:class:`~.local.LocalSource`, :class:`~.remote.RemoteSource`)."""
+
+    #: Names the backup's threads and its private temporary folder.
+    thread_prefix: str
+    #: Whether every backup that reads files lists the store's blobs first; else only one without a hash cache, or
+    #: after a backup with this cache that died (the cache's ``.incomplete`` marker says so).
+    always_lists_store: bool
+    #: Whether the scan sees folders' modes (``keep`` then carries those of gone folders that still hold files).
+    sees_dir_modes: bool
+
+    def scan(self, excludes: Excludes) -> ScanResult:
+        """Every file, link, empty folder (and folder mode) to back up, and what was skipped."""
+        ...
+
+    def known_hash(self, f: ScannedFile, cache: HashCache, previous: FileRecord | None) -> str | None:
+        """The content hash of ``f`` when it is known not to have changed (``previous``: its latest record)."""
+        ...
+
+    def check_changed(self, todo: list[ScannedFile]) -> None:
+        """Refuse, with a sentence, to read these changed files (for instance, more than a backup may read)."""
+        ...
+
+    def read(self, f: ScannedFile, writer: BlobWriter) -> tuple[FileRecord, CacheEntry] | str:
+        """Read one changed file and store its content through ``writer`` (called on the backup's threads): its
+        record and hash cache entry, or why it was left out (a sentence)."""
+        ...
+
+    def snapshot_written(self, report: BackupReport, store_description: str) -> None:
+        """Log the snapshot this backup wrote."""
+        ...
+
+
+class RestoreDestination(Protocol):
+    """Where a restore writes files to (:class:`~.local.LocalDestination`, :class:`~.remote.RemoteDestination`)."""
+
+    #: Names the restore's threads and its private temporary folder.
+    thread_prefix: str
+    #: Where the files go, for the log.
+    description: str
+    #: Whether a file that fails lets every other file be written before the failure is raised (else the files
+    #: not begun yet are dropped).
+    finishes_after_a_failure: bool
+
+    def prepare(self, manifest: Manifest) -> list[FileRecord]:
+        """Make the folders the restore needs; the files to write."""
+        ...
+
+    def write_file(self, rec: FileRecord, fetch: Callable[[int], None], scratch: Path) -> bool:
+        """Write one file, whose checked content ``fetch`` puts into an empty file's descriptor (``scratch``: a
+        private folder); False when the file was skipped (with a log line)."""
+        ...
+
+    def finish(self, manifest: Manifest, report: RestoreReport) -> None:
+        """What comes after the files (links, folders' modes, a hash cache)."""
+        ...
+
+
 class SyncEngine:
     """Back up a workspace to ``store``, list its snapshots, restore them, keep the last N."""
 
@@ -157,32 +211,38 @@ class SyncEngine:
     def backup(self, workspace: Path, cache_path: Path | None = None, progress: Progress | None = None) -> BackupReport:
         """Make a snapshot of ``workspace`` if anything changed since the latest one; then apply retention."""
         with opened(open_root(workspace)) as root_fd:
-            return self._backup(root_fd, cache_path, progress)
+            return self.backup_from(LocalSource(root_fd), cache_path, progress)
 
-    def _backup(self, root_fd: int, cache_path: Path | None, progress: Progress | None) -> BackupReport:
+    def backup_from(
+        self, source: BackupSource, cache_path: Path | None = None, progress: Progress | None = None
+    ) -> BackupReport:
+        """Make a snapshot of what ``source`` lists if anything changed since the latest one; then apply retention.
+
+        The hash cache at ``cache_path`` tells which files need not be read again. A failure (of the source or the
+        store) raises before the snapshot is written: every earlier one stays whole.
+        """
         started = time.monotonic()
         snaps = self.snapshots()
         previous = self.manifest(snaps[-1].id) if snaps else None
         report = BackupReport(snapshot=None, previous=previous.snapshot if previous else None)
-        scanned = scan(root_fd, self.policy.excludes)
+        scanned = source.scan(self.policy.excludes)
         report.skipped = list(scanned.skipped)
         cache = HashCache(cache_path)
-        known = {h for f in previous.files for h in f.blobs} if previous else set()
         prev_by_path = {f.path: f for f in previous.files} if previous else {}
         # Blobs a sync that died left behind are worth finding (one listing) only after such a death, or without
         # a cache; the marker says a sync with this cache began and did not finish.
-        marker = cache_path.with_name(cache_path.name + ".incomplete") if cache_path is not None else None
-        list_stored = marker is None or marker.exists() or not cache_path.exists()  # type: ignore[union-attr]
+        marker = None if source.always_lists_store else _unfinished_marker(cache_path)
+        list_stored = marker is None or marker.exists() or cache_path is None or not cache_path.exists()
         if marker is not None:
             marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             marker.touch()
 
         records: dict[str, FileRecord] = {}
-        new_cache: dict[str, tuple[int, int, int, int, str]] = {}
+        new_cache: dict[str, CacheEntry] = {}
         todo: list[ScannedFile] = []
         for f in scanned.files:
-            sha = cache.lookup(f.path, f.size, f.mtime_ns, f.ctime_ns, f.ino)
             prev = prev_by_path.get(f.path)
+            sha = source.known_hash(f, cache, prev)
             chunks: tuple[str, ...] = ()
             if sha is not None and f.size >= CHUNK_THRESHOLD_BYTES:
                 # A large file's pieces come from the previous snapshot (the cache keeps whole hashes only).
@@ -193,41 +253,74 @@ class SyncEngine:
                 new_cache[f.path] = (f.size, f.mtime_ns, f.ctime_ns, f.ino, sha)
             else:
                 todo.append(f)
-
-        uploader = _Uploader(self.store, root_fd, known, sum(f.size for f in todo), progress)
         if todo:
-            with (
-                ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-sync") as pool,
-                tempfile.TemporaryDirectory(prefix="dolab-sync-") as pieces,
-            ):
-                uploader.pieces_dir = Path(pieces)
-                # Listed while the first files are hashed; uploads wait for it.
-                listing = pool.submit(uploader.list_stored if list_stored else uploader.listed.set)
-                futures: dict[Future, ScannedFile] = {pool.submit(uploader.process, f): f for f in todo}
-                done, _ = wait([listing, *futures], return_when=FIRST_EXCEPTION)
-                failed = next((fut for fut in done if fut.exception() is not None), None)
-                if failed is not None:
-                    uploader.cancelled = True
-                    for fut in futures:
-                        fut.cancel()
-                    raise failed.exception()  # type: ignore[misc]
-                for fut, f in futures.items():
-                    result = fut.result()
-                    if isinstance(result, str):  # vanished or kept changing: keep the old version if any
-                        report.skipped.append((f.path, result))
-                        if f.path in prev_by_path:
-                            records[f.path] = prev_by_path[f.path]
-                        continue
-                    rec, cache_entry = result
-                    records[f.path] = rec
-                    new_cache[f.path] = cache_entry
-        report.hashed_files = uploader.hashed
-        report.uploaded_files, report.uploaded_bytes = uploader.uploaded, uploader.uploaded_bytes
+            source.check_changed(todo)
+            known = {h for f in previous.files for h in f.blobs} if previous else set()
+            writer = BlobWriter(self.store, known, sum(f.size for f in todo), progress)
+            self._read_changed(source, writer, todo, list_stored, report, records, new_cache, prev_by_path)
 
+        self._write_snapshot(source, scanned, previous, records, snaps, report)
+        cache.save(new_cache)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        report.dropped_snapshots, report.deleted_blobs = self._retain(snaps)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _read_changed(
+        self,
+        source: BackupSource,
+        writer: BlobWriter,
+        todo: list[ScannedFile],
+        list_stored: bool,
+        report: BackupReport,
+        records: dict[str, FileRecord],
+        new_cache: dict[str, CacheEntry],
+        prev_by_path: dict[str, FileRecord],
+    ) -> None:
+        """Read the changed files on the pool, storing contents the store lacks; a file that could not be read
+        keeps its previous record. The first failure cancels what has not begun and is raised."""
+        with (
+            ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix=source.thread_prefix) as pool,
+            tempfile.TemporaryDirectory(prefix=source.thread_prefix + "-") as pieces,
+        ):
+            writer.pieces_dir = Path(pieces)
+            # Listed while the first files are read; uploads wait for it.
+            listing = pool.submit(writer.list_stored if list_stored else writer.listed.set)
+            futures: dict[Future, ScannedFile] = {pool.submit(source.read, f, writer): f for f in todo}
+            done, _ = wait([listing, *futures], return_when=FIRST_EXCEPTION)
+            failed = next((fut for fut in done if fut.exception() is not None), None)
+            if failed is not None:
+                writer.cancelled = True
+                for fut in futures:
+                    fut.cancel()
+                raise failed.exception()  # type: ignore[misc]
+            for fut, f in futures.items():
+                result = fut.result()
+                if isinstance(result, str):  # vanished, refused or kept changing: keep the old version if any
+                    report.skipped.append((f.path, result))
+                    if f.path in prev_by_path:
+                        records[f.path] = prev_by_path[f.path]
+                    continue
+                records[f.path], new_cache[f.path] = result
+        report.hashed_files = writer.hashed
+        report.uploaded_files, report.uploaded_bytes = writer.uploaded, writer.uploaded_bytes
+
+    def _write_snapshot(
+        self,
+        source: BackupSource,
+        scanned: ScanResult,
+        previous: Manifest | None,
+        records: dict[str, FileRecord],
+        snaps: list[SnapshotInfo],
+        report: BackupReport,
+    ) -> None:
+        """Write the new snapshot's manifest, unless it holds what the latest one does (``snaps`` gains it)."""
         dir_modes = dict(scanned.dir_modes)
         if self.policy.deletions == "keep" and previous is not None:
             self._carry_deleted(previous, records, scanned.empty_dirs, {link.path for link in scanned.links})
-            self._carry_dir_modes(previous, records, {f.path for f in scanned.files}, dir_modes)
+            if source.sees_dir_modes:
+                self._carry_dir_modes(previous, records, {f.path for f in scanned.files}, dir_modes)
         manifest = Manifest(
             snapshot="",
             files=sorted(records.values(), key=lambda r: r.path),
@@ -236,27 +329,14 @@ class SyncEngine:
             dir_modes=dir_modes,
         )
         report.files, report.total_bytes = len(manifest.files), manifest.total_bytes
-        if not manifest.same_content(previous):
-            manifest.snapshot = self._unused_id({s.id for s in snaps})
-            # Last: only now does the snapshot exist.
-            self.store.put_bytes(snapshot_key(manifest.snapshot), manifest.to_bytes())
-            report.snapshot = manifest.snapshot
-            snaps.append(SnapshotInfo(manifest.snapshot, snapshot_time(manifest.snapshot)))
-            log.info(
-                "Snapshot %s of %s: %d files, %d bytes; uploaded %d files, %d bytes",
-                manifest.snapshot,
-                self.store.description,
-                report.files,
-                report.total_bytes,
-                report.uploaded_files,
-                report.uploaded_bytes,
-            )
-        cache.save(new_cache)
-        if marker is not None:
-            marker.unlink(missing_ok=True)
-        report.dropped_snapshots, report.deleted_blobs = self._retain(snaps)
-        report.seconds = time.monotonic() - started
-        return report
+        if manifest.same_content(previous):
+            return
+        manifest.snapshot = self._unused_id({s.id for s in snaps})
+        # Last: only now does the snapshot exist.
+        self.store.put_bytes(snapshot_key(manifest.snapshot), manifest.to_bytes())
+        report.snapshot = manifest.snapshot
+        snaps.append(SnapshotInfo(manifest.snapshot, snapshot_time(manifest.snapshot)))
+        source.snapshot_written(report, self.store.description)
 
     @staticmethod
     def _unused_id(taken: set[str]) -> str:
@@ -344,329 +424,56 @@ class SyncEngine:
         through a symlink (or a folder where the backup has a file).
         """
         manifest = self.manifest(snapshot_id)
-        files, links, dirs = manifest.files, manifest.links, manifest.dirs
-        if paths is not None:
-            selection = PathSelection(paths)  # bounded; each entry costs its depth, not the number of paths
-            files = [f for f in files if selection.selects(f.path)]
-            links = [link for link in links if selection.selects(link.path)]
-            dirs = [d for d in dirs if selection.selects(d)]
-            if not (files or links or dirs):
-                raise ObjectNotFound(f"The restore point {manifest.snapshot} holds nothing at {selection}.")
+        with LocalDestination(dest, into, paths) as place:
+            return self.restore_to(place, manifest, progress)
+
+    def restore_to(
+        self, destination: RestoreDestination, manifest: Manifest, progress: Progress | None = None
+    ) -> RestoreReport:
+        """Write the snapshot ``manifest`` to ``destination``: its folders, then each file, downloaded and checked
+        against its hash on the pool, then what comes last. Raises the first failure (StoreError for a content
+        missing or damaged)."""
+        files = destination.prepare(manifest)
         report = RestoreReport(manifest.snapshot)
         total = sum(f.size for f in files)
-        done = [0]
         lock = threading.Lock()
 
-        def one(rec: FileRecord) -> None:
-            _restore_file(self.store, place, rec, pieces_dir)
+        def one(rec: FileRecord, scratch: Path) -> None:
+            if not destination.write_file(rec, lambda fd: fetch_verified(self.store, rec, fd, scratch), scratch):
+                return
             with lock:
-                done[0] += rec.size
                 report.files += 1
                 report.bytes += rec.size
                 if progress is not None:
-                    progress(done[0], total)
+                    progress(report.bytes, total)
 
-        with _Destination(dest, into) as place:
-            for d in dirs:
-                place.make_dir(d)
-            with (
-                ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix="dolab-restore") as pool,
-                tempfile.TemporaryDirectory(prefix="dolab-restore-") as pieces,
-            ):
-                pieces_dir = Path(pieces)
-                for fut in [pool.submit(one, f) for f in files]:
+        prefix = destination.thread_prefix
+        with (
+            ThreadPoolExecutor(max(1, self.policy.workers), thread_name_prefix=prefix) as pool,
+            tempfile.TemporaryDirectory(prefix=prefix + "-") as scratch,
+        ):
+            futures = [pool.submit(one, f, Path(scratch)) for f in files]
+            if destination.finishes_after_a_failure:
+                for fut in futures:
                     fut.result()
-            for link in links:
-                if place.make_link(link):
-                    report.links += 1
-                else:
-                    log.warning("Restore keeps the folder %r where the backup has a link", link.path)
-            place.set_dir_modes(manifest.dir_modes, every=paths is None)
+            else:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = next((fut for fut in done if fut.exception() is not None), None)
+                if failed is not None:
+                    for fut in futures:
+                        fut.cancel()
+                    raise failed.exception()  # type: ignore[misc]
+        destination.finish(manifest, report)
         log.info(
-            "Restored %d files (%d bytes) of snapshot %s into %s%s",
+            "Restored %d files (%d bytes) of snapshot %s into %s",
             report.files,
             report.bytes,
             manifest.snapshot,
-            dest,
-            f"/{into}" if into else "",
+            destination.description,
         )
         return report
 
 
-class _Destination:
-    """Where a restore writes: the folder ``into`` below the workspace root ``root``, held open by a descriptor
-    for the whole restore; every folder below is reached from it by :mod:`.dirfd` (made when missing, given the
-    root's owner when the service is root), so nothing is ever resolved by path again."""
-
-    def __init__(self, root: Path, into: str) -> None:
-        if into:
-            check_relpath(into)
-        with opened(open_root(root)) as root_fd:
-            st = os.fstat(root_fd)
-            self.owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
-            self.fd = walk(root_fd, into, create=True, owner=self.owner)
-        self._made: set[str] = set()  # folders this restore made (relative to ``into``)
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> _Destination:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-
-    def _note(self, relpath: str) -> None:
-        with self._lock:
-            self._made.add(relpath)
-
-    def parent(self, relpath: str) -> tuple[int, str]:
-        """A new descriptor of ``relpath``'s folder (made when missing), and its last name."""
-        check_relpath(relpath)
-        return open_parent(self.fd, relpath, create=True, owner=self.owner, made=self._note)
-
-    def make_dir(self, relpath: str) -> None:
-        """Make the folder ``relpath`` and those above it."""
-        check_relpath(relpath)
-        os.close(walk(self.fd, relpath, create=True, owner=self.owner, made=self._note))
-
-    def make_link(self, link: LinkEntry) -> bool:
-        """Make the symlink (replacing a file or link there); False when a folder is in its place."""
-        dir_fd, name = self.parent(link.path)
-        with opened(dir_fd):
-            return make_symlink(dir_fd, name, link.target, self.owner)
-
-    def set_dir_modes(self, modes: dict[str, int], every: bool) -> None:
-        """Give folders their backed-up mode: ``every`` one, or those this restore made. Last, so that a folder
-        backed up read-only is written into first."""
-        for relpath, mode in modes.items():
-            if not (every or relpath in self._made):
-                continue
-            try:
-                fd = walk(self.fd, relpath)
-            except (FileNotFoundError, NotADirectoryError, UnsafePath):
-                continue  # not restored (excluded since), or replaced by the user meanwhile
-            with opened(fd):
-                os.fchmod(fd, mode)
-
-
-def _restore_file(store: ObjectStore, place: _Destination, rec: FileRecord, pieces_dir: Path) -> None:
-    """Download one file next to its place under a random name, check its hash, then rename it over the place
-    (which replaces a symlink planted there, never writes through it)."""
-    dfd, name = place.parent(rec.path)
-    with opened(dfd):
-        fd, tmp = create_temp(dfd)
-        try:
-            try:
-                if rec.chunks:
-                    for index, piece in enumerate(rec.chunks):
-                        _get_piece(store, piece, fd, index * CHUNK_BYTES, pieces_dir)
-                else:
-                    store.get_file(blob_key(rec.sha256), fd_path(fd))
-            except ObjectNotFound:
-                raise StoreError(
-                    f"The backup of {rec.path} is missing its content; restore it from another restore point."
-                ) from None
-            if _hash_fd(fd) != rec.sha256 or os.fstat(fd).st_size != rec.size:
-                raise StoreError(f"The backup of {rec.path} is damaged; restore it from another restore point.")
-            os.fchmod(fd, rec.mode)
-            if place.owner is not None:
-                os.fchown(fd, *place.owner)
-            os.utime(fd, ns=(rec.mtime_ns, rec.mtime_ns))
-            try:
-                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except IsADirectoryError:
-                raise UnsafePath(
-                    f"There is a folder at {rec.path}, where the backup has a file: move it away, then restore again."
-                ) from None
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
-            raise
-        finally:
-            os.close(fd)
-
-
-class _BlobWriter:
-    r"""What a backup's pool threads share: the contents the store holds (``known``), those being uploaded now
-    (``claimed``, so two files with one content upload it once), the counts, and the progress. A worker hashes a
-    file it holds open, :meth:`claim`\ s the pieces the store lacks, :meth:`put`\ s them, then :meth:`account`\ s
-    for it."""
-
-    def __init__(self, store: ObjectStore, known: set[str], total_bytes: int, progress: Progress | None) -> None:
-        self.store = store
-        self.known = set(known)
-        self.claimed: set[str] = set()
-        self.lock = threading.Lock()
-        self.total_bytes = total_bytes
-        self.progress = progress
-        self.done_bytes = 0
-        self.hashed = self.uploaded = self.uploaded_bytes = 0
-        self.cancelled = False
-        #: Where a large file's pieces are copied before their upload (a private folder of the sync's).
-        self.pieces_dir = Path(tempfile.gettempdir())
-
-    def claim(self, sha: str, chunks: tuple[str, ...]) -> list[str]:
-        """The content's pieces (its whole hash when it has none) that no one has stored or is uploading: now
-        this worker's to upload."""
-        pieces = list(dict.fromkeys(chunks or (sha,)))
-        with self.lock:
-            self.hashed += 1
-            upload = [h for h in pieces if h not in self.known and h not in self.claimed]
-            self.claimed.update(upload)
-        return upload
-
-    def release(self, upload: list[str]) -> None:
-        """Give claimed pieces back (their upload failed or was dropped)."""
-        with self.lock:
-            self.claimed.difference_update(upload)
-
-    def put(self, fd: int, sha: str, chunks: tuple[str, ...], upload: list[str]) -> None:
-        """Upload the claimed pieces of the content open at ``fd``; a failure gives them back and propagates."""
-        try:
-            for h in upload:
-                if chunks:
-                    self._put_piece(fd, h, chunks.index(h))
-                else:
-                    self.store.put_file(blob_key(sha), fd_path(fd))
-        except BaseException:
-            self.release(upload)
-            raise
-
-    def account(self, size: int, listed_size: int, chunks: tuple[str, ...], upload: list[str]) -> None:
-        """Count a file done: ``size`` bytes as read, ``listed_size`` as the scan saw it (for the progress)."""
-        with self.lock:
-            if upload:
-                self.known.update(upload)
-                self.uploaded += 1
-                self.uploaded_bytes += (
-                    size if not chunks else sum(min(CHUNK_BYTES, size - chunks.index(h) * CHUNK_BYTES) for h in upload)
-                )
-            self.done_bytes += listed_size
-            if self.progress is not None:
-                self.progress(self.done_bytes, self.total_bytes)
-
-    def _put_piece(self, fd: int, sha: str, index: int) -> None:
-        """Upload piece ``index`` of a large file: copied (in the kernel) to a private temporary file first."""
-        tmp_fd, tmp = tempfile.mkstemp(dir=self.pieces_dir)
-        try:
-            _copy_range(fd, tmp_fd, index * CHUNK_BYTES, 0, CHUNK_BYTES)
-            self.store.put_file(blob_key(sha), Path(tmp))
-        finally:
-            os.close(tmp_fd)
-            os.unlink(tmp)
-
-
-class _Uploader(_BlobWriter):
-    """Hashes changed files of the workspace and uploads contents the store does not have yet."""
-
-    def __init__(
-        self, store: ObjectStore, root_fd: int, known: set[str], total_bytes: int, progress: Progress | None
-    ) -> None:
-        super().__init__(store, known, total_bytes, progress)
-        self.root_fd = root_fd  # the workspace's root, open for the whole backup
-        self.listed = threading.Event()
-
-    def list_stored(self) -> None:
-        """Add every blob the store holds to the known ones (uploads wait for this)."""
-        try:
-            stored = {info.key.rsplit("/", 1)[-1] for info in self.store.list(BLOB_PREFIX)}
-            with self.lock:
-                self.known |= stored
-        finally:
-            self.listed.set()
-
-    def process(self, f: ScannedFile) -> tuple[FileRecord, tuple[int, int, int, int, str]] | str:
-        """The file's record and cache entry, or why it was left out (a sentence)."""
-        for _attempt in range(3):
-            if self.cancelled:
-                return "cancelled"
-            try:
-                with open_file_at(self.root_fd, f.path) as fd:
-                    before = os.fstat(fd)
-                    sha, chunks = _hash_content(fd, before.st_size)
-                    self.listed.wait()
-                    upload = self.claim(sha, chunks)
-                    self.put(fd, sha, chunks, upload)
-                    after = os.fstat(fd)
-            except FileNotFoundError:
-                return "it was deleted during the sync"
-            except UnsafePath as e:
-                log.warning("Sync refuses %s: %s", f.path, e)
-                return str(e)
-            ident = (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
-            if ident != (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
-                # Written while we read it: the blob may not match its name. Remove it and read again.
-                if upload:
-                    self.store.delete(blob_key(h) for h in upload)
-                    self.release(upload)
-                continue
-            self.account(after.st_size, f.size, chunks, upload)
-            mode = after.st_mode & 0o777
-            return (
-                FileRecord(f.path, after.st_size, after.st_mtime_ns, mode, sha, chunks),
-                (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino, sha),
-            )
-        log.warning("Sync leaves %s as it was: it kept changing while being read", f.path)
-        return "it kept changing while being read"
-
-
-def _hash_content(fd: int, size: int) -> tuple[str, tuple[str, ...]]:
-    """The content's hash, and its pieces' hashes when it is large enough to be stored in pieces."""
-    return _hash_pieces(fd) if size >= CHUNK_THRESHOLD_BYTES else (_hash_fd(fd), ())
-
-
-def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
-    """Copy up to ``count`` bytes between descriptors (stops at the source's end)."""
-    while count > 0:
-        try:
-            n = os.copy_file_range(src, dst, count, src_offset, dst_offset)
-        except OSError:  # a file system without it: through a small buffer
-            data = os.pread(src, min(count, _READ_CHUNK), src_offset)
-            n = os.pwrite(dst, data, dst_offset) if data else 0
-        if n == 0:
-            return
-        src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
-
-
-def _get_piece(store: ObjectStore, sha: str, fd: int, offset: int, pieces_dir: Path) -> None:
-    """Download one piece of a large file and write it at ``offset`` of ``fd``."""
-    tmp_fd, tmp = tempfile.mkstemp(dir=pieces_dir)
-    try:
-        store.get_file(blob_key(sha), fd_path(tmp_fd))
-        _copy_range(tmp_fd, fd, 0, offset, os.fstat(tmp_fd).st_size)
-    finally:
-        os.close(tmp_fd)
-        os.unlink(tmp)
-
-
-def _hash_pieces(fd: int) -> tuple[str, tuple[str, ...]]:
-    """The whole content's hash and each CHUNK_BYTES piece's, in one read."""
-    whole = hashlib.sha256()
-    pieces = []
-    offset = 0
-    while True:
-        piece = hashlib.sha256()
-        end = offset + CHUNK_BYTES
-        while offset < end:
-            data = os.pread(fd, min(_READ_CHUNK, end - offset), offset)
-            if not data:
-                break
-            whole.update(data)
-            piece.update(data)
-            offset += len(data)
-        if offset > end - CHUNK_BYTES:  # this piece has bytes (a whole one, or the last, shorter one)
-            pieces.append(piece.hexdigest())
-        if offset < end:
-            return whole.hexdigest(), tuple(pieces)
-
-
-def _hash_fd(fd: int) -> str:
-    h = hashlib.sha256()
-    offset = 0
-    while True:
-        chunk = os.pread(fd, _READ_CHUNK, offset)
-        if not chunk:
-            return h.hexdigest()
-        h.update(chunk)
-        offset += len(chunk)
+def _unfinished_marker(cache_path: Path | None) -> Path | None:
+    """The file that says a backup with the hash cache at ``cache_path`` began and did not finish."""
+    return cache_path.with_name(cache_path.name + ".incomplete") if cache_path is not None else None

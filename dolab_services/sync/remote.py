@@ -1,13 +1,21 @@
 """Backup and restore of a workspace that lives in a running Jupyter server elsewhere (a RunPod pod), through that
-server's REST API. No storage credential ever goes to the server: the hub (or the sync service) reads the files
-through the API and writes the blobs to the store itself.
+server's REST API (:mod:`.contents`). No storage credential ever goes to the server: the hub (or the sync service)
+reads the files through the API and writes the blobs to the store itself.
+
+:class:`RemoteSource` and :class:`RemoteDestination` are the server's side of the steps
+:class:`~.engine.SyncEngine` runs for every backup and restore; :func:`backup_remote` and :func:`restore_remote`
+run them. The snapshot is a normal manifest (:mod:`.manifest`) of the same blobs and pieces a local backup writes,
+so remote and local backups are the same kind of snapshot: restore points, the service API and ``dolab backups``
+work the same for both.
 
 Reading (backup)
-    The tree is listed with ``GET api/contents/<dir>`` (names, types, sizes, ``last_modified``); each changed file
-    is downloaded from ``GET files/<path>`` streamed into a private temporary file (never whole in memory), hashed,
-    and uploaded to the store as the same blobs and pieces the local engine writes. The snapshot is a normal
-    manifest (:mod:`.manifest`), so remote and local backups are the same kind of snapshot: restore points, the
-    service API and ``dolab backups`` work the same for both.
+    The tree is listed with ``GET api/contents/<dir>`` (names, types, sizes, ``last_modified``; the local scan's
+    excludes, size cap and path checks apply); each changed file is downloaded from ``GET files/<path>`` into a
+    private temporary file (never whole in memory), hashed, and its contents the store lacks uploaded. What the API
+    hides (hidden files, unless the server allows them) is not backed up; a symlink inside the workspace is backed
+    up as a copy, one leading out is refused by the server and skipped; files are recorded 0644 (0444 when not
+    writable). A file that grows while it is read is read again, then skipped; a backup whose changed files weigh
+    more than ``max_read_bytes`` fails with a sentence before reading any.
 
 Change detection
     A file is downloaded again unless its ``(size, last_modified)`` matches the local hash cache (kept by the
@@ -15,451 +23,34 @@ Change detection
     with the same size and then given back its old mtime (``touch -d``, ``cp -p`` over it, ``tar x``) is **not** seen
     as changed remotely, unlike a local workspace. Every write through Jupyter, a kernel or a shell moves the mtime.
 
-What the API can and cannot see
-    - The same excludes, size cap and path checks as the local scan apply; every path the server reports is checked
-      (relative, no ``..``, its name inside its folder), and a tree deeper than ``max_depth`` is cut (a symlink loop).
-    - jupyter-server hides hidden files (``.name``) and a few globs (``*.pyc``, ``*.so``, ``*~``...) from listings
-      unless it runs with ``ContentsManager.allow_hidden``; those are not backed up. Symlinks are followed by the
-      server: a link inside the workspace is backed up as a copy, one leading out is refused by ``files/`` (403)
-      and skipped. File modes are not visible: files are recorded 0644 (0444 when not writable).
-    - Restore writes with ``PUT api/contents/<path>`` (folders first; files base64, in ``chunk`` 1..n, -1 for the
-      last, above ``chunk_bytes``); times and modes cannot be set through the API, and symlinks cannot be made:
-      they are skipped with a log line. The hash cache is filled from the replies, so the first backup after a
-      restore downloads nothing.
-
-What the server says is not trusted
-    The server is its user's (root in a pod): a listing is read up to ``max_listing_bytes`` and ``max_entries``
-    entries in all, a download stops at the size the listing gave (a file that grows is read again, then skipped),
-    and one backup reads at most ``max_read_bytes`` from the server (``DOLAB_SYNC_MAX_REMOTE_GB``): past that it
-    fails with a sentence, before the hub's disk or bandwidth pay for it.
-
-Every request carries ``no_track_activity=1`` (jupyter-server then does not count it as the user's activity) and
-goes to the server's own address, never through the hub's proxy (which would). Redirects are never followed (a
-redirect would carry the token elsewhere). All of this is blocking (``requests``): callers run it on a thread pool.
+Writing (restore)
+    Folders first, then files through ``PUT api/contents/<path>``; times and modes cannot be set through the API,
+    and symlinks cannot be made: they are skipped with a log line, and so are paths the server refuses and names
+    that are not UTF-8. The hash cache is filled from the replies, so the first backup after a restore downloads
+    nothing.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
-import requests
-from urllib3.exceptions import HTTPError as Urllib3Error
+from .blobs import BlobWriter, Progress, hash_content
+from .contents import Oversized, PathRefused, RemoteError, RemoteServer, parse_time_ns
+from .engine import BackupReport, RestoreReport, SyncEngine
+from .manifest import FileRecord, HashCache, Manifest
+from .workspace import Excludes, ScannedFile, ScanResult, check_relpath
 
-from .engine import (
-    BackupReport,
-    RestoreReport,
-    SnapshotInfo,
-    SyncEngine,
-    _BlobWriter,
-    _get_piece,
-    _hash_content,
-    _hash_fd,
-)
-from .manifest import (
-    BLOB_PREFIX,
-    CHUNK_BYTES,
-    CHUNK_THRESHOLD_BYTES,
-    FileRecord,
-    HashCache,
-    Manifest,
-    blob_key,
-    snapshot_key,
-    snapshot_time,
-)
-from .store import ObjectNotFound, ObjectStore, StoreError
-from .workspace import Excludes, UnsafePath, check_relpath, fd_path
-
-__all__ = [
-    "AccessRefused",
-    "RemoteError",
-    "RemoteFile",
-    "RemoteServer",
-    "RemoteTree",
-    "backup_remote",
-    "restore_remote",
-]
+__all__ = ["RemoteDestination", "RemoteSource", "backup_remote", "restore_remote"]
 
 log = logging.getLogger("dolab.sync")
 
-Progress = Callable[[int, int], None]
-
-_READ_CHUNK = 1 << 20
-#: One folder's listing may weigh this much (about 100,000 entries).
-MAX_LISTING_BYTES = 32 << 20
-#: Entries (files and folders) a whole workspace may list.
-MAX_ENTRIES = 1_000_000
-#: What one backup may read from a server in all, unless the admin sets DOLAB_SYNC_MAX_REMOTE_GB.
-MAX_READ_BYTES = 200 << 30
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-class RemoteError(StoreError):
-    """The user's server could not be read or written; ``str(error)`` is a sentence."""
-
-
-class AccessRefused(RemoteError):
-    """The server refused the token (401 or 403): waiting or retrying will not help."""
-
-
-class _Refused(RemoteError):
-    """The server refused one path (4xx): that path is skipped, the rest goes on."""
-
-
-class _Oversized(RemoteError):
-    """The server sent more of a file than its listing said: that file is skipped."""
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """A file as the server's listing reports it (``mtime_ns`` has microsecond precision)."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    mode: int
-
-
-@dataclass
-class RemoteTree:
-    """A listing of the whole workspace: files, empty folders, what was skipped (path, why)."""
-
-    files: list[RemoteFile] = field(default_factory=list)
-    empty_dirs: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def parse_time_ns(value: Any) -> int:
-    """``last_modified`` (ISO 8601, as jupyter-server writes it) as nanoseconds since the epoch; 0 when unknown."""
-    if not isinstance(value, str) or not value:
-        return 0
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return 0
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    delta = when - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-
-
-class RemoteServer:
-    """The contents of one running Jupyter server, through its REST API.
-
-    ``url`` is the server's own address with its base URL (``http://10.0.0.5:8888/user/alice/``, the spawner
-    state's ``server_url``); ``token`` a token the server accepts for that server only (the hub's per-server token,
-    or a service token with ``access:servers``). Thread-safe: one ``requests`` session per thread.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        token: str,
-        *,
-        timeout_seconds: float = 60,
-        chunk_bytes: int = 8 << 20,
-        max_depth: int = 64,
-        max_listing_bytes: int = MAX_LISTING_BYTES,
-        max_entries: int = MAX_ENTRIES,
-        max_read_bytes: int = MAX_READ_BYTES,
-    ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"not a server URL: {url!r}")
-        self.url = url.rstrip("/") + "/"
-        self._token = token
-        self.timeout_seconds = timeout_seconds
-        self.chunk_bytes = max(1024, chunk_bytes - chunk_bytes % 3)  # base64 of each chunk stands alone
-        self.max_depth = max_depth
-        self.max_listing_bytes = max_listing_bytes
-        self.max_entries = max_entries
-        self.max_read_bytes = max_read_bytes
-        self._entries = 0  # listed so far (scan)
-        self._read = 0  # bytes downloaded so far
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:  # never the token
-        return f"RemoteServer({self.url!r})"
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers["Authorization"] = f"token {self._token}"
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
-
-    def close(self) -> None:
-        """Close every connection."""
-        with self._lock:
-            for session in self._sessions:
-                session.close()
-            self._sessions.clear()
-
-    def _call(self, method: str, endpoint: str, path: str, doing: str, **kwargs: Any) -> requests.Response:
-        url = self.url + endpoint + quote(path, safe="/")
-        params = {"no_track_activity": "1", **kwargs.pop("params", {})}
-        try:
-            reply = self._session().request(
-                method,
-                url,
-                params=params,
-                timeout=(min(10.0, self.timeout_seconds), self.timeout_seconds),
-                allow_redirects=False,
-                **kwargs,
-            )
-        except requests.Timeout:
-            raise RemoteError(f"Your server did not answer in {self.timeout_seconds:g} s while {doing}.") from None
-        except requests.RequestException as e:
-            raise RemoteError(f"Your server could not be reached while {doing} ({type(e).__name__}).") from e
-        if reply.status_code == 401 or (reply.status_code == 403 and not path):
-            reply.close()
-            raise AccessRefused(f"Your server refused the hub's access while {doing} (HTTP {reply.status_code}).")
-        if 300 <= reply.status_code < 400:
-            reply.close()
-            raise RemoteError(f"Your server answered a redirect while {doing}; it is not reachable at {self.url}.")
-        if 400 <= reply.status_code < 500:
-            reply.close()
-            raise _Refused(f"HTTP {reply.status_code}")
-        if reply.status_code >= 500:
-            reply.close()
-            raise RemoteError(f"Your server failed while {doing} (HTTP {reply.status_code}).")
-        return reply
-
-    def wait_ready(self, timeout_seconds: float) -> None:
-        """Wait until the contents API answers (a server still starting); RemoteError after ``timeout_seconds``."""
-        deadline = time.monotonic() + timeout_seconds
-        while True:
-            try:
-                self._call("GET", "api/contents", "", "checking that it runs", params={"content": "0"}).close()
-                return
-            except AccessRefused:
-                raise
-            except (RemoteError, _Refused):
-                if time.monotonic() >= deadline:
-                    raise RemoteError(f"Your server did not answer within {timeout_seconds:g} s.") from None
-            time.sleep(0.5)
-
-    # ----- reading -------------------------------------------------------------------------------------
-
-    def list_dir(self, path: str) -> list[dict[str, Any]]:
-        """The entries of the folder ``path`` ("" for the root) as the contents API lists them."""
-        doing = f"listing {path or 'your workspace'}"
-        try:
-            reply = self._call("GET", "api/contents/", path, doing, params={"content": "1"}, stream=True)
-        except _Refused as e:
-            if path:
-                raise
-            raise RemoteError(f"Your server answered {e} while {doing}; is its address right?") from None
-        try:
-            body = reply.raw.read(self.max_listing_bytes + 1, decode_content=True)
-        except (OSError, Urllib3Error) as e:  # a broken or too slow answer
-            raise RemoteError(f"Your server's answer broke off while {doing} ({type(e).__name__}).") from e
-        finally:
-            reply.close()
-        if len(body) > self.max_listing_bytes:
-            raise RemoteError(
-                f"Your server's listing of {path or 'your workspace'} is larger than "
-                f"{self.max_listing_bytes >> 20} MiB; split such folders, or exclude them from backups."
-            )
-        try:
-            model = json.loads(body)
-        except ValueError:
-            raise RemoteError("Your server's contents API did not answer JSON.") from None
-        if (
-            not isinstance(model, dict)
-            or model.get("type") != "directory"
-            or not isinstance(model.get("content"), list)
-        ):
-            raise RemoteError(f"Your server's contents API did not list the folder {path or '/'}.")
-        return [e for e in model["content"] if isinstance(e, dict)]
-
-    def scan(self, excludes: Excludes | None = None) -> RemoteTree:
-        """List the whole workspace, with the local scan's excludes, size cap and path checks."""
-        tree = RemoteTree()
-        self._entries = 0
-        self._scan_dir("", 0, excludes or Excludes(), tree)
-        tree.files.sort(key=lambda f: f.path)
-        return tree
-
-    def _scan_dir(self, prefix: str, depth: int, excludes: Excludes, tree: RemoteTree) -> bool:
-        """Scan one folder; whether it held anything kept."""
-        if depth > self.max_depth:
-            tree.skipped.append((prefix + "/", f"deeper than {self.max_depth} folders (a symlink loop?)"))
-            return True
-        try:
-            entries = self.list_dir(prefix)
-        except _Refused as e:
-            tree.skipped.append((prefix + "/", f"the server refused to list it ({e})"))
-            log.warning("Sync skips the remote folder %s: the server refused to list it (%s)", prefix, e)
-            return True
-        self._entries += len(entries)
-        if self._entries > self.max_entries:
-            raise RemoteError(
-                f"Your workspace lists more than {self.max_entries:,} files and folders, more than a backup reads; "
-                "exclude some folders from backups."
-            )
-        kept = False
-        for entry in entries:
-            name, kind = entry.get("name"), entry.get("type")
-            path = f"{prefix}/{name}" if prefix else str(name)
-            try:
-                if not isinstance(name, str) or "/" in name:
-                    raise UnsafePath(f"{name!r} is not a file name")
-                check_relpath(path)
-                if entry.get("path") is not None and str(entry["path"]).strip("/") != path:
-                    raise UnsafePath(f"the server reports it as {entry['path']!r}")
-            except UnsafePath as e:
-                tree.skipped.append((path, f"refused: {e}"))
-                log.warning("Sync refuses the remote path %r: %s", path, e)
-                continue
-            if excludes.excluded(path, name):
-                continue
-            if kind == "directory":
-                if self._scan_dir(path, depth + 1, excludes, tree):
-                    kept = True
-                else:
-                    tree.empty_dirs.append(path)
-                    kept = True
-            elif kind in ("file", "notebook"):
-                size = entry.get("size")
-                if not isinstance(size, int) or size < 0:
-                    tree.skipped.append((path, "the server does not say its size"))
-                    continue
-                if excludes.max_file_bytes and size > excludes.max_file_bytes:
-                    tree.skipped.append((path, f"{size} bytes is over the {excludes.max_file_bytes}-byte cap"))
-                    continue
-                mode = 0o644 if entry.get("writable", True) else 0o444
-                tree.files.append(RemoteFile(path, size, parse_time_ns(entry.get("last_modified")), mode))
-                kept = True
-            else:
-                tree.skipped.append((path, f"not a file or folder ({kind})"))
-        return kept
-
-    def is_empty(self, excludes: Excludes | None = None) -> bool:
-        """Whether the workspace holds no file (but excluded ones): a new pod's workspace, maybe with the empty
-        folders its image made. Stops listing at the first file found."""
-        excludes = excludes or Excludes()
-        folders = [("", 0)]
-        listed = 0
-        while folders:
-            folder, depth = folders.pop()
-            entries = self.list_dir(folder)
-            listed += len(entries)
-            if listed > self.max_entries:
-                raise RemoteError(f"Your workspace lists more than {self.max_entries:,} folders.")
-            for entry in entries:
-                name = entry.get("name")
-                if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
-                    continue
-                path = f"{folder}/{name}" if folder else name
-                if excludes.excluded(path, name):
-                    continue
-                if entry.get("type") != "directory":
-                    return False
-                if depth < self.max_depth:
-                    folders.append((path, depth + 1))
-        return True
-
-    def download(self, path: str, fd: int, max_bytes: int) -> int:
-        """Stream the file ``path`` (``files/``) into the descriptor ``fd`` from offset 0; the bytes written.
-
-        Reads at most ``max_bytes`` (the size the listing gave): :class:`_Oversized` when the server sends more.
-        Raises FileNotFoundError when it is gone, :class:`_Refused` when the server will not serve it, and
-        :class:`RemoteError` once this server has sent ``max_read_bytes`` in all.
-        """
-        try:
-            reply = self._call("GET", "files/", path, f"reading {path}", stream=True)
-        except _Refused as e:
-            if str(e) == "HTTP 404":
-                raise FileNotFoundError(path) from None
-            raise
-        written = 0
-        try:
-            for data in reply.iter_content(_READ_CHUNK):
-                if written + len(data) > max_bytes:
-                    raise _Oversized(f"the server sent more than the {max_bytes} bytes it listed")
-                self._count_read(len(data))
-                os.pwrite(fd, data, written)
-                written += len(data)
-        except requests.RequestException as e:
-            raise RemoteError(f"Reading {path} from your server was interrupted ({type(e).__name__}).") from e
-        finally:
-            reply.close()
-        os.ftruncate(fd, written)
-        return written
-
-    def _count_read(self, size: int) -> None:
-        with self._lock:
-            self._read += size
-            over = self._read > self.max_read_bytes
-        if over:
-            raise RemoteError(
-                f"Your server sent more than {self.max_read_bytes / (1 << 30):g} GiB in one backup, more than a backup "
-                "may read; exclude large folders from backups, or ask an administrator."
-            )
-
-    # ----- writing -------------------------------------------------------------------------------------
-
-    def make_dir(self, path: str) -> None:
-        """Create the folder ``path`` (its parent exists); an existing folder is fine."""
-        check_relpath(path)
-        self._call("PUT", "api/contents/", path, f"creating the folder {path}", json={"type": "directory"}).close()
-
-    def upload(self, path: str, fd: int, size: int) -> dict[str, Any]:
-        """Write the file ``path`` from ``fd`` (``size`` bytes), in chunks above ``chunk_bytes``; the server's model
-        of the written file (``size``, ``last_modified``)."""
-        check_relpath(path)
-        doing = f"writing {path}"
-        if size <= self.chunk_bytes:
-            body: dict[str, Any] = {"type": "file", "format": "base64"}
-            body["content"] = base64.b64encode(os.pread(fd, size, 0)).decode()
-            reply = self._call("PUT", "api/contents/", path, doing, json=body)
-            return _model(reply)
-        offset, number = 0, 1
-        while True:
-            data = os.pread(fd, self.chunk_bytes, offset)
-            offset += len(data)
-            last = offset >= size or not data
-            body = {
-                "type": "file",
-                "format": "base64",
-                "chunk": -1 if last else number,
-                "content": base64.b64encode(data).decode(),
-            }
-            reply = self._call("PUT", "api/contents/", path, doing, json=body)
-            if last:
-                return _model(reply)
-            reply.close()
-            number += 1
-
-
-def _model(reply: requests.Response) -> dict[str, Any]:
-    try:
-        model = reply.json()
-    except ValueError:
-        model = {}
-    finally:
-        reply.close()
-    return model if isinstance(model, dict) else {}
-
-
-# ----- backup --------------------------------------------------------------------------------------------
+#: A hash cache entry: size, mtime_ns, ctime_ns (0 here), inode (0 here), sha256.
+CacheEntry = tuple[int, int, int, int, str]
 
 
 def backup_remote(
@@ -471,154 +62,10 @@ def backup_remote(
     """Make a snapshot of the workspace of ``server`` in ``engine``'s store if anything changed since the latest
     one (the same snapshot format as :meth:`SyncEngine.backup`); then apply retention.
 
-    Raises :class:`RemoteError` when the server cannot be read, StoreError when the store fails: no new snapshot
-    is written then, and every earlier one stays whole.
+    Raises :class:`~.contents.RemoteError` when the server cannot be read, StoreError when the store fails: no new
+    snapshot is written then, and every earlier one stays whole.
     """
-    started = time.monotonic()
-    snaps = engine.snapshots()
-    previous = engine.manifest(snaps[-1].id) if snaps else None
-    report = BackupReport(snapshot=None, previous=previous.snapshot if previous else None)
-    tree = server.scan(engine.policy.excludes)
-    report.skipped = list(tree.skipped)
-    cache = HashCache(cache_path)
-    prev_by_path = {f.path: f for f in previous.files} if previous else {}
-
-    records: dict[str, FileRecord] = {}
-    new_cache: dict[str, tuple[int, int, int, int, str]] = {}
-    todo: list[RemoteFile] = []
-    for f in tree.files:
-        prev = prev_by_path.get(f.path)
-        sha = cache.lookup(f.path, f.size, f.mtime_ns, 0, 0)
-        if sha is None and prev is not None and (prev.size, prev.mtime_ns) == (f.size, f.mtime_ns) and f.mtime_ns:
-            sha = prev.sha256
-        chunks: tuple[str, ...] = ()
-        if sha is not None and f.size >= CHUNK_THRESHOLD_BYTES:
-            chunks = prev.chunks if prev is not None and prev.sha256 == sha else ()
-            sha = sha if chunks else None
-        if sha is not None:
-            records[f.path] = FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha, chunks)
-            new_cache[f.path] = (f.size, f.mtime_ns, 0, 0, sha)
-        else:
-            todo.append(f)
-
-    if todo:
-        wanted = sum(f.size for f in todo)
-        if wanted > server.max_read_bytes:
-            raise RemoteError(
-                f"Your workspace holds {wanted / (1 << 30):.1f} GiB of changed files, more than the "
-                f"{server.max_read_bytes / (1 << 30):g} GiB a backup may read; exclude large folders from backups, "
-                "or ask an administrator."
-            )
-        known = {h for f in previous.files for h in f.blobs} if previous else set()
-        known |= {info.key.rsplit("/", 1)[-1] for info in engine.store.list(BLOB_PREFIX)}
-        copier = _Downloader(engine.store, server, known, sum(f.size for f in todo), progress)
-        with (
-            ThreadPoolExecutor(max(1, engine.policy.workers), thread_name_prefix="dolab-remote") as pool,
-            tempfile.TemporaryDirectory(prefix="dolab-remote-") as scratch,
-        ):
-            copier.pieces_dir = Path(scratch)
-            futures: dict[Future, RemoteFile] = {pool.submit(copier.process, f): f for f in todo}
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((fut for fut in done if fut.exception() is not None), None)
-            if failed is not None:
-                copier.cancelled = True
-                for fut in futures:
-                    fut.cancel()
-                raise failed.exception()  # type: ignore[misc]
-            for fut, f in futures.items():
-                result = fut.result()
-                if isinstance(result, str):
-                    report.skipped.append((f.path, result))
-                    if f.path in prev_by_path:
-                        records[f.path] = prev_by_path[f.path]
-                    continue
-                records[f.path] = result
-                new_cache[f.path] = (f.size, f.mtime_ns, 0, 0, result.sha256)
-        report.hashed_files = copier.hashed
-        report.uploaded_files, report.uploaded_bytes = copier.uploaded, copier.uploaded_bytes
-
-    if engine.policy.deletions == "keep" and previous is not None:
-        engine._carry_deleted(previous, records, tree.empty_dirs, set())
-    manifest = Manifest(
-        snapshot="", files=sorted(records.values(), key=lambda r: r.path), links=[], dirs=sorted(tree.empty_dirs)
-    )
-    report.files, report.total_bytes = len(manifest.files), manifest.total_bytes
-    if not manifest.same_content(previous):
-        manifest.snapshot = engine._unused_id({s.id for s in snaps})
-        engine.store.put_bytes(snapshot_key(manifest.snapshot), manifest.to_bytes())  # last: now it exists
-        report.snapshot = manifest.snapshot
-        snaps.append(SnapshotInfo(manifest.snapshot, snapshot_time(manifest.snapshot)))
-        log.info(
-            "Snapshot %s of %s (remote): %d files, %d bytes; downloaded %d, uploaded %d files (%d bytes)",
-            manifest.snapshot,
-            engine.store.description,
-            report.files,
-            report.total_bytes,
-            report.hashed_files,
-            report.uploaded_files,
-            report.uploaded_bytes,
-        )
-    cache.save(new_cache)
-    report.dropped_snapshots, report.deleted_blobs = engine._retain(snaps)
-    report.seconds = time.monotonic() - started
-    return report
-
-
-class _Downloader(_BlobWriter):
-    """Downloads changed files into private temporary files, hashes them, uploads contents the store lacks."""
-
-    def __init__(
-        self, store: ObjectStore, server: RemoteServer, known: set[str], total_bytes: int, progress: Progress | None
-    ) -> None:
-        super().__init__(store, known, total_bytes, progress)
-        self.server = server
-
-    def process(self, f: RemoteFile) -> FileRecord | str:
-        """The file's record, or why it was left out (a sentence)."""
-        fd, tmp = tempfile.mkstemp(dir=self.pieces_dir)
-        os.unlink(tmp)  # private: only the descriptor reaches it
-        try:
-            for _attempt in range(3):
-                if self.cancelled:
-                    return "cancelled"
-                try:
-                    size = self.server.download(f.path, fd, f.size)
-                except FileNotFoundError:
-                    return "it was deleted during the sync"
-                except _Oversized as e:
-                    if _attempt < 2:
-                        continue  # it grew after it was listed: list-time size no longer holds, read it again
-                    log.warning("Sync skips the remote file %s: %s", f.path, e)
-                    return f"{e}; it is left as it was"
-                except _Refused as e:
-                    log.warning("Sync skips the remote file %s: the server refused to serve it (%s)", f.path, e)
-                    return f"the server refused to serve it ({e}); a symlink out of the workspace?"
-                if size != f.size:
-                    continue  # written while listed or read: the listing's time would not match this content
-                return self._store(f, fd)
-            log.warning("Sync leaves %s as it was: it kept changing while being read", f.path)
-            return "it kept changing while being read"
-        finally:
-            os.close(fd)
-
-    def _store(self, f: RemoteFile, fd: int) -> FileRecord:
-        sha, chunks = _hash_content(fd, f.size)
-        upload = self.claim(sha, chunks)
-        self.put(fd, sha, chunks, upload)
-        self.account(f.size, f.size, chunks, upload)
-        return FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha, chunks)
-
-
-# ----- restore -------------------------------------------------------------------------------------------
-
-
-def _api_name(path: str) -> bool:
-    """Whether ``path`` can go into a contents API URL (names that are not UTF-8 are kept as surrogate escapes)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return engine.backup_from(RemoteSource(server), cache_path, progress)
 
 
 def restore_remote(
@@ -636,89 +83,170 @@ def restore_remote(
     filled from the server's replies, so the next backup downloads nothing.
     """
     manifest = engine.manifest(snapshot_id)
-    report = RestoreReport(manifest.snapshot)
-    folders: set[str] = set()
-    for path in [*manifest.dirs, *(f.path.rpartition("/")[0] for f in manifest.files)]:
-        parts = path.split("/") if path else []
-        folders.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    refused: set[str] = set()
-    for folder in sorted(folders, key=lambda p: (p.count("/"), p)):
-        if any(folder == r or folder.startswith(r + "/") for r in refused):
-            continue
-        if not _api_name(folder):
-            refused.add(folder)
-            log.warning("Restore skips the folder %r: a Jupyter server's API takes only UTF-8 names", folder)
-            continue
+    return engine.restore_to(RemoteDestination(server, cache_path), manifest, progress)
+
+
+class RemoteSource:
+    """The workspace of ``server``, read through its contents API."""
+
+    thread_prefix = "dolab-remote"
+    always_lists_store = True
+    sees_dir_modes = False
+
+    def __init__(self, server: RemoteServer) -> None:
+        self.server = server
+
+    def scan(self, excludes: Excludes) -> ScanResult:
+        """Every file and empty folder the server lists (no links, no folder modes: the API shows neither)."""
+        tree = self.server.scan(excludes)
+        files = [ScannedFile(f.path, f.size, f.mtime_ns, f.mode, 0, 0) for f in tree.files]
+        return ScanResult(files=files, empty_dirs=tree.empty_dirs, skipped=tree.skipped)
+
+    def known_hash(self, f: ScannedFile, cache: HashCache, previous: FileRecord | None) -> str | None:
+        """The content hash of a file whose size and time match the cache's or the previous snapshot's record."""
+        sha = cache.lookup(f.path, f.size, f.mtime_ns, 0, 0)
+        if sha is None and previous is not None and (previous.size, previous.mtime_ns) == (f.size, f.mtime_ns):
+            sha = previous.sha256 if f.mtime_ns else None
+        return sha
+
+    def check_changed(self, todo: list[ScannedFile]) -> None:
+        """Refuse a backup whose changed files weigh more than the server may send in one."""
+        wanted = sum(f.size for f in todo)
+        if wanted > self.server.max_read_bytes:
+            raise RemoteError(
+                f"Your workspace holds {wanted / (1 << 30):.1f} GiB of changed files, more than the "
+                f"{self.server.max_read_bytes / (1 << 30):g} GiB a backup may read; exclude large folders from "
+                "backups, or ask an administrator."
+            )
+
+    def read(self, f: ScannedFile, writer: BlobWriter) -> tuple[FileRecord, CacheEntry] | str:
+        """Download the file into a private temporary file, hash it and store the contents the store lacks: its
+        record and cache entry, or why it was left out (a sentence)."""
+        fd, tmp = tempfile.mkstemp(dir=writer.pieces_dir)
+        os.unlink(tmp)  # private: only the descriptor reaches it
         try:
-            server.make_dir(check_relpath(folder))
-        except _Refused as e:
-            refused.add(folder)
-            log.warning("Restore skips the folder %s: the server refused it (%s)", folder, e)
-    for link in manifest.links:
-        log.warning(
-            "Restore skips the symlink %s -> %s: a Jupyter server's API cannot make links", link.path, link.target
+            for _attempt in range(3):
+                if writer.cancelled:
+                    return "cancelled"
+                try:
+                    size = self.server.download(f.path, fd, f.size)
+                except FileNotFoundError:
+                    return "it was deleted during the sync"
+                except Oversized as e:
+                    if _attempt < 2:
+                        continue  # it grew after it was listed: list-time size no longer holds, read it again
+                    log.warning("Sync skips the remote file %s: %s", f.path, e)
+                    return f"{e}; it is left as it was"
+                except PathRefused as e:
+                    log.warning("Sync skips the remote file %s: the server refused to serve it (%s)", f.path, e)
+                    return f"the server refused to serve it ({e}); a symlink out of the workspace?"
+                if size != f.size:
+                    continue  # written while listed or read: the listing's time would not match this content
+                sha, chunks = hash_content(fd, f.size)
+                upload = writer.claim(sha, chunks)
+                writer.put(fd, sha, chunks, upload)
+                writer.account(f.size, f.size, chunks, upload)
+                return FileRecord(f.path, f.size, f.mtime_ns, f.mode, sha, chunks), (f.size, f.mtime_ns, 0, 0, sha)
+            log.warning("Sync leaves %s as it was: it kept changing while being read", f.path)
+            return "it kept changing while being read"
+        finally:
+            os.close(fd)
+
+    def snapshot_written(self, report: BackupReport, store_description: str) -> None:
+        """Log the snapshot this backup wrote."""
+        log.info(
+            "Snapshot %s of %s (remote): %d files, %d bytes; downloaded %d, uploaded %d files (%d bytes)",
+            report.snapshot,
+            store_description,
+            report.files,
+            report.total_bytes,
+            report.hashed_files,
+            report.uploaded_files,
+            report.uploaded_bytes,
         )
 
-    files = []
-    for f in manifest.files:
-        if any(f.path.startswith(r + "/") for r in refused):
-            continue
-        if not _api_name(f.path):
-            log.warning("Restore skips %r: a Jupyter server's API takes only UTF-8 names", f.path)
-            continue
-        files.append(f)
-    total = sum(f.size for f in files)
-    lock = threading.Lock()
-    done = [0]
-    entries: dict[str, tuple[int, int, int, int, str]] = {}
 
-    def one(rec: FileRecord, scratch: Path) -> None:
+class RemoteDestination:
+    """The workspace of ``server``, written through its contents API; the hash cache at ``cache_path`` (if any) is
+    filled from the server's replies."""
+
+    thread_prefix = "dolab-remote-restore"
+    #: The first failure drops the files not begun yet.
+    finishes_after_a_failure = False
+
+    def __init__(self, server: RemoteServer, cache_path: Path | None = None) -> None:
+        self.server = server
+        self.cache_path = cache_path
+        self.description = server.url
+        self._entries: dict[str, CacheEntry] = {}
+        self._lock = threading.Lock()
+        self._refused: set[str] = set()
+
+    def prepare(self, manifest: Manifest) -> list[FileRecord]:
+        """Make every folder (parents first; those the server refuses are skipped with what is below them); the
+        files that can be written."""
+        folders: set[str] = set()
+        for path in [*manifest.dirs, *(f.path.rpartition("/")[0] for f in manifest.files)]:
+            parts = path.split("/") if path else []
+            folders.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        for folder in sorted(folders, key=lambda p: (p.count("/"), p)):
+            self._make_folder(folder)
+        for link in manifest.links:
+            log.warning(
+                "Restore skips the symlink %s -> %s: a Jupyter server's API cannot make links", link.path, link.target
+            )
+        files = []
+        for f in manifest.files:
+            if any(f.path.startswith(r + "/") for r in self._refused):
+                continue
+            if not _api_name(f.path):
+                log.warning("Restore skips %r: a Jupyter server's API takes only UTF-8 names", f.path)
+                continue
+            files.append(f)
+        return files
+
+    def _make_folder(self, folder: str) -> None:
+        if any(folder == r or folder.startswith(r + "/") for r in self._refused):
+            return
+        if not _api_name(folder):
+            self._refused.add(folder)
+            log.warning("Restore skips the folder %r: a Jupyter server's API takes only UTF-8 names", folder)
+            return
+        try:
+            self.server.make_dir(check_relpath(folder))
+        except PathRefused as e:
+            self._refused.add(folder)
+            log.warning("Restore skips the folder %s: the server refused it (%s)", folder, e)
+
+    def write_file(self, rec: FileRecord, fetch: Callable[[int], None], scratch: Path) -> bool:
+        """Fetch one file into a private temporary file, then upload it; False when the server refuses it."""
         fd, tmp = tempfile.mkstemp(dir=scratch)
         os.unlink(tmp)
         try:
+            fetch(fd)
             try:
-                if rec.chunks:
-                    for index, piece in enumerate(rec.chunks):
-                        _get_piece(engine.store, piece, fd, index * CHUNK_BYTES, scratch)
-                else:
-                    engine.store.get_file(blob_key(rec.sha256), fd_path(fd))
-            except ObjectNotFound:
-                raise StoreError(
-                    f"The backup of {rec.path} is missing its content; restore it from another restore point."
-                ) from None
-            if _hash_fd(fd) != rec.sha256 or os.fstat(fd).st_size != rec.size:
-                raise StoreError(f"The backup of {rec.path} is damaged; restore it from another restore point.")
-            try:
-                model = server.upload(rec.path, fd, rec.size)
-            except _Refused as e:
+                model = self.server.upload(rec.path, fd, rec.size)
+            except PathRefused as e:
                 log.warning("Restore skips %s: the server refused it (%s)", rec.path, e)
-                return
+                return False
         finally:
             os.close(fd)
-        with lock:
-            mtime = parse_time_ns(model.get("last_modified"))
-            if mtime and model.get("size") == rec.size:
-                entries[rec.path] = (rec.size, mtime, 0, 0, rec.sha256)
-            done[0] += rec.size
-            report.files += 1
-            report.bytes += rec.size
-            if progress is not None:
-                progress(done[0], total)
+        mtime = parse_time_ns(model.get("last_modified"))
+        if mtime and model.get("size") == rec.size:
+            with self._lock:
+                self._entries[rec.path] = (rec.size, mtime, 0, 0, rec.sha256)
+        return True
 
-    with (
-        ThreadPoolExecutor(max(1, engine.policy.workers), thread_name_prefix="dolab-remote-restore") as pool,
-        tempfile.TemporaryDirectory(prefix="dolab-remote-restore-") as scratch,
-    ):
-        futures = [pool.submit(one, f, Path(scratch)) for f in files]
-        done_futures, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((fut for fut in done_futures if fut.exception() is not None), None)
-        if failed is not None:
-            for fut in futures:
-                fut.cancel()
-            raise failed.exception()  # type: ignore[misc]
-    if cache_path is not None:
-        HashCache(cache_path).save(entries)
-    log.info(
-        "Restored %d files (%d bytes) of snapshot %s into %s", report.files, report.bytes, manifest.snapshot, server.url
-    )
-    return report
+    def finish(self, manifest: Manifest, report: RestoreReport) -> None:
+        """Save the hash cache the replies filled."""
+        if self.cache_path is not None:
+            HashCache(self.cache_path).save(self._entries)
+
+
+def _api_name(path: str) -> bool:
+    """Whether ``path`` can go into a contents API URL (names that are not UTF-8 are kept as surrogate escapes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -39,8 +39,9 @@ from dolab_core.serverstate import ServerState
 from ..hubclient import HubAPIError, HubClient
 from ..servertokens import ServerTokens
 from .config import user_prefix
+from .contents import MAX_READ_BYTES, AccessRefused, RemoteServer
 from .engine import BackupReport, RestoreReport, SyncEngine, SyncPolicy
-from .remote import MAX_READ_BYTES, AccessRefused, RemoteServer, backup_remote, restore_remote
+from .remote import backup_remote, restore_remote
 from .store import ObjectStore, StoreError
 from .workspace import UnsafePath
 

@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from dolab_services.sync.config import user_prefix
+from dolab_services.sync.contents import RemoteServer
 from dolab_services.sync.engine import SyncEngine
-from dolab_services.sync.remote import RemoteServer
 from tests.e2e.hub import REPO, Hub, free_port
 from tests.e2e.stack import DockerStack, docker_stack
 from tests.runpod_emulator.client import PROXY_URL_TEMPLATE, EmulatorProcess

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from dolab_services.sync.contents import RemoteError, RemoteServer
 from dolab_services.sync.engine import SyncEngine
-from dolab_services.sync.remote import RemoteError, RemoteServer, backup_remote
+from dolab_services.sync.remote import backup_remote
 from dolab_services.sync.s3 import S3Store
 
 from ..sync.conftest import S3Server, s3_server  # noqa: F401 (the session fixture)

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from dolab_services.sync.contents import RemoteError, RemoteServer, parse_time_ns
 from dolab_services.sync.engine import SyncEngine, SyncPolicy
 from dolab_services.sync.manifest import CHUNK_THRESHOLD_BYTES
-from dolab_services.sync.remote import RemoteError, RemoteServer, backup_remote, parse_time_ns, restore_remote
+from dolab_services.sync.remote import backup_remote, restore_remote
 from dolab_services.sync.s3 import S3Store
 from dolab_services.sync.workspace import Excludes
 
