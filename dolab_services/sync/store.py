@@ -11,8 +11,8 @@ Keys
         blobs/<sha256[:2]>/<sha256>          file contents, content-addressed (immutable once written)
         snapshots/<YYYYmmddTHHMMSSffffffZ>.json.gz   one manifest per snapshot, written last
 
-    A store may map keys onto its own layout (Drive: a sub-folder per segment, or the key as the file title) as long
-    as :meth:`ObjectStore.list` gives the same keys back. :func:`check_key` validates a key.
+    A store may map keys onto its own layout (Drive: the key is a file's title in the user's folder) as long as
+    :meth:`ObjectStore.list` gives the same keys back. :func:`check_key` validates a key.
 
 Semantics every implementation keeps
     - ``put_*`` creates or **replaces** the object (never a second object with the same key).

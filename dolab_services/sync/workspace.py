@@ -111,35 +111,53 @@ def leaving_links(links: Mapping[str, str], only: Iterable[str] | None = None) -
 
     Each link is worked out once (its result does not depend on the way in), so a hostile manifest's chains cost
     time in proportion to the number of links."""
-    known: dict[str, _Resolved] = {}
-    stack: list[str] = []
+    resolver = _LinkResolver(links)
+    return {path for path in (links if only is None else only) if path in links and resolver.leaves(path)}
 
-    def follow(path: str) -> _Resolved:
-        if path in known:
-            return known[path]
-        if path in stack:
+
+class _LinkResolver:
+    """Follows the links of one mapping (path -> target) as the kernel would, remembering each link's result."""
+
+    def __init__(self, links: Mapping[str, str]) -> None:
+        self.links = links
+        self.known: dict[str, _Resolved] = {}
+        self.stack: list[str] = []  # the links being resolved, outermost first
+
+    def leaves(self, path: str) -> bool:
+        """Whether the link at ``path`` leads out of the root, loops, or goes through too many links."""
+        try:
+            return not isinstance(self.follow(path), tuple)
+        except _Unwind:
+            return True
+
+    def follow(self, path: str) -> _Resolved:
+        """Where the link at ``path`` leads, and through how many links."""
+        if path in self.known:
+            return self.known[path]
+        if path in self.stack:
             return None  # resolving it needs itself: a loop (ELOOP)
-        if len(stack) > 2 * _MAX_LINKS:
-            raise _Unwind(len(stack))
-        target = links[path]
+        if len(self.stack) > 2 * _MAX_LINKS:
+            raise _Unwind(len(self.stack))
+        target = self.links[path]
         result: _Resolved = None
         if not target.startswith("/"):
-            stack.append(path)
+            self.stack.append(path)
             try:
                 parent = path.rpartition("/")[0]
-                result = resolve([*parent.split("/"), *target.split("/")])
+                result = self.resolve([*parent.split("/"), *target.split("/")])
             except _Unwind as e:
-                if e.depth - (len(stack) - 1) > _MAX_LINKS:
-                    known[path] = _TOO_DEEP
+                if e.depth - (len(self.stack) - 1) > _MAX_LINKS:
+                    self.known[path] = _TOO_DEEP
                 raise
             finally:
-                stack.pop()
+                self.stack.pop()
             if isinstance(result, tuple):
                 result = (result[0], result[1] + 1)
-        known[path] = result
+        self.known[path] = result
         return result
 
-    def resolve(parts: list[str]) -> _Resolved:
+    def resolve(self, parts: list[str]) -> _Resolved:
+        """Where the path ``parts`` (from the root) leads, part by part through the links."""
         here: list[str] = []
         used = 0
         for part in parts:
@@ -152,22 +170,14 @@ def leaving_links(links: Mapping[str, str], only: Iterable[str] | None = None) -
                 continue
             here.append(part)
             key = "/".join(here)
-            if key in links:
-                where = follow(key)
+            if key in self.links:
+                where = self.follow(key)
                 if not isinstance(where, tuple):
                     return where
                 here, used = list(where[0]), used + where[1]
                 if used >= _MAX_LINKS:  # with the link being resolved, one more than the kernel follows
                     return _TOO_DEEP
         return tuple(here), used
-
-    def judge(path: str) -> bool:
-        try:
-            return not isinstance(follow(path), tuple)
-        except _Unwind:
-            return True
-
-    return {path for path in (links if only is None else only) if path in links and judge(path)}
 
 
 @dataclass(frozen=True)
