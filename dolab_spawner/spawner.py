@@ -160,8 +160,9 @@ class DoLabSpawner(LabNoticeTraits, ProgressEvents, UserProfiles, GpuReservation
         help="""Called in order by ``stop()`` before the backend destroys the server: ``hook(spawner, reason)``
         (may be async; ``reason`` is ``"stop"``) or ``"module:callable"`` strings. The sync service's final backup
         plugs in here (``dolab_services.sync.hooks:final_sync``). When one raises, the server is stopped but its
-        storage kept (the backend's ``suspend()`` where it has one: docker stops the container without removing
-        it), the reason is logged as an error and kept in the server's state (``kept``) until its next start.
+        storage kept (the backend's ``suspend()``: docker stops the container without removing it, RunPod stops
+        the pod with its disk, a local workspace outlives its server anyway), the reason is logged as an error and
+        kept in the server's state (``kept``) until its next start.
         """,
     )
 
