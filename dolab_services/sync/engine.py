@@ -44,6 +44,7 @@ from .manifest import (
     BLOB_PREFIX,
     CHUNK_THRESHOLD_BYTES,
     SNAPSHOT_PREFIX,
+    CacheEntry,
     FileRecord,
     HashCache,
     Manifest,
@@ -67,9 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dolab.sync")
-
-#: A hash cache entry: size, mtime_ns, ctime_ns, inode, sha256.
-CacheEntry = tuple[int, int, int, int, str]
 
 
 @dataclass(frozen=True)

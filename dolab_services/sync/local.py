@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .blobs import BlobWriter, hash_content
 from .dirfd import create_temp, make_symlink, open_parent, open_root, opened, walk
-from .manifest import FileRecord, HashCache, Manifest, blob_key
+from .manifest import CacheEntry, FileRecord, HashCache, Manifest, blob_key
 from .selection import PathSelection
 from .store import ObjectNotFound
 from .workspace import (
@@ -43,9 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["LocalDestination", "LocalSource"]
 
 log = logging.getLogger("dolab.sync")
-
-#: A hash cache entry: size, mtime_ns, ctime_ns, inode, sha256.
-CacheEntry = tuple[int, int, int, int, str]
 
 
 class LocalSource:

@@ -47,6 +47,7 @@ __all__ = [
     "CHUNK_BYTES",
     "CHUNK_THRESHOLD_BYTES",
     "SNAPSHOT_PREFIX",
+    "CacheEntry",
     "FileRecord",
     "HashCache",
     "Manifest",
@@ -230,12 +231,16 @@ def _fields(raw: Any, cls: type) -> dict[str, Any]:
     }
 
 
+#: A hash cache entry: size, mtime_ns, ctime_ns, inode, sha256 (ctime and inode 0 where a side cannot see them).
+CacheEntry = tuple[int, int, int, int, str]
+
+
 class HashCache:
     """path -> (size, mtime_ns, ctime_ns, inode, sha256), kept in a local file between syncs."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.entries: dict[str, tuple[int, int, int, int, str]] = {}
+        self.entries: dict[str, CacheEntry] = {}
         if path is not None:
             try:
                 doc = json.loads(gzip.decompress(path.read_bytes()))
@@ -252,7 +257,7 @@ class HashCache:
             return hit[4]
         return None
 
-    def save(self, entries: dict[str, tuple[int, int, int, int, str]]) -> None:
+    def save(self, entries: dict[str, CacheEntry]) -> None:
         """Replace the cache with ``entries`` (written atomically)."""
         self.entries = entries
         if self.path is None:

@@ -42,15 +42,12 @@ from pathlib import Path
 from .blobs import BlobWriter, Progress, hash_content
 from .contents import Oversized, PathRefused, RemoteError, RemoteServer, parse_time_ns
 from .engine import BackupReport, RestoreReport, SyncEngine
-from .manifest import FileRecord, HashCache, Manifest
+from .manifest import CacheEntry, FileRecord, HashCache, Manifest
 from .workspace import Excludes, ScannedFile, ScanResult, check_relpath
 
 __all__ = ["RemoteDestination", "RemoteSource", "backup_remote", "restore_remote"]
 
 log = logging.getLogger("dolab.sync")
-
-#: A hash cache entry: size, mtime_ns, ctime_ns (0 here), inode (0 here), sha256.
-CacheEntry = tuple[int, int, int, int, str]
 
 
 def backup_remote(
