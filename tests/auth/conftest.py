@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from tests.e2e.hub import free_port
+from tests.patience import patience
 
 REPO = Path(__file__).resolve().parents[2]
 OIDC_MODULES = REPO / ".dolab" / "oidc"
@@ -144,7 +145,7 @@ def running_provider(workdir: Path) -> Iterator[OidcProvider]:
         )
     provider = OidcProvider(f"http://127.0.0.1:{port}", users, log_path, proc)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + patience(30)
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"oidc-provider exited with {proc.returncode}:\n{provider.log_tail()}")
@@ -154,7 +155,7 @@ def running_provider(workdir: Path) -> Iterator[OidcProvider]:
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"oidc-provider did not answer in 30 s:\n{provider.log_tail()}")
+                raise TimeoutError(f"oidc-provider did not answer in {patience(30):.0f} s:\n{provider.log_tail()}")
             time.sleep(0.1)
         yield provider
     finally:

@@ -26,6 +26,7 @@ from cryptography.fernet import Fernet
 from playwright.sync_api import expect
 
 from tests.e2e.hub import GPU_INVENTORY, Hub
+from tests.patience import patience_ms
 
 from .conftest import ACCESS_TOKEN_TTL, OidcProvider
 
@@ -122,7 +123,7 @@ def page(browser, tmp_path: Path):
     """A fresh browser context (no cookies of the hub or the provider) per test; a screenshot on failure."""
     context = browser.new_context()
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(patience_ms(60))
     try:
         yield page
     except Exception:
@@ -309,7 +310,7 @@ def test_a_failing_provider_gives_a_login_error_page(
         assert callback.value.status == status
         # the response can arrive before the page is drawn: wait for the sentence, then read the rest
         body = page.locator("body")
-        expect(body).to_contain_text(f"The identity provider at {oidc.url} {words}", timeout=60_000)
+        expect(body).to_contain_text(f"The identity provider at {oidc.url} {words}", timeout=patience_ms(60))
         assert "Please try again in a few minutes" in body.inner_text()
     finally:
         oidc.set_mode("ok")

@@ -15,6 +15,8 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.patience import patience
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -171,7 +173,8 @@ class DriveEmulator:
         self.url = ""
 
     def start(self, timeout_seconds: float = 30) -> DriveEmulatorClient:
-        """Start the process and wait for it to listen; returns a control client."""
+        """Start the process and wait for it to listen (``timeout_seconds`` stretched by :func:`patience`); returns a
+        control client."""
         log = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.drive_emulator", "--host", "127.0.0.1", "--port", "0"],
@@ -192,7 +195,7 @@ class DriveEmulator:
                     return
 
         threading.Thread(target=read_banner, daemon=True).start()
-        if not ready.wait(timeout_seconds):
+        if not ready.wait(patience(timeout_seconds)):
             self.stop()
             raise RuntimeError(f"The Drive emulator did not start: {''.join(lines)}")
         self.url = lines[-1].split()[1]

@@ -2,6 +2,9 @@
 
 The hub runs as a subprocess on loopback ports of its own, with its data directory in a temporary folder. Tests
 drive it through its REST API with a service token that the overlay registers.
+
+Every ``timeout`` here is what a quiet 4-core machine needs; the waits stretch it with :func:`tests.patience.patience`,
+and so do the hub's own spawn limits (``start_timeout``, ``http_timeout``) in the test overlay.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import requests
+
+from tests.patience import patience
 
 REPO = Path(__file__).resolve().parents[2]
 PAGINATION = {"Accept": "application/jupyterhub-pagination+json"}
@@ -37,6 +43,9 @@ c.JupyterHub.load_roles.append(
     }}
 )
 c.JupyterHub.log_level = "DEBUG"
+# JupyterHub's 60 s to start a server and 30 s for it to answer, stretched to this machine (a profile's own still win).
+c.Spawner.start_timeout = {start_timeout}
+c.Spawner.http_timeout = {http_timeout}
 # Local servers of a root hub run as accounts with this prefix: one no real account has, new per hub.
 c.LocalProcessBackend.system_user_prefix = {account_prefix!r}
 """
@@ -60,7 +69,12 @@ class Hub:
         self.token = secrets.token_hex(16)
         self.account_prefix = f"dlt{secrets.token_hex(2)}-"
         (self.overlay_dir / "00-test-service.py").write_text(
-            TEST_OVERLAY.format(token=self.token, account_prefix=self.account_prefix)
+            TEST_OVERLAY.format(
+                token=self.token,
+                account_prefix=self.account_prefix,
+                start_timeout=round(patience(60)),
+                http_timeout=round(patience(30)),
+            )
         )
         if os.geteuid() == 0:
             let_accounts_through(root, REPO, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable))
@@ -88,7 +102,7 @@ class Hub:
     # ----- process -------------------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> Hub:
-        """Start the hub and wait until its API answers."""
+        """Start the hub and wait until its API answers (``timeout`` stretched by :func:`patience`)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - the hub process keeps writing to it
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(REPO / "jupyterhub_config.py")],
@@ -99,6 +113,7 @@ class Hub:
             stdin=subprocess.DEVNULL,
         )
         log.close()
+        timeout = patience(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -109,7 +124,7 @@ class Hub:
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"the hub did not answer in {timeout} s:\n{self.log_tail()}")
+        raise TimeoutError(f"the hub did not answer in {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30) -> None:
         """Stop the hub the way an admin would (SIGTERM); servers keep running (cleanup_servers=False)."""
@@ -117,7 +132,7 @@ class Hub:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout)
+            self.proc.wait(patience(timeout))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
@@ -135,17 +150,23 @@ class Hub:
             return "(no log)"
 
     def shutdown(self) -> None:
-        """End of the test: stop every server through the API, stop the hub, kill any survivor."""
+        """End of the test: stop every server through the API (all at once: each stop may wait on a backup or an
+        engine), stop the hub, kill any survivor."""
         pids: list[int] = []
         if self.proc is not None and self.proc.poll() is None:
             try:
-                for user in self.users():
-                    for name, server in user.get("servers", {}).items():
-                        pid = (server.get("state") or {}).get("backend_state", {}).get("pid")
-                        if pid:
-                            pids.append(pid)
-                        self.stop_server(user["name"], name)
-            except (requests.RequestException, TimeoutError):
+                servers = [(u["name"], name, s) for u in self.users() for name, s in (u.get("servers") or {}).items()]
+                for *_, server in servers:
+                    if pid := (server.get("state") or {}).get("backend_state", {}).get("pid"):
+                        pids.append(pid)
+                # A DELETE returns once its stop is done (up to the hub's slow_stop_timeout): send them side by side.
+                with ThreadPoolExecutor(max_workers=8) as pool:
+                    for user, name, _ in servers:
+                        pool.submit(self.unshared_api, "DELETE", server_path(user, name))
+                deadline = time.monotonic() + patience(60)
+                while any(user.get("servers") for user in self.users()) and time.monotonic() < deadline:
+                    time.sleep(0.3)
+            except requests.RequestException:
                 pass
         self.stop()
         for pid in pids:
@@ -167,9 +188,11 @@ class Hub:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            for _ in range(50):
-                done = subprocess.run(["userdel", account.pw_name], capture_output=True, timeout=30)
-                if done.returncode != 8:  # 8: still has processes, which SIGKILL is ending
+            deadline = time.monotonic() + patience(5)
+            while True:
+                done = subprocess.run(["userdel", account.pw_name], capture_output=True, timeout=patience(30))
+                # 8: the account still has processes, which SIGKILL is ending.
+                if done.returncode != 8 or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
 
@@ -177,21 +200,27 @@ class Hub:
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """A request to the hub's REST API as the test service (user names in ``path`` get escaped)."""
-        kwargs.setdefault("timeout", 60)
+        kwargs.setdefault("timeout", patience(60))
         return self.session.request(method, f"{self.url}/hub/api{quote(path, safe='/?=&@~')}", **kwargs)
+
+    def unshared_api(self, method: str, path: str) -> requests.Response:
+        """:meth:`api` without the shared session, for requests sent from several threads at once."""
+        headers = {"Authorization": f"token {self.token}"}
+        url = f"{self.url}/hub/api{quote(path, safe='/?=&@~')}"
+        return requests.request(method, url, headers=headers, timeout=patience(60))
 
     def service_post(
         self, service: str, path: str, token: str, body: Any, *, timeout: float = 120, wait_seconds: float = 120
     ) -> requests.Response:
         """A POST of ``body`` to ``/services/<service>/<path>`` through the proxy with ``token``, waiting up to
-        ``wait_seconds`` while the hub is still starting the service (502, 503)."""
-        deadline = time.monotonic() + wait_seconds
+        ``wait_seconds`` while the hub is still starting the service (502, 503); both stretched by :func:`patience`."""
+        deadline = time.monotonic() + patience(wait_seconds)
         while True:
             reply = requests.post(
                 f"{self.url}/services/{service}/{path}",
                 headers={"Authorization": f"token {token}"},
                 json=body,
-                timeout=timeout,
+                timeout=patience(timeout),
             )
             if reply.status_code not in (502, 503) or time.monotonic() > deadline:
                 return reply
@@ -227,12 +256,12 @@ class Hub:
 
     def start_server(self, user: str, options: dict[str, Any] | None, name: str = "") -> requests.Response:
         """POST the server start; returns the reply (201, 202 or an error)."""
-        path = f"/users/{user}/servers/{name}" if name else f"/users/{user}/server"
         body = None if options is None else {"user_options": options}
-        return self.api("POST", path, json=body)
+        return self.api("POST", server_path(user, name), json=body)
 
     def wait_ready(self, user: str, name: str = "", timeout: float = 90) -> dict[str, Any]:
-        """Wait until the server is ready; returns its model."""
+        """Wait until the server is ready (``timeout`` stretched by :func:`patience`); returns its model."""
+        timeout = patience(timeout)
         deadline = time.monotonic() + timeout
         server: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -242,22 +271,23 @@ class Hub:
             if not server:
                 raise AssertionError(f"{user}'s server {name!r} is gone:\n{self.log_tail()}")
             time.sleep(0.3)
-        raise TimeoutError(f"{user}'s server {name!r} not ready in {timeout} s: {server}\n{self.log_tail()}")
+        raise TimeoutError(f"{user}'s server {name!r} not ready in {timeout:.0f} s: {server}\n{self.log_tail()}")
 
     def stop_server(self, user: str, name: str = "", timeout: float = 60) -> None:
-        """Stop a server and wait until the hub no longer lists it."""
-        path = f"/users/{user}/servers/{name}" if name else f"/users/{user}/server"
-        reply = self.api("DELETE", path)
+        """Stop a server and wait until the hub no longer lists it (``timeout`` stretched by :func:`patience`)."""
+        reply = self.api("DELETE", server_path(user, name))
         assert reply.status_code in (202, 204, 400, 404), reply.text
+        timeout = patience(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if name not in self.user(user).get("servers", {}):
                 return
             time.sleep(0.3)
-        raise TimeoutError(f"{user}'s server {name!r} did not stop")
+        raise TimeoutError(f"{user}'s server {name!r} did not stop in {timeout:.0f} s:\n{self.log_tail()}")
 
     def progress_events(self, user: str, timeout: float = 60) -> list[dict[str, Any]]:
-        """Read the server-sent progress events of a pending spawn until it ends."""
+        """Read the server-sent progress events of a pending spawn until it ends (``timeout`` stretched)."""
+        timeout = patience(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             reply = self.api("GET", f"/users/{user}/server/progress", stream=True, timeout=timeout)
@@ -272,6 +302,11 @@ class Hub:
                 return events
             time.sleep(0.05)
         raise TimeoutError("no progress stream")
+
+
+def server_path(user: str, name: str = "") -> str:
+    """The REST path of ``user``'s default server, or of their server ``name``."""
+    return f"/users/{user}/servers/{name}" if name else f"/users/{user}/server"
 
 
 def let_accounts_through(*paths: Path) -> None:

@@ -11,9 +11,15 @@ from urllib.parse import quote
 import requests
 import websocket
 
+from tests.patience import patience
+
 
 def run_in_kernel(hub_url: str, user: str, token: str, code: str, server: str = "", timeout: float = 60) -> str:
-    """Start a kernel on ``user``'s server, run ``code``, return what it printed, and delete the kernel."""
+    """Start a kernel on ``user``'s server, run ``code``, return what it printed, and delete the kernel.
+
+    ``timeout`` is stretched by :func:`patience` (a kernel starts slowly on a small, busy machine).
+    """
+    timeout = patience(timeout)
     base = f"{hub_url}/user/{quote(user, safe='@~')}/{server + '/' if server else ''}"
     headers = {"Authorization": f"token {token}"}
     reply = requests.post(f"{base}api/kernels", headers=headers, json={}, timeout=timeout)
@@ -71,4 +77,4 @@ def _execute(ws: websocket.WebSocket, code: str, timeout: float) -> str:
             raise RuntimeError("kernel error: " + "\n".join(msg["content"]["traceback"]))
         elif kind == "status" and msg["content"]["execution_state"] == "idle":
             return "".join(out)
-    raise TimeoutError(f"no result from the kernel in {timeout} s")
+    raise TimeoutError(f"no result from the kernel in {timeout:.0f} s")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ..patience import patience_ms
 from .hub import GPU_INVENTORY, Hub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -56,7 +57,7 @@ def browser():
 def test_login_pick_gpu_profile_and_run_a_cell(hub: Hub, browser, tmp_path: Path) -> None:
     password = (hub.data_dir / "shared-password").read_text().strip()
     page = browser.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(patience_ms(60))
     try:
         page.goto(f"{hub.url}/hub/login")
         page.fill("input[name=username]", "zoe")
@@ -76,14 +77,14 @@ def test_login_pick_gpu_profile_and_run_a_cell(hub: Hub, browser, tmp_path: Path
         page.wait_for_url("**/hub/spawn-pending/zoe**")
         # (the event log sits in a collapsed "details" box: attached, not visible)
         page.locator(".progress-log-event", has_text="Reserved GPU").first.wait_for(state="attached")
-        page.wait_for_url("**/user/zoe/lab**", timeout=90_000)
+        page.wait_for_url("**/user/zoe/lab**", timeout=patience_ms(90))
 
         # Open a notebook, run a cell.
         page.locator('.jp-LauncherCard[data-category="Notebook"]').first.click()
         editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
         editor.wait_for()
         # A cell run before the kernel is connected is dropped: wait for the status bar to say Idle.
-        page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)
+        page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=patience_ms(90))
         editor.click()
         page.keyboard.type("import os; print('GPU=' + os.environ['CUDA_VISIBLE_DEVICES'])")
         page.keyboard.press("Shift+Enter")

@@ -24,6 +24,7 @@ from bs4 import BeautifulSoup
 
 from dolab_lab.notice import NOTICE_NAME, SHARE_DIR
 
+from ..patience import patience_ms
 from .hub import Hub, free_port
 from .stack import docker_stack
 
@@ -152,17 +153,17 @@ def test_the_warning_shows_in_jupyterlab_and_extend_moves_the_stop_time(
 
     password = (hub.data_dir / "shared-password").read_text().strip()
     page = browser.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(patience_ms(60))
     try:
         page.goto(f"{hub.url}/hub/login?next=/hub/user/{USER}/lab")
         page.fill("input[name=username]", USER)
         page.fill("input[name=password]", password)
         page.click("input[type=submit], button[type=submit]")
-        page.wait_for_url(f"**/user/{USER}/lab**", timeout=90_000)
+        page.wait_for_url(f"**/user/{USER}/lab**", timeout=patience_ms(90))
 
         # The notice: why and when, and the one-click extension the culler offers.
         toast = page.locator(".Toastify__toast", has_text="This server stops at")
-        toast.wait_for(timeout=90_000)
+        toast.wait_for(timeout=patience_ms(90))
         assert "the stop time you chose" in toast.inner_text()
         toast.get_by_role("button", name="Extend by 2 hours").click()
         done = page.locator(".Toastify__toast", has_text="Extended: this server now stops at")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.patience import patience
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -64,7 +66,7 @@ def postgres_url() -> Iterator[str]:
     data, port = root / "data", _free_port()
 
     def pg(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*run_as, *args], capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run([*run_as, *args], capture_output=True, text=True, timeout=patience(120), check=False)
 
     result = pg(str(bindir / "initdb"), "-D", str(data), "-U", "dolab", "--auth=trust", "-E", "UTF8", "--no-sync")
     if result.returncode != 0:

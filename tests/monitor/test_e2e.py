@@ -22,6 +22,7 @@ from bs4 import BeautifulSoup
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..e2e.hub import GPU_INVENTORY, Hub, free_port
+from ..patience import patience
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +54,7 @@ def login(hub: Hub, user: str, password_file: str = "shared-password") -> reques
 
 
 def wait_for(what: str, check: Callable[[], Any], hub: Hub, timeout: float = 60) -> Any:
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()

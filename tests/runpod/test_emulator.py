@@ -14,6 +14,7 @@ import runpod
 import runpod.error
 
 from tests.e2e.stack import docker_stack
+from tests.patience import patience
 from tests.runpod_emulator.client import EmulatorProcess
 
 pytestmark = [pytest.mark.docker]
@@ -37,7 +38,7 @@ def sdk(clean_emulator: EmulatorProcess) -> Iterator[EmulatorProcess]:
 
 
 def wait_for(check: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         value = check()
         if value:

@@ -24,6 +24,7 @@ from dolab_services.runpod_reaper import sweep_pods
 from tests.e2e.hub import Hub, free_port
 from tests.e2e.jupyter import run_in_kernel
 from tests.e2e.stack import DockerStack, docker_stack
+from tests.patience import patience
 from tests.runpod_emulator.client import PROXY_URL_TEMPLATE, EmulatorProcess
 from tests.runpod_emulator.server import LABEL
 
@@ -121,7 +122,7 @@ def engine_containers(stack: DockerStack, emulator: EmulatorProcess) -> list[Any
 
 def wait_gone(hub: Hub, user: str, timeout: float = 60) -> None:
     """Wait until the hub no longer lists the user's server (a failed spawn ends like that)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         if "" not in hub.user(user).get("servers", {}):
             return
@@ -327,7 +328,7 @@ def test_a_pod_that_vanishes_while_starting_fails_the_start(hub: Hub, em: Emulat
     em.faults(boot_seconds=20)  # still booting when the POST returns (after the hub's 10 s slow-spawn wait)
     hub.create_user("vera")
     reply = hub.start_server("vera", {"profile": "pod"})
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + patience(30)
     while not em.pods() and time.monotonic() < deadline:
         time.sleep(0.1)
     (pod,) = em.pods()

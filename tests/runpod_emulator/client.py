@@ -11,6 +11,8 @@ from typing import Any
 
 import requests
 
+from tests.patience import patience
+
 REPO = Path(__file__).resolve().parents[2]
 
 #: A pod's HTTP port as the emulator publishes it (``runtime.ports[].ip`` and ``publicPort``).
@@ -38,7 +40,7 @@ class EmulatorProcess:
         self._wait_up()
 
     def _wait_up(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience(timeout)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the RunPod emulator exited:\n{self.log_tail()}")

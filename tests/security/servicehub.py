@@ -14,6 +14,7 @@ from typing import Any
 import requests
 
 from ..e2e.hub import Hub, free_port
+from ..patience import patience
 from ..sync.conftest import S3Server
 
 CULLER, MONITOR, SYNC = "dolab-culler", "dolab-monitor", "dolab-sync"
@@ -72,6 +73,7 @@ def call(hub: Hub, service: str, method: str, path: str, token: str, **kwargs: A
 
 def wait_services(hub: Hub, timeout: float = 60) -> None:
     """Wait until each service answers on its address (the hub starts them after its own API is up)."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     for service in (CULLER, MONITOR, SYNC):
         while True:

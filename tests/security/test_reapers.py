@@ -32,6 +32,7 @@ from dolab_services.reaper import sweep
 from dolab_spawner.backends.runpod import RunPodBackend
 from tests.e2e.hub import REPO, Hub, free_port
 from tests.e2e.stack import DockerStack, docker_stack
+from tests.patience import patience
 from tests.runpod_emulator.client import EmulatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
@@ -68,7 +69,7 @@ def test_the_hub_keeps_its_id_and_gives_it_to_its_reaper(hub: Hub) -> None:
     hub_id = hub_id_of(hub)
     assert len(hub_id) == 8 and hub_id.isalnum()
     # The hub's own dolab-reaper service (its output goes to the hub's log) sweeps with the id the hub keeps.
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + patience(60)
     while f"Sweeping hub {hub_id}'s containers" not in hub.log_tail(400) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert f"Sweeping hub {hub_id}'s containers" in hub.log_tail(400)

@@ -19,6 +19,7 @@ import requests
 
 from ..e2e.hub import Hub, free_port
 from ..e2e.jupyter import run_in_kernel
+from ..patience import patience
 
 pytestmark = pytest.mark.e2e
 
@@ -87,7 +88,7 @@ def test_what_the_culler_sends_a_server_grants_nothing_beyond_it(hub: Hub) -> No
     hub.wait_ready(MALLORY, timeout=180)
 
     # The culler reads her kernels once her server nears its idle stop (30 s); her config records the header.
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + patience(120)
     while not captured_headers(hub) and time.monotonic() < deadline:
         time.sleep(0.5)
     headers = captured_headers(hub)

@@ -38,6 +38,7 @@ from dolab_services.sync.manifest import FileRecord, new_snapshot_id, snapshot_k
 from dolab_services.sync.s3 import S3Store
 
 from ..e2e.hub import REPO, Hub, free_port
+from ..patience import patience
 from ..sync import conftest as sync_conftest
 from ..sync.conftest import S3Server
 from ..sync.treeutil import write
@@ -136,7 +137,8 @@ def restored(folder: Path) -> int:
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (stretched by :func:`patience`)."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"

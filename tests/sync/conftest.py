@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from dolab_services.sync.s3 import S3Store
+from tests.patience import patience
 
 CREDENTIALS = {"access_key_id": "dolab-test", "secret_access_key": "dolab-test-secret", "region_name": "us-east-1"}
 
@@ -93,7 +94,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + patience(60)
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"moto_server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
@@ -102,7 +103,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 break
             except requests.RequestException:
                 if time.monotonic() > deadline:
-                    pytest.fail("moto_server did not answer in 60 s")
+                    pytest.fail(f"moto_server did not answer in {patience(60):.0f} s")
                 time.sleep(0.1)
         yield S3Server(url)
     finally:

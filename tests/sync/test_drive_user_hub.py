@@ -26,6 +26,7 @@ from tests.drive_emulator import DriveEmulator, DriveEmulatorClient
 from tests.drive_emulator.client import UserGrant
 
 from ..e2e.hub import REPO, Hub, free_port
+from ..patience import patience
 from .conftest import CREDENTIALS, S3Server
 from .treeutil import write
 
@@ -90,7 +91,7 @@ def hub(
 
 
 def wait_for_service(hub: Hub, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while True:
         try:
             if requests.get(f"{hub.url}/services/dolab-sync/api/backups", timeout=5).status_code == 403:
@@ -335,7 +336,7 @@ def test_the_hub_renews_the_token_and_the_service_uses_the_fresh_one(
     emulator.expire_access_tokens(email("ivy"))  # Google no longer takes the stored access token
     store_auth_state(hub, "ivy", grant.access_token, grant.refresh_token, expires_in=30)  # within the renewal margin
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + patience(60)
     while hub.user("ivy")["auth_state"]["access_token"] == grant.access_token:
         assert time.monotonic() < deadline, f"the hub did not renew ivy's token:\n{hub.log_tail()}"
         time.sleep(0.2)

@@ -27,6 +27,7 @@ from dolab_spawner.cli import main as dolab
 from ..e2e.hub import REPO, Hub, free_port
 from ..e2e.jupyter import run_in_kernel
 from ..e2e.stack import DockerStack, docker_stack
+from ..patience import patience
 from .conftest import CREDENTIALS, S3Server
 from .treeutil import write
 
@@ -203,7 +204,7 @@ def test_running_servers_are_backed_up_periodically(hub: Hub, s3_server: S3Serve
     start(hub, "frank")
     in_container(hub, "frank", "open('live.txt', 'w').write('periodic')")
     engine = engine_for(s3_server, sync_bucket, "frank")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + patience(120)
     while not (engine.snapshots() and "live.txt" in {f.path for f in engine.manifest().files}):
         assert time.monotonic() < deadline, f"no periodic backup of frank:\n{hub.log_tail()}"
         time.sleep(1)

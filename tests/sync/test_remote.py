@@ -30,6 +30,7 @@ from dolab_services.sync.remote import backup_remote, restore_remote
 from dolab_services.sync.s3 import S3Store
 from dolab_services.sync.workspace import Excludes
 
+from ..patience import patience
 from .conftest import S3Server, _free_port
 from .treeutil import MiB, big_file, write
 
@@ -87,7 +88,7 @@ def start_jupyter(root: Path, log_path: Path) -> JupyterServer:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root, env=env)
     server = JupyterServer(root, f"http://127.0.0.1:{port}{BASE_URL}", token, proc)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + patience(60)
     while True:
         if proc.poll() is not None:
             pytest.fail(f"jupyter_server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
@@ -97,7 +98,7 @@ def start_jupyter(root: Path, log_path: Path) -> JupyterServer:
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
-            pytest.fail("jupyter_server did not answer in 60 s")
+            pytest.fail(f"jupyter_server did not answer in {patience(60):.0f} s")
         time.sleep(0.1)
 
 
