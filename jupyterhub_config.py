@@ -17,12 +17,11 @@ from traitlets import TraitError
 from dolab_core.hubconfig import ConfigEnvError, ensure_secret, env_float, env_json, env_list, find_proxy
 from dolab_core.paths import default_data_dir
 from dolab_core.plans import PlanConfigError, load_plans_file
-from dolab_services.culler.service import culler_service
-from dolab_services.monitor.service import monitor_service
-from dolab_services.reaper import reaper_service
-from dolab_services.runpod_reaper import runpod_reaper_service
+from dolab_services.culler.registration import culler_service
+from dolab_services.monitor.registration import monitor_service
+from dolab_services.reapers.registration import reaper_service, runpod_reaper_service
 from dolab_services.scopes import with_admin_role, with_custom_scopes
-from dolab_services.sync.registration import sync_service
+from dolab_services.sync.registration import backup_before_stops, sync_service
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.auth.envconfig import configure_login
 from dolab_spawner.backends.local import check_local_accounts
@@ -139,11 +138,9 @@ try:
 except ValueError as e:
     sys.exit(f"DO-LAB: bad configuration: {e}")
 if sync is not None:
-    c.JupyterHub.services = [*c.JupyterHub.services, sync.service]
-    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.role]
-    c.JupyterHub.extra_user_scopes = {sync.user_scope}  # the culler's section below adds its own to these
-    c.DoLabSpawner.pre_destroy_hooks = [sync.pre_destroy_hook]
-    c.DoLabSpawner.pre_start_hooks = [sync.pre_start_hook]
+    # Its scope for users (the culler's section below adds its own to these), the spawner's pre_destroy_hooks and
+    # pre_start_hooks.
+    sync.add_to(c)
 
 # --- overlays, then a check of the result ----------------------------------------------------------------
 overlay_dir = Path(env.get("DOLAB_CONFIG_DIR", here / "jupyterhub_config.d"))
@@ -170,8 +167,7 @@ try:
 except ValueError as e:
     sys.exit(f"DO-LAB: bad configuration: {e}")
 if reaper is not None:
-    c.JupyterHub.services = [*c.JupyterHub.services, reaper[0]]
-    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, reaper[1]]
+    reaper.add_to(c)
 # Reports (DOLAB_RUNPOD_REAPER_TERMINATE=1: terminates) DO-LAB's RunPod pods no server owns, when a profile uses runpod
 # (DOLAB_RUNPOD_REAPER=0: never).
 try:
@@ -179,8 +175,7 @@ try:
 except ValueError as e:
     sys.exit(f"DO-LAB: bad configuration: {e}")
 if runpod_reaper is not None:
-    c.JupyterHub.services = [*c.JupyterHub.services, runpod_reaper[0]]
-    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, runpod_reaper[1]]
+    runpod_reaper.add_to(c)
 
 # --- the culler: always, after the overlays, so it sees their max_run_hours and services -----------------------
 # Keeps running work alive and stops idle or expired servers (README.md, "Keep-alive and culling"). Its page is
@@ -190,14 +185,10 @@ try:
 except ValueError as e:
     sys.exit(f"DO-LAB: bad configuration: {e}")
 if culler is not None:
-    c.JupyterHub.services = [*c.JupyterHub.services, culler.service]
-    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, culler.role]
-    c.JupyterHub.extra_user_scopes = culler.extra_user_scopes
+    culler.add_to(c)
     if sync is not None:
         # The culler has dolab-sync back a server up before it stops it; a failed backup keeps the server running.
-        culler.service["command"] = [*culler.service["command"], "--pre-stop-hook", sync.culler_hook]
-        culler.service["environment"] = {**culler.service.get("environment", {}), **sync.caller_environment}
-        c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.caller_role(culler.service["name"])]
+        backup_before_stops(c, sync, culler)
 
 # --- the monitor: always, after the overlays and the culler -------------------------------------------------------
 # GPU and cost telemetry, the usage ledger, quotas and metrics (README.md, "GPU use, spend and quotas"); its page is
@@ -207,18 +198,10 @@ try:
 except ValueError as e:
     sys.exit(f"DO-LAB: bad configuration: {e}")
 if monitor is not None:
-    c.JupyterHub.services = [*c.JupyterHub.services, monitor.service]
-    c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, monitor.role]
-    c.JupyterHub.extra_user_scopes = monitor.extra_user_scopes
-    if monitor.quota_check is not None and "quota_check" not in c.DoLabSpawner:
-        c.DoLabSpawner.quota_check = monitor.quota_check
+    monitor.add_to(c)  # with quotas configured, also the spawner's quota_check (unless an overlay set one)
     if sync is not None:
         # A quota stop has dolab-sync back the server up first, like the culler's; a failed backup keeps it running.
-        monitor.service["command"] = [*monitor.service["command"], "--pre-stop-hook", sync.culler_hook]
-        monitor.service["environment"] = {**monitor.service["environment"], **sync.caller_environment}
-        c.JupyterHub.load_roles = [*c.JupyterHub.load_roles, sync.caller_role(monitor.service["name"])]
-        trusted = [f"--SyncService.trusted_services={name}" for name in ("dolab-culler", monitor.service["name"])]
-        sync.service["command"] = [*sync.service["command"], *trusted]
+        backup_before_stops(c, sync, monitor)
 
 # --- DO-LAB's scopes: last, so they see the overlays' admins and roles --------------------------------------------
 # The services decide from a token's scopes, never from the admin flag (dolab_services/scopes.py): the admins named

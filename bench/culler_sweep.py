@@ -13,7 +13,7 @@ Then, per round (``--rounds``, the order of the first two alternating), one swee
 - ``idle-culler``: jupyterhub-idle-culler 2.0's ``cull_idle`` coroutine, imported and awaited once with what
   ``python -m jupyterhub_idle_culler --timeout=3600 --api-page-size=50`` passes it (its other flags at their
   defaults); its command line has no way to sweep once, and nothing is culled (no server is near an hour idle);
-- ``DO-LAB``: :class:`dolab_services.culler.service.Sweeper` with the built-in policy (CPU servers: 24 h idle),
+- ``DO-LAB``: :class:`dolab_services.culler.sweeper.Sweeper` with the built-in policy (CPU servers: 24 h idle),
   dry run, as ``python -m dolab_services.culler --once --dry-run`` builds it; nothing is near its timeout, so no
   kernel is read;
 - ``DO-LAB, N near``: the same with a policy whose rule for the profile of ``--candidates`` servers (every tenth)
@@ -80,7 +80,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dolab_services.culler.policy import CullPolicy  # noqa: E402
-from dolab_services.culler.service import CULLER_SCOPES, Sweeper, SweepReport  # noqa: E402
+from dolab_services.culler.registration import CULLER_SCOPES  # noqa: E402
+from dolab_services.culler.sweeper import Sweeper, SweepReport  # noqa: E402
 from dolab_services.culler.telemetry import load_telemetry  # noqa: E402
 from dolab_services.hubclient import HubClient  # noqa: E402
 from dolab_services.servertokens import ServerTokens  # noqa: E402

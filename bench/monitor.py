@@ -63,7 +63,7 @@ if str(REPO) not in sys.path:
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from dolab_services.monitor.service import MONITOR_SCOPES  # noqa: E402
+from dolab_services.monitor.registration import MONITOR_SCOPES  # noqa: E402
 
 MONITOR = "dolab-monitor"
 GPUS = 8

@@ -1,14 +1,17 @@
-"""What every DO-LAB hub-managed service application shares: the hub's log format, the page's listener, and
-the work loop that one failure never ends."""
+"""What every DO-LAB hub-managed service application shares: the hub's log format, the page's listener, the work
+loop that one failure never ends, and a fast, quiet stop on SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from tornado import httpserver, web
@@ -17,11 +20,25 @@ from traitlets.config import Application
 
 from .hubclient import HubAPIError
 
-__all__ = ["ServiceApp"]
+__all__ = ["STOP_SIGNALS", "ServiceApp"]
+
+#: What stops a service: the hub sends SIGINT, then SIGTERM (LocalProcessSpawner.stop); admins and systemd SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _exit_before_the_loop(signum: int, frame: FrameType | None) -> None:
+    """A stop signal while the service is still starting: nothing runs yet that needs closing."""
+    raise SystemExit(0)
 
 
 class ServiceApp(Application):
-    """A traitlets Application whose log lines look like the hub's, which a managed service's output joins."""
+    """A traitlets Application whose log lines look like the hub's, which a managed service's output joins.
+
+    A service's ``main`` is :meth:`launch_instance`. It checks its settings in ``start()`` (:meth:`fail` for a bad
+    one), then hands its async main to :meth:`run_until_stopped`, which ends it at SIGINT or SIGTERM: the main task
+    is cancelled (its ``finally`` closes the page's server and the clients), and the process exits 0 at once,
+    without a traceback.
+    """
 
     @default("log_level")
     def _default_log_level(self) -> int:
@@ -34,6 +51,70 @@ class ServiceApp(Application):
     @default("log_datefmt")
     def _default_log_datefmt(self) -> str:
         return "%Y-%m-%d %H:%M:%S"
+
+    @classmethod
+    def launch_instance(cls, argv: Any = None, **kwargs: Any) -> None:
+        """The program (``python -m ...``): read the command line and start. A stop signal that comes before the
+        service runs ends it quietly too."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _exit_before_the_loop)
+        super().launch_instance(argv, **kwargs)
+
+    def fail(self, message: str) -> NoReturn:
+        """A setting that cannot work: one sentence on stderr, exit status 2."""
+        print(f"{self.name}: {message}", file=sys.stderr)
+        self.exit(2)
+        raise SystemExit(2)  # Application.exit exits; this tells type checkers so
+
+    def share_log(self, package: str = "dolab_services") -> None:
+        """Log what the modules of ``package`` log (under their own names) through this app's handler and level."""
+        package_log = logging.getLogger(package)
+        package_log.setLevel(self.log.level)
+        for handler in self.log.handlers:
+            package_log.addHandler(handler)
+
+    def run_until_stopped(self, main: Callable[[], Awaitable[int]]) -> NoReturn:
+        """Run ``main()`` on a new event loop and exit with its status, or with 0 at SIGINT or SIGTERM.
+
+        A signal cancels the main task: its ``finally`` blocks close what it opened (page, clients, pools), then
+        the process ends at once. A call still running in a worker thread (a Docker or RunPod request, a database
+        query) is not waited for: the interpreter would join those threads at exit, for as long as their own
+        timeouts allow, and the hub waits for each service in turn before stopping the next.
+        """
+        stopped_by: list[int] = []
+        code = asyncio.run(self._until_signal(main, stopped_by))
+        if stopped_by:
+            self.log.info("Stopped (%s)", signal.Signals(stopped_by[0]).name)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        self.exit(code)
+        raise SystemExit(code)
+
+    async def _until_signal(self, main: Callable[[], Awaitable[int]], stopped_by: list[int]) -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stop(signum: int) -> None:
+            if not stopped_by:
+                stopped_by.append(signum)
+                task.cancel()
+
+        before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop, signum)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+            return 0
+        finally:
+            for signum, handler in before.items():
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, handler)
 
     def serve_page(
         self,
@@ -73,10 +154,17 @@ class ServiceApp(Application):
         return server
 
     async def repeat(
-        self, work: Callable[[], Awaitable[Any]], interval_seconds: float, what: str, *, min_wait_seconds: float = 0
+        self,
+        work: Callable[[], Awaitable[Any]],
+        interval_seconds: float,
+        what: str,
+        *,
+        min_wait_seconds: float = 0,
+        once: bool = False,
     ) -> None:
-        """Run ``work`` every ``interval_seconds`` forever. A hub that does not answer, or a bug in one round, is
-        logged and the next round comes as planned: one failure never ends the service."""
+        """Run ``work`` every ``interval_seconds`` until cancelled (``once``: one round). A hub that does not
+        answer, or a bug in one round, is logged and the next round comes as planned: one failure never ends the
+        service."""
         while True:
             began = time.monotonic()
             try:
@@ -85,4 +173,6 @@ class ServiceApp(Application):
                 self.log.error("Cannot list the hub's servers, so nothing is done this %s: %s", what, e)
             except Exception:  # a bug in one round must not end the service
                 self.log.exception("The %s failed; trying again in %g s", what, interval_seconds)
+            if once:
+                return
             await asyncio.sleep(max(min_wait_seconds, interval_seconds - (time.monotonic() - began)))

@@ -1,4 +1,5 @@
-"""Tests for :mod:`dolab_services.culler.service`, ``.stop`` and ``.web``: the pieces, offline and fast.
+"""Tests for :mod:`dolab_services.culler` (app, sweeper, registration), ``.stop`` and ``.web``: the pieces, offline
+and fast.
 
 The hub is :mod:`tests.hub_double`'s; a second double plays single-user servers (their ``api/kernels``). GPU use
 comes from the telemetry module's ``StaticTelemetry``. The real hub, proxy and servers are in
@@ -30,21 +31,13 @@ from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
 from dolab_core.plans import plans_from_env
+from dolab_core.times import format_time, parse_time
+from dolab_services.culler.app import Culler
+from dolab_services.culler.extensions import ExtensionStore, extended_stop_at
+from dolab_services.culler.facts import InspectionError, read_busy_kernels, server_facts
 from dolab_services.culler.policy import CullPolicy, Rule, ServerFacts
-from dolab_services.culler.service import (
-    CULLER_SCOPES,
-    USER_SCOPE,
-    Culler,
-    ExtensionStore,
-    InspectionError,
-    Sweeper,
-    culler_service,
-    extended_stop_at,
-    format_time,
-    parse_time,
-    read_busy_kernels,
-    server_facts,
-)
+from dolab_services.culler.registration import CULLER_SCOPES, USER_SCOPE, culler_service
+from dolab_services.culler.sweeper import Sweeper
 from dolab_services.culler.telemetry import StaticTelemetry
 from dolab_services.hubclient import HubClient
 from dolab_services.scopes import STOP_SERVERS as STOP

@@ -1,5 +1,5 @@
-"""Tests for :mod:`dolab_services.reaper`: the orphan policy as tables, its registration in the shipped config,
-and sweeps against the real Docker engines of the test stack with a hub double on 127.0.0.1.
+"""Tests for :mod:`dolab_services.reapers` (Docker): the orphan policy as tables, its registration in the shipped
+config, and sweeps against the real Docker engines of the test stack with a hub double on 127.0.0.1.
 
 The Docker tests create their own containers (DO-LAB's labels plus ``dolab.test=1`` and a label of their own
 that the sweep is narrowed to, so that no other test's container is ever touched) and remove them afterwards.
@@ -28,18 +28,16 @@ from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
 from dolab_services.hubclient import HubClient
-from dolab_services.reaper import (
-    REAPER_SCOPES,
+from dolab_services.reapers.docker import (
     Orphan,
     container_record,
     find_orphans,
     parse_docker_hosts,
-    reaper_service,
-    servers_of,
-    state_problem,
     sweep,
     unclaimed,
 )
+from dolab_services.reapers.registration import REAPER_SCOPES, reaper_service
+from dolab_services.reapers.servers import servers_of, state_problem
 
 from .cli_support import isolate_env
 from .e2e.stack import docker_stack
@@ -277,10 +275,10 @@ def test_no_reaper_service(config: Config) -> None:
 def test_reaper_service(env: dict, hosts: Any, command_tail: list[str], environment: dict) -> None:
     found = reaper_service(config_with([LOCAL_PROFILE, DOCKER_PROFILE], hosts), {**ENV, **env}, "/py")
     assert found is not None
-    service, role = found
+    service, role = found.service, found.role
     assert service == {
         "name": "dolab-reaper",
-        "command": ["/py", "-m", "dolab_services.reaper", *command_tail],
+        "command": ["/py", "-m", "dolab_services.reapers", "docker", *command_tail],
         "environment": {**environment, "DOLAB_HUB_ID": HUB},
     }
     assert role["name"] == "dolab-reaper"
@@ -296,11 +294,11 @@ def test_reaper_service_sees_appended_profiles() -> None:
 
 def test_reaper_service_takes_the_id_the_hub_keeps(tmp_path: Path) -> None:
     env = {"DOLAB_DATA_DIR": str(tmp_path / "data")}
-    service, _ = reaper_service(config_with([DOCKER_PROFILE]), env, "/py") or ({}, {})
+    found = reaper_service(config_with([DOCKER_PROFILE]), env, "/py")
     kept = (tmp_path / "data" / "hub-id").read_text().strip()
-    assert service["environment"]["DOLAB_HUB_ID"] == kept
-    again, _ = reaper_service(config_with([DOCKER_PROFILE]), env, "/py") or ({}, {})
-    assert again["environment"]["DOLAB_HUB_ID"] == kept, "the same id at every start"
+    assert found is not None and found.service["environment"]["DOLAB_HUB_ID"] == kept
+    again = reaper_service(config_with([DOCKER_PROFILE]), env, "/py")
+    assert again is not None and again.service["environment"]["DOLAB_HUB_ID"] == kept, "the same id at every start"
     with pytest.raises(ValueError, match="DOLAB_HUB_ID must be 4 to 16 lowercase letters and digits"):
         reaper_service(config_with([DOCKER_PROFILE]), {"DOLAB_HUB_ID": "Bad Id"}, "/py")
     broken = tmp_path / "broken"
@@ -342,7 +340,7 @@ def test_shipped_config_registers_the_reaper_after_the_overlays(
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     assert {"dolab-cli", "dolab-reaper", "dolab-culler"} <= set(services)
     reaper = services["dolab-reaper"]
-    assert reaper["command"] == [sys.executable, "-m", "dolab_services.reaper", "--interval", "600"]
+    assert reaper["command"] == [sys.executable, "-m", "dolab_services.reapers", "docker", "--interval", "600"]
     hub_id = (tmp_path / "data" / "hub-id").read_text().strip()
     assert reaper["environment"]["DOLAB_HUB_ID"] == hub_id
     assert json.loads(reaper["environment"]["DOLAB_DOCKER_HOSTS"]) == [
@@ -676,7 +674,8 @@ def test_the_service_runs_once_as_a_dry_run(containers: Containers, hosts: dict,
         "DOLAB_DOCKER_HOSTS": json.dumps([hosts["e1"], hosts["e2"]]),
         "DOLAB_HUB_ID": HUB,
     }
-    command = [sys.executable, "-m", "dolab_services.reaper", "--once", "--grace-seconds", "0", "--interval", "5"]
+    command = [sys.executable, "-m", "dolab_services.reapers", "docker", "--once", "--grace-seconds", "0"]
+    command += ["--interval", "5"]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"Orphan container {orphan.name} (id {orphan.id[:12]})" in done.stderr
@@ -700,7 +699,7 @@ def test_the_service_refuses_bad_settings(args: list[str], message: str, tmp_pat
     env["DOLAB_DATA_DIR"] = str(tmp_path / "no-data")  # no hub ran here: no hub-id file
     if "JUPYTERHUB_API_URL" in message:
         del env["JUPYTERHUB_API_URL"]
-    command = [sys.executable, "-m", "dolab_services.reaper", "--once", *args]
+    command = [sys.executable, "-m", "dolab_services.reapers", "docker", "--once", *args]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("dolab-reaper: ") and message in done.stderr

@@ -1,4 +1,4 @@
-"""``python -m dolab_services.culler``: see :mod:`dolab_services.culler.service`."""
+"""``python -m dolab_services.culler``: see :mod:`dolab_services.culler.app`."""
 
 from .app import main
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -117,13 +114,9 @@ class Culler(ServiceApp):
             hooks = load_hooks(self.pre_stop_hooks)
             telemetry = load_telemetry(self.telemetry)
         except ValueError as e:
-            print(f"{SERVICE_NAME}: {e}", file=sys.stderr)
-            self.exit(2)
+            self.fail(str(e))
         # The telemetry sources log under the package's name: through the same handler, in the same format.
-        package_log = logging.getLogger("dolab_services")
-        package_log.setLevel(self.log.level)
-        for handler in self.log.handlers:
-            package_log.addHandler(handler)
+        self.share_log()
         self.log.info(
             "Sweeping every %g s%s; policy %s; GPU use from %s; %d pre-stop hook(s)",
             self.interval_seconds,
@@ -132,12 +125,7 @@ class Culler(ServiceApp):
             self.telemetry,
             len(hooks),
         )
-        try:
-            code = asyncio.run(self._run(policy, hub, hooks, telemetry))
-        except KeyboardInterrupt:  # the hub stops its services with SIGINT
-            self.log.info("Stopped")
-            code = 0
-        self.exit(code)
+        self.run_until_stopped(lambda: self._run(policy, hub, hooks, telemetry))
 
     async def _run(self, policy: CullPolicy, hub: HubClient, hooks: list[Any], telemetry: TelemetrySource) -> int:
         from .web import make_app  # the page needs jupyterhub's OAuth helpers, a one-off sweep does not
@@ -191,6 +179,4 @@ class Culler(ServiceApp):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m dolab_services.culler``."""
-    app = Culler()
-    app.initialize(list(argv) if argv is not None else None)
-    app.start()
+    Culler.launch_instance(list(argv) if argv is not None else None)

@@ -14,15 +14,14 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from traitlets.config import Config
 
 from dolab_core.hubconfig import config_value, env_float
 from dolab_core.plans import service_environment
 
+from ..registration import Registration, registered
 from ..scopes import EXTEND_SERVERS, STOP_SERVERS
 from .policy import CullPolicy
 
@@ -31,7 +30,6 @@ __all__ = [
     "DEFAULT_PORT",
     "SERVICE_NAME",
     "USER_SCOPE",
-    "CullerRegistration",
     "culler_service",
     "load_policy",
 ]
@@ -53,18 +51,9 @@ USER_SCOPE = f"access:services!service={SERVICE_NAME}"
 DEFAULT_PORT = 10101
 
 
-@dataclass(frozen=True)
-class CullerRegistration:
-    """What the shipped config adds: the service, its role, and the user scopes with access to its page."""
-
-    service: dict[str, Any]
-    role: dict[str, Any]
-    extra_user_scopes: set[str]
-
-
 def culler_service(
     config: Config, env: Mapping[str, str], python: str = sys.executable, data_dir: str | os.PathLike[str] = ""
-) -> CullerRegistration | None:
+) -> Registration | None:
     """The hub-managed ``dolab-culler`` service, its role, and ``extra_user_scopes`` with :data:`USER_SCOPE`.
 
     From ``DOLAB_CULLER_INTERVAL`` (seconds), ``DOLAB_CULLER_POLICY`` (a JSON file, checked now),
@@ -72,8 +61,7 @@ def culler_service(
     spawner's ``max_run_hours``. None when the config already has a service of that name. Raises ValueError with
     a sentence for bad settings.
     """
-    services = config_value(config, "JupyterHub", "services", [])
-    if any(isinstance(s, Mapping) and s.get("name") == SERVICE_NAME for s in services):
+    if registered(config, SERVICE_NAME):
         return None
     interval = env_float(env, "DOLAB_CULLER_INTERVAL", 60)
     if interval <= 0:
@@ -112,7 +100,7 @@ def culler_service(
         "services": [SERVICE_NAME],
     }
     scopes = set(config_value(config, "JupyterHub", "extra_user_scopes", set()) or ()) | {USER_SCOPE}
-    return CullerRegistration(service, role, scopes)
+    return Registration(service, role, scopes)
 
 
 def load_policy(path: str) -> CullPolicy:

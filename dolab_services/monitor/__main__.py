@@ -1,5 +1,5 @@
-"""``python -m dolab_services.monitor``: see :mod:`dolab_services.monitor.service`."""
+"""``python -m dolab_services.monitor``: see :mod:`dolab_services.monitor.app`."""
 
-from .service import main
+from .app import main
 
 main()

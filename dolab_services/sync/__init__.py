@@ -3,7 +3,7 @@
 Modules: ``store`` (the storage interface), ``s3`` and ``drive`` (targets), ``workspace`` (reading and writing a
 workspace safely), ``manifest`` (snapshots and the hash cache), ``engine`` (backup, restore, retention), ``config``
 (``DOLAB_SYNC_*``), ``choices`` (each user's target within the admin's policy), ``tokens`` (users' own Google Drive
-tokens, read from the hub's auth_state), ``backups``, ``web`` and ``service`` (the hub-managed ``dolab-sync``
+tokens, read from the hub's auth_state), ``backups``, ``web`` and ``app`` (the hub-managed ``dolab-sync``
 service and its API), ``hooks`` (the spawner's and the culler's final backup, the restore at spawn),
 ``registration`` (what the shipped ``jupyterhub_config.py`` adds).
 """

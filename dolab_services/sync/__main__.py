@@ -1,5 +1,5 @@
-"""``python -m dolab_services.sync``: see :mod:`dolab_services.sync.service`."""
+"""``python -m dolab_services.sync``: see :mod:`dolab_services.sync.app`."""
 
-from .service import main
+from .app import main
 
 main()

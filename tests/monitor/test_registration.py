@@ -16,7 +16,7 @@ from traitlets.config import Config, PyFileConfigLoader
 
 from dolab_core.plans import plans_from_env
 from dolab_services.monitor.quotacheck import MonitorQuotaCheck, is_metered
-from dolab_services.monitor.service import MONITOR_SCOPES, USER_SCOPE, monitor_service
+from dolab_services.monitor.registration import MONITOR_SCOPES, USER_SCOPE, monitor_service
 
 from ..cli_support import isolate_env
 from ..hub_double import HubDouble, serve_hub_double
@@ -44,7 +44,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert found.role["scopes"] == list(MONITOR_SCOPES) and "admin" not in found.role
     assert found.extra_user_scopes == {USER_SCOPE}
-    assert found.quota_check is None, "no quotas: the spawner asks nothing"
+    assert "quota_check" not in found.spawner_settings, "no quotas: the spawner asks nothing"
 
 
 def test_from_env(tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_from_env(tmp_path: Path) -> None:
         "DOLAB_MONITOR_DB_URL": "postgresql://dolab:secret@db/ledger",
     }
     assert found.extra_user_scopes == {"access:services!service=dolab-culler", USER_SCOPE}
-    check = found.quota_check
+    check = found.spawner_settings["quota_check"]
     assert isinstance(check, MonitorQuotaCheck)
     assert check.url == "http://127.0.0.1:9998/services/dolab-monitor/" and check.fail_closed
     assert found.service["api_token"] not in repr(check)
@@ -115,11 +115,11 @@ def test_plans_with_quotas_reach_the_monitor_and_switch_the_check_on(tmp_path: P
         "groups": {"lab": "gpu"},
     }
     found = monitor_service(c, {}, "/py", tmp_path)
-    assert found is not None and found.quota_check is not None
+    assert found is not None and found.spawner_settings.get("quota_check") is not None
     assert plans_from_env(found.service["environment"]).plan_for(["lab"]).quotas == {"gpu_hours": {"week": 40.0}}
     c.DoLabSpawner.plans = {"plans": {"cpu": {"profiles": ["cpu"]}}, "groups": {"lab": "cpu"}}
     found = monitor_service(c, {}, "/py", tmp_path)
-    assert found is not None and found.quota_check is None, "plans without quotas: nothing to check"
+    assert found is not None and "quota_check" not in found.spawner_settings, "plans without quotas: nothing to check"
 
 
 def test_an_admins_own_monitor_service_is_left_alone(tmp_path: Path) -> None:

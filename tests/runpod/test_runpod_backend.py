@@ -20,7 +20,7 @@ import requests
 
 from dolab_core.engines.runpod import PodSpec, RunPodApi, hub_pod_prefix
 from dolab_services.hubclient import HubClient
-from dolab_services.runpod_reaper import sweep_pods
+from dolab_services.reapers.runpod import sweep_pods
 from tests.e2e.hub import Hub, free_port
 from tests.e2e.jupyter import run_in_kernel
 from tests.e2e.stack import DockerStack, docker_stack

@@ -11,7 +11,8 @@ from bs4 import BeautifulSoup, Tag
 from traitlets.config import Config
 
 from dolab_core.engines.runpod import GpuType, PodInfo, pod_name
-from dolab_services.runpod_reaper import find_pod_orphans, runpod_reaper_service
+from dolab_services.reapers.registration import runpod_reaper_service
+from dolab_services.reapers.runpod import find_pod_orphans
 from dolab_spawner import DoLabSpawner
 from dolab_spawner.backends.runpod_offers import pod_request
 from dolab_spawner.options import OptionsError, resolve_options
@@ -168,8 +169,8 @@ def test_reaper_service_only_with_a_runpod_profile() -> None:
     env = {"RUNPOD_API_KEY": "rk", "DOLAB_RUNPOD_REAPER_TERMINATE": "1", "OTHER": "x", "DOLAB_HUB_ID": "test1234"}
     found = runpod_reaper_service(config, env, python="py")
     assert found is not None
-    service, role = found
-    command = ["py", "-m", "dolab_services.runpod_reaper", "--interval", "600", "--prefix", "lab1-", "--terminate"]
+    service, role = found.service, found.role
+    command = ["py", "-m", "dolab_services.reapers", "runpod", "--interval", "600", "--prefix", "lab1-", "--terminate"]
     assert service["command"] == command
     assert service["environment"] == {"RUNPOD_API_KEY": "rk", "DOLAB_HUB_ID": "test1234"}
     assert "admin:server_state" in role["scopes"] and not any(s.startswith("admin:users") for s in role["scopes"])

@@ -28,7 +28,7 @@ import pytest
 
 from dolab_core.engines.runpod import PodSpec, RunPodApi
 from dolab_services.hubclient import HubClient
-from dolab_services.reaper import sweep
+from dolab_services.reapers.docker import sweep
 from dolab_spawner.backends.runpod import RunPodBackend
 from tests.e2e.hub import REPO, Hub, free_port
 from tests.e2e.stack import DockerStack, docker_stack
@@ -164,7 +164,8 @@ async def test_another_hubs_and_hand_made_pods_survive_a_terminating_run(
         "RUNPOD_API_BASE_URL": emulator.url,
         "DOLAB_HUB_ID": hub_id,  # as the hub hands it to its dolab-runpod-reaper service
     }
-    command = [sys.executable, "-m", "dolab_services.runpod_reaper", "--once", "--terminate", "--grace-seconds", "0"]
+    command = [sys.executable, "-m", "dolab_services.reapers", "runpod", "--once", "--terminate"]
+    command += ["--grace-seconds", "0"]
     done = await asyncio.to_thread(
         subprocess.run, command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120
     )
@@ -183,9 +184,14 @@ def test_a_reaper_without_the_hubs_id_refuses_to_run(tmp_path: Path) -> None:
         RUNPOD_API_KEY="k",
         DOLAB_DATA_DIR=str(tmp_path / "never-a-hub-here"),
     )
-    for module in ("dolab_services.reaper", "dolab_services.runpod_reaper"):
+    for reaper in ("docker", "runpod"):
         done = subprocess.run(
-            [sys.executable, "-m", module, "--once"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "dolab_services.reapers", reaper, "--once"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 2, done.stderr
         assert "This hub has no id yet" in done.stderr and "Traceback" not in done.stderr

@@ -69,4 +69,4 @@ def test_registration_passes_secrets_to_the_service_only() -> None:
     assert reg.service["environment"]["DOLAB_WORKSPACE_ROOT"] == "/srv/ws"
     assert reg.service["url"] == "http://127.0.0.1:10999"
     assert reg.role["scopes"] == ["list:users", "read:users:name", "read:servers", "admin:server_state"]
-    assert reg.user_scope == "access:services!service=dolab-sync"
+    assert reg.extra_user_scopes == {"access:services!service=dolab-sync"}

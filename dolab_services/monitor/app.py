@@ -1,82 +1,40 @@
-"""dolab-monitor: GPU and cost telemetry, the usage ledger, quotas, Prometheus metrics and a dashboard page.
+"""The ``dolab-monitor`` service as a program (:class:`MonitorApp`): settings and their checks, the tick loop, the
+page, API and metrics (``python -m dolab_services.monitor``).
 
-``python -m dolab_services.monitor`` runs as a hub-managed service (the shipped config registers it, see
-:func:`monitor_service`). Every ``--interval`` seconds a tick (:mod:`.sampler`) lists the running servers, reads
-the GPUs (:mod:`.telemetry`), books usage in the ledger (:mod:`.ledger`), checks quotas (:mod:`.quotas`,
-:mod:`.enforcer`: a warning at ``--warn-percent``, a stop through the shared stop path at 100%) and updates the
-metrics (:mod:`.metrics`). The page and API are in :mod:`.web`; the hub's spawn-time check in :mod:`.quotacheck`.
-
-Scopes (role ``dolab-monitor``, :data:`MONITOR_SCOPES`): ``list:users``, ``read:users:name`` and
-``read:users:groups`` (who, and their groups for group quotas), ``read:servers`` and ``admin:server_state`` (the
-servers and what their state says they hold and cost), ``delete:servers`` (quota stops). Users get
-``access:services!service=dolab-monitor`` through ``c.JupyterHub.extra_user_scopes`` to open the page.
+Every ``--interval`` seconds a tick (:mod:`.sampler`) lists the running servers, reads the GPUs (:mod:`.telemetry`),
+books usage in the ledger (:mod:`.ledger`), checks quotas (:mod:`.quotas`, :mod:`.enforcer`: a warning at
+``--warn-percent``, a stop through the shared stop path at 100%) and updates the metrics (:mod:`.metrics`). The
+page and API are in :mod:`.web`; the hub's spawn-time check in :mod:`.quotacheck`; what the shipped config adds
+in :mod:`.registration`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import math
 import os
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
-from traitlets.config import Config
 
-from dolab_core.hubconfig import config_value, env_float
-from dolab_core.plans import parse_plans, plans_from_env, service_environment
+from dolab_core.plans import plans_from_env
 
 from ..app import ServiceApp
 from ..hubclient import HubAPIError, HubClient
-from ..scopes import READ_USAGE
 from ..stop import StopPath, load_hooks
 from .enforcer import QuotaEnforcer
 from .ledger import AsyncLedger, UsageLedger
 from .metrics import MonitorMetrics
 from .quotas import QuotaConfig
+from .registration import SERVICE_NAME, load_quotas
 from .runs import GpuPrices
 from .sampler import Monitor
 from .telemetry import TelemetrySource, load_source
 
-__all__ = [
-    "MONITOR_SCOPES",
-    "SERVICE_NAME",
-    "USER_SCOPE",
-    "MonitorApp",
-    "MonitorRegistration",
-    "load_quotas",
-    "main",
-    "monitor_service",
-]
-
-SERVICE_NAME = "dolab-monitor"
-#: What the monitor's token needs, and what the shipped config's ``dolab-monitor`` role grants.
-MONITOR_SCOPES = (
-    "list:users",
-    "read:users:name",
-    "read:users:groups",
-    "read:servers",
-    "admin:server_state",
-    "delete:servers",
-)
-USER_SCOPE = f"access:services!service={SERVICE_NAME}"
-DEFAULT_PORT = 10102
-
-
-def load_quotas(path: str) -> QuotaConfig:
-    """The quotas in a JSON file; ValueError with a sentence."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ValueError(f"Cannot read the quotas file {path} ({e.strerror or e})") from None
-    except ValueError as e:
-        raise ValueError(f"The quotas file {path} is not valid JSON ({e})") from None
-    return QuotaConfig.from_config(data)
+__all__ = ["MonitorApp", "main"]
 
 
 def _env_json(name: str) -> Any:
@@ -191,17 +149,12 @@ class MonitorApp(ServiceApp):
             source = load_source(self.telemetry)
             hub = HubClient()
         except ValueError as e:
-            print(f"{SERVICE_NAME}: {e}", file=sys.stderr)
-            self.exit(2)
-        package_log = logging.getLogger("dolab_services")
-        package_log.setLevel(self.log.level)
-        for handler in self.log.handlers:
-            package_log.addHandler(handler)
+            self.fail(str(e))
+        self.share_log()
         try:
             ledger = UsageLedger(self.db_url)
         except Exception as e:  # a bad URL, a database that does not answer, a missing driver
-            print(f"{SERVICE_NAME}: cannot open the ledger database ({type(e).__name__}: {e})", file=sys.stderr)
-            self.exit(2)
+            self.fail(f"cannot open the ledger database ({type(e).__name__}: {e})")
         self.log.info(
             "Sampling every %g s; GPU readings from %s; ledger in %s; %s; warning at %g%%%s",
             self.interval_seconds,
@@ -211,7 +164,7 @@ class MonitorApp(ServiceApp):
             self.warn_percent,
             "" if self.enforce else " (no stops)",
         )
-        self.exit(asyncio.run(self._run(quotas, prices, hub, hooks, source, ledger)))
+        self.run_until_stopped(lambda: self._run(quotas, prices, hub, hooks, source, ledger))
 
     def _reload_quotas(self, monitor: Monitor, seen: list[float]) -> None:
         if not self.quotas_file:
@@ -293,115 +246,6 @@ class MonitorApp(ServiceApp):
             monitor.ledger.close()
 
 
-# ----- registration in jupyterhub_config.py ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MonitorRegistration:
-    """What the shipped config adds: the service, its role, the user scopes, and the spawner's quota check."""
-
-    service: dict[str, Any]
-    role: dict[str, Any]
-    extra_user_scopes: set[str]
-    #: A :class:`~.quotacheck.MonitorQuotaCheck` when quotas are configured, else None.
-    quota_check: Any
-
-
-def monitor_service(
-    config: Config, env: Mapping[str, str], python: str = sys.executable, data_dir: str | os.PathLike[str] = ""
-) -> MonitorRegistration | None:
-    """The hub-managed ``dolab-monitor`` service, its role, ``extra_user_scopes`` and the spawn-time quota check.
-
-    From ``DOLAB_MONITOR_PORT`` (default 10102), ``DOLAB_MONITOR_INTERVAL`` (15 s), ``DOLAB_MONITOR_TELEMETRY``,
-    ``DOLAB_MONITOR_DB_URL`` (default: SQLite in the data directory), ``DOLAB_MONITOR_QUOTAS`` (JSON) or
-    ``DOLAB_MONITOR_QUOTAS_FILE`` (checked now; the service reads the file again when it changes),
-    ``DOLAB_MONITOR_GPU_PRICES`` (JSON), ``DOLAB_MONITOR_WARN_PERCENT`` (90), ``DOLAB_MONITOR_PER_USER_METRICS``
-    and ``DOLAB_MONITOR_FAIL_CLOSED`` (``1``: refuse GPU spawns while the monitor cannot be asked). The service's
-    token is kept in ``<data dir>/monitor-token``: the hub's quota check sends it. None when the config already
-    has a service of that name. Raises ValueError with a sentence for bad settings.
-    """
-    from dolab_core.hubconfig import ConfigEnvError, ensure_secret, env_json
-
-    from .quotacheck import MonitorQuotaCheck
-
-    services = config_value(config, "JupyterHub", "services", [])
-    if any(isinstance(s, Mapping) and s.get("name") == SERVICE_NAME for s in services):
-        return None
-    interval = env_float(env, "DOLAB_MONITOR_INTERVAL", 15)
-    if interval <= 0:
-        raise ValueError(f"DOLAB_MONITOR_INTERVAL must be a positive number of seconds, not {interval:g}")
-    port = env_float(env, "DOLAB_MONITOR_PORT", DEFAULT_PORT)
-    if port != int(port) or not 0 < port < 65536:
-        raise ValueError(f"DOLAB_MONITOR_PORT must be a TCP port number, not {env.get('DOLAB_MONITOR_PORT')!r}")
-    warn = env_float(env, "DOLAB_MONITOR_WARN_PERCENT", 90)
-    if not 0 < warn <= 100:
-        raise ValueError(f"DOLAB_MONITOR_WARN_PERCENT must be between 0 and 100, not {warn:g}")
-    try:
-        prices = env_json(env, "DOLAB_MONITOR_GPU_PRICES")
-        GpuPrices.from_config(prices)
-    except ConfigEnvError as e:
-        raise ValueError(str(e)) from None
-    command = [python, "-m", "dolab_services.monitor", "--interval", f"{interval:g}", "--warn-percent", f"{warn:g}"]
-    environment: dict[str, str] = {}
-    if prices:
-        environment["DOLAB_MONITOR_GPU_PRICES"] = json.dumps(prices)
-    quotas_file = env.get("DOLAB_MONITOR_QUOTAS_FILE", "").strip()
-    quotas_text = env.get("DOLAB_MONITOR_QUOTAS", "").strip()
-    if quotas_text:
-        try:
-            QuotaConfig.from_config(json.loads(quotas_text))
-        except ValueError as e:
-            raise ValueError(f"DOLAB_MONITOR_QUOTAS: {e}") from None
-        environment["DOLAB_MONITOR_QUOTAS"] = quotas_text
-    elif quotas_file:
-        load_quotas(quotas_file)
-        command += ["--quotas-file", str(Path(quotas_file).resolve())]
-    telemetry = env.get("DOLAB_MONITOR_TELEMETRY", "").strip()
-    if telemetry:
-        command += ["--telemetry", telemetry]
-    db_url = env.get("DOLAB_MONITOR_DB_URL", "").strip()
-    if db_url:
-        environment["DOLAB_MONITOR_DB_URL"] = db_url  # in the environment: a password must not show in `ps`
-    elif data_dir:
-        command += ["--db-url", f"sqlite:///{Path(data_dir) / 'monitor.sqlite'}"]
-    if env.get("DOLAB_MONITOR_PER_USER_METRICS", "") in ("1", "true", "yes"):
-        command.append("--per-user-metrics")
-    plans = config_value(config, "DoLabSpawner", "plans", None)
-    environment.update(service_environment(plans))
-    plan_quotas = not QuotaConfig(plans=parse_plans(plans)).empty
-    token = ensure_secret(Path(data_dir) / "monitor-token", length=40)[0] if data_dir else ""
-    url = f"http://127.0.0.1:{int(port)}"
-    service: dict[str, Any] = {
-        "name": SERVICE_NAME,
-        "command": command,
-        "url": url,
-        "oauth_no_confirm": True,
-        # What the monitor checks for other users' usage: a browser's token carries it when its user has it.
-        "oauth_client_allowed_scopes": [READ_USAGE],
-        "environment": environment,
-        "info": {"description": "GPU use, spend and quotas"},
-    }
-    if token:
-        service["api_token"] = token
-    role = {
-        "name": SERVICE_NAME,
-        "description": "GPU and cost telemetry, usage ledger and quota stops (dolab-monitor)",
-        "scopes": list(MONITOR_SCOPES),
-        "services": [SERVICE_NAME],
-    }
-    scopes = set(config_value(config, "JupyterHub", "extra_user_scopes", set()) or ()) | {USER_SCOPE}
-    quota_check = None
-    if (quotas_text or quotas_file or plan_quotas) and token:
-        quota_check = MonitorQuotaCheck(
-            f"{url}/services/{SERVICE_NAME}/",
-            token,
-            fail_closed=env.get("DOLAB_MONITOR_FAIL_CLOSED", "") in ("1", "true", "yes"),
-        )
-    return MonitorRegistration(service, role, scopes, quota_check)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m dolab_services.monitor``."""
-    app = MonitorApp()
-    app.initialize(list(argv) if argv is not None else None)
-    app.start()
+    MonitorApp.launch_instance(list(argv) if argv is not None else None)

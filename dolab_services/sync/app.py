@@ -1,26 +1,17 @@
-"""``dolab-sync``: the hub-managed backup service (``python -m dolab_services.sync``).
+"""``dolab-sync`` as a program (:class:`SyncService`): the hub-managed backup service
+(``python -m dolab_services.sync``).
 
 Every ``--interval`` minutes (default 15) it backs up the workspace of every running server whose folder is on this
-machine (:meth:`.backups.Backups.sweep`), and it serves the JSON API of :mod:`.web` (list restore points, back up
-now, restore a path). The target and policy come from the ``DOLAB_SYNC_*`` variables the hub passes it
-(:mod:`.config`); storage credentials live only in the hub's config and this process.
-
-Scopes (role ``dolab-sync``, :func:`service_scopes`): ``list:users``, ``read:users:name``, ``read:servers`` and
-``admin:server_state`` (which servers run, and their workspace folder from the spawner state); ``admin:auth_state``
-only when a Drive target uses each user's own token (``DOLAB_SYNC_DRIVE_AUTH=user``: :mod:`.tokens`);
-``tokens`` only when remote servers are backed up too (``DOLAB_SYNC_REMOTE_SERVERS``, on with RunPod): the service
-reads their workspaces through their REST API at their own address (``state["server_url"]``, never through the
-proxy, so a backup is not the user's activity; :mod:`.remote_hooks`), each with a token the hub mints for that one
-server, owned by its user (:mod:`dolab_services.servertokens`): the pod's root never sees the service's token. Users get
-``access:services!service=dolab-sync`` to use the API, where they may also choose their target (:mod:`.choices`).
+machine (:meth:`.backups.Backups.sweep`), and remote servers' through their REST API when that is on
+(:mod:`.remote_hooks`); it serves the JSON API of :mod:`.web` (list restore points, back up now, restore a path).
+The target and policy come from the ``DOLAB_SYNC_*`` variables the hub passes it (:mod:`.config`); storage
+credentials live only in the hub's config and this process. Its scopes: :mod:`.registration`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,34 +24,11 @@ from .backups import Backups
 from .choices import TargetChoices, choices_path
 from .config import SyncSettings
 from .engine import BackupReport
+from .registration import DEFAULT_TRUSTED_SERVICES, SERVICE_NAME
 from .remote_hooks import backup_remote_server, sweep_remote
 from .tokens import HubAuthStates
 
-__all__ = [
-    "AUTH_STATE_SCOPE",
-    "REMOTE_SCOPE",
-    "SERVICE_NAME",
-    "SYNC_SCOPES",
-    "USER_SCOPE",
-    "SyncService",
-    "main",
-    "service_scopes",
-]
-
-SERVICE_NAME = "dolab-sync"
-SYNC_SCOPES = ("list:users", "read:users:name", "read:servers", "admin:server_state")
-USER_SCOPE = f"access:services!service={SERVICE_NAME}"
-#: Mint per-server tokens to read remote servers' workspaces through their REST API: only when remote servers are
-#: backed up.
-REMOTE_SCOPE = "tokens"
-#: Read users' tokens from auth_state: only with Drive in user-token mode.
-AUTH_STATE_SCOPE = "admin:auth_state"
-
-
-def service_scopes(settings: SyncSettings) -> list[str]:
-    """The scopes the service's role needs for these settings, and no more."""
-    scopes = [*SYNC_SCOPES, AUTH_STATE_SCOPE] if settings.needs_user_tokens else list(SYNC_SCOPES)
-    return [*scopes, REMOTE_SCOPE] if settings.remote_servers else scopes
+__all__ = ["SyncService", "main"]
 
 
 class SyncService(ServiceApp):
@@ -82,7 +50,7 @@ class SyncService(ServiceApp):
     cache_dir = Unicode(config=True, help="Where the hash caches live (default: <data dir>/sync-service-cache).")
     trusted_services = List(
         Unicode(),
-        ["dolab-culler"],
+        list(DEFAULT_TRUSTED_SERVICES),
         config=True,
         help="Hub services that may back up any user's workspace through the API (the culler, before a stop).",
     )
@@ -115,13 +83,9 @@ class SyncService(ServiceApp):
                 raise ValueError("no workspace root: set DOLAB_WORKSPACE_ROOT or --workspace-root")
             hub = HubClient()
         except ValueError as e:
-            print(f"{SERVICE_NAME}: {e}", file=sys.stderr)
-            self.exit(2)
+            self.fail(str(e))
         interval = self.interval_minutes if "interval_minutes" in self._trait_values else settings.interval_minutes
-        package_log = logging.getLogger("dolab")
-        package_log.setLevel(self.log.level)
-        for handler in self.log.handlers:
-            package_log.addHandler(handler)
+        self.share_log("dolab")
         backups = Backups(
             settings,
             Path(self.workspace_root),
@@ -142,7 +106,7 @@ class SyncService(ServiceApp):
             settings.keep_snapshots,
             settings.deletions,
         )
-        self.exit(asyncio.run(self._run(backups, hub, interval)))
+        self.run_until_stopped(lambda: self._run(backups, hub, interval))
 
     async def _run(self, backups: Backups, hub: HubClient, interval_minutes: float) -> int:
         from .web import make_app  # the API needs jupyterhub's OAuth helpers

@@ -1,27 +1,15 @@
-"""dolab-reaper: find the Docker containers DO-LAB made that no server in the hub owns, and report or remove them.
+"""The Docker reaper's work: find the containers DO-LAB made that no server in the hub owns, log or remove them.
 
 The hub saves a server's state only after its start returns, so a hub that crashes during a start, a restored
-database, or a hub that forgot a server at restart leaves containers behind, each holding its GPUs. Every
-``--interval`` seconds the reaper lists the containers labelled ``dolab.managed=true`` on every engine of
-``docker_hosts``, asks the hub which servers exist, and logs each orphan (the default, a dry run) or force-removes
-it (``--remove``)::
-
-    python -m dolab_services.reaper [--interval 600] [--grace-seconds 300] [--remove] [--once]
-                                    [--docker-hosts JSON]   # default: $DOLAB_DOCKER_HOSTS, else [{"name": "local"}]
-                                    [--hub-id ID]           # default: $DOLAB_HUB_ID, else <data dir>/hub-id
+database, or a hub that forgot a server at restart leaves containers behind, each holding its GPUs. A sweep
+(:func:`sweep`) lists the containers labelled ``dolab.managed=true`` on every engine of ``docker_hosts``, asks the
+hub which servers exist, and logs each orphan (the default, a dry run) or force-removes it (``--remove``).
 
 Only this hub's containers are ever orphans: those labelled ``dolab.hub=<this hub's id>``
 (:mod:`dolab_core.hubidentity`). Another hub's on a shared engine, and one made by hand, are never touched. A
 container from before hub ids (``dolab.managed=true`` without ``dolab.hub``) cannot be told apart from another
 hub's or a hand-made one: it is kept while a server's state names it (its server still runs it), else logged once
 as left alone, for an admin to remove.
-
-The shipped ``jupyterhub_config.py`` runs it as a hub-managed service (:func:`reaper_service`) whenever a profile
-uses the docker backend; ``DOLAB_REAPER_REMOVE=1`` turns removal on, ``DOLAB_REAPER_INTERVAL`` sets the interval.
-
-Scopes (role ``dolab-reaper``, least privilege): ``list:users``, ``read:users:name``, ``read:servers`` and
-``admin:server_state`` (a server's state names its container). It needs no right on servers: it removes
-containers through the Docker engines, never through the hub.
 
 What is kept, in the order :func:`find_orphans` checks: a container younger than ``--grace-seconds``; one that a
 server's state names (by id, or by name on the same engine); one whose server (labels ``dolab.user`` and
@@ -36,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,35 +31,22 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from traitlets import Bool, Float, Integer, Unicode, default
-from traitlets.config import Config
-
 from dolab_core.engines.docker import DOLAB_LABEL, HUB_LABEL, check_docker_hosts, engines
-from dolab_core.hubconfig import config_value, env_float
-from dolab_core.hubidentity import HUB_ID_ENV, check_hub_id, hub_id
+from dolab_core.hubidentity import check_hub_id
+from dolab_core.serverstate import ServerState
 
-from .app import ServiceApp
-from .hubclient import HubAPIError, HubClient
+from ..hubclient import HubAPIError, HubClient
+from .servers import servers_of, state_problem
 
 __all__ = [
-    "REAPER_SCOPES",
     "Orphan",
-    "Reaper",
     "SweepResult",
     "container_record",
     "find_orphans",
-    "main",
     "parse_docker_hosts",
-    "reaper_service",
-    "servers_of",
-    "state_problem",
     "sweep",
     "unclaimed",
 ]
-
-#: What the reaper's token needs, and what the shipped config's ``dolab-reaper`` role grants.
-REAPER_SCOPES = ("list:users", "read:users:name", "read:servers", "admin:server_state")
-DEFAULT_HOSTS = [{"name": "local"}]
 
 T = TypeVar("T")
 
@@ -143,33 +116,6 @@ def container_record(engine: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def servers_of(users: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The server models of the hub's user models, each with its ``user`` and ``name``."""
-    return [
-        {**(model or {}), "user": str(user.get("name", "")), "name": name}
-        for user in users
-        for name, model in (user.get("servers") or {}).items()
-    ]
-
-
-def state_problem(users: Sequence[Mapping[str, Any]]) -> str | None:
-    """A sentence when the user models lack the servers or their state (the token's scopes), else None."""
-    for user in users:
-        servers = user.get("servers")
-        if not isinstance(servers, Mapping):
-            return "The hub lists users without their servers: the token needs read:servers."
-        if any(not isinstance(s, Mapping) or "state" not in s for s in servers.values()):
-            return "The hub lists servers without their state: the token needs admin:server_state."
-    return None
-
-
-def _placement(state: Mapping[str, Any]) -> tuple[str, str, str]:
-    """``(engine, container id, container name)`` a docker server's state names ("" where it names none)."""
-    backend_state = state.get("backend_state") or {}
-    engine = str(backend_state.get("docker_host") or state.get("host") or "local")
-    return engine, str(backend_state.get("object_id") or ""), str(backend_state.get("object_name") or "")
-
-
 def _same_id(a: str, b: str) -> bool:
     """Full ids, or one a prefix (12+ characters) of the other."""
     return bool(a and b) and (a == b or (min(len(a), len(b)) >= 12 and (a.startswith(b) or b.startswith(a))))
@@ -180,9 +126,9 @@ def _owned(servers: Sequence[Mapping[str, Any]]) -> tuple[list[str], set[tuple[s
     owned_ids: list[str] = []
     owned_names: set[tuple[str, str]] = set()
     for server in servers:
-        state = server.get("state") or {}
-        if state.get("backend") == "docker":
-            engine, object_id, object_name = _placement(state)
+        state = ServerState.of(server)
+        if state.backend == "docker":
+            engine, object_id, object_name = state.container
             owned_ids.extend([object_id] if object_id else [])
             owned_names.update([(engine, object_name)] if object_name else [])
     return owned_ids, owned_names
@@ -243,12 +189,11 @@ def find_orphans(
         if found is None:
             reason = f"the hub lists no server {label}"
         elif not found.get("pending"):
-            state = found.get("state") or {}
-            backend = state.get("backend")
-            on_engine, object_id, object_name = _placement(state)
-            if backend and backend != "docker":
-                reason = f"server {label} now runs on the {backend} backend"
-            elif backend and on_engine != engine:
+            state = ServerState.of(found)
+            on_engine, object_id, object_name = state.container
+            if state.backend and state.backend != "docker":
+                reason = f"server {label} now runs on the {state.backend} backend"
+            elif state.backend and on_engine != engine:
                 reason = f"server {label} runs on engine {on_engine}"
             elif object_id or object_name:
                 reason = f"server {label} runs container {object_name or object_id[:12]}"
@@ -419,147 +364,3 @@ def parse_docker_hosts(text: str) -> list[dict[str, Any]]:
     except ValueError as e:
         raise ValueError(f"--docker-hosts is not valid JSON ({e})") from None
     return check_docker_hosts(raw)
-
-
-def reaper_service(
-    config: Config, env: Mapping[str, str], python: str = sys.executable
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The hub-managed service and its role, when a profile of ``DoLabSpawner.profile_list`` uses docker.
-
-    None when no listed profile does (a callable profile_list cannot be read here), or when the config already
-    has a service named ``dolab-reaper``. Raises ValueError with a sentence for bad ``docker_hosts`` or env.
-    """
-    profiles = config_value(config, "DoLabSpawner", "profile_list", [])
-    if not isinstance(profiles, (list, tuple)):
-        return None
-    if not any(isinstance(p, Mapping) and p.get("backend") == "docker" for p in profiles):
-        return None
-    services = config_value(config, "JupyterHub", "services", [])
-    if any(isinstance(s, Mapping) and s.get("name") == "dolab-reaper" for s in services):
-        return None
-    hosts = check_docker_hosts(config_value(config, "DoLabSpawner", "docker_hosts", DEFAULT_HOSTS))
-    interval = env_float(env, "DOLAB_REAPER_INTERVAL", 600)
-    if interval <= 0:
-        raise ValueError(f"DOLAB_REAPER_INTERVAL must be a positive number of seconds, not {interval:g}")
-    command = [python, "-m", "dolab_services.reaper", "--interval", f"{interval:g}"]
-    if env.get("DOLAB_REAPER_REMOVE") == "1":
-        command.append("--remove")
-    # The hub's own id (the one its containers carry), read here, in the hub's process.
-    environment = {"DOLAB_DOCKER_HOSTS": json.dumps(hosts), HUB_ID_ENV: hub_id(env)}
-    # A managed service keeps none of the hub's environment: pass on what the hub's engine without url uses.
-    environment.update({k: env[k] for k in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH") if env.get(k)})
-    service = {"name": "dolab-reaper", "command": command, "environment": environment}
-    role = {
-        "name": "dolab-reaper",
-        "description": "Find DO-LAB containers no server owns (read servers and their state)",
-        "scopes": list(REAPER_SCOPES),
-        "services": ["dolab-reaper"],
-    }
-    return service, role
-
-
-# ----- the service -----------------------------------------------------------------------------------------
-
-
-class Reaper(ServiceApp):
-    """The ``dolab-reaper`` service: :func:`sweep` every ``interval_seconds``, or once."""
-
-    name = "dolab-reaper"
-    description = "Report (or remove, with --remove) DO-LAB's Docker containers that no server in the hub owns."
-
-    interval_seconds = Float(600, config=True, help="Seconds between two sweeps.")
-    grace_seconds = Float(
-        300,
-        config=True,
-        help="Containers younger than this (seconds) are never reaped: their server may be starting right now.",
-    )
-    remove = Bool(False, config=True, help="Force-remove orphans; without it, only log them (a dry run).")
-    once = Bool(False, config=True, help="Sweep once and exit (1 when the hub could not be read).")
-    docker_hosts = Unicode(
-        config=True,
-        help="""The hub's ``DoLabSpawner.docker_hosts`` as JSON, e.g. ``[{"name": "local"}]``.
-        Default: ``$DOLAB_DOCKER_HOSTS``, else the local engine.""",
-    )
-    docker_timeout_seconds = Float(30, config=True, help="SDK timeout of one Docker call (seconds).")
-    docker_pool_size = Integer(4, config=True, help="Threads per engine for Docker calls.")
-    hub_concurrency = Integer(4, config=True, help="At most this many hub API requests at once.")
-    hub_id = Unicode(
-        "",
-        config=True,
-        help="""The hub's id (only containers labelled ``dolab.hub=<id>`` are reaped). Default: ``$DOLAB_HUB_ID``,
-        which the hub sets for its service, else the one kept in the data directory.""",
-    )
-
-    aliases = {
-        "hub-id": "Reaper.hub_id",
-        "interval": "Reaper.interval_seconds",
-        "grace-seconds": "Reaper.grace_seconds",
-        "docker-hosts": "Reaper.docker_hosts",
-        "docker-timeout": "Reaper.docker_timeout_seconds",
-        "concurrency": "Reaper.hub_concurrency",
-        "log-level": "Application.log_level",
-    }
-    flags = {
-        "remove": ({"Reaper": {"remove": True}}, "Force-remove orphans (default: only log them)."),
-        "once": ({"Reaper": {"once": True}}, "Sweep once and exit."),
-    }
-
-    @default("docker_hosts")
-    def _default_docker_hosts(self) -> str:
-        return os.environ.get("DOLAB_DOCKER_HOSTS") or json.dumps(DEFAULT_HOSTS)
-
-    def start(self) -> None:
-        """Check the settings, then sweep until stopped (or once)."""
-        try:
-            if self.interval_seconds <= 0:
-                raise ValueError(f"--interval must be a positive number of seconds, not {self.interval_seconds:g}")
-            hosts = parse_docker_hosts(self.docker_hosts)
-            hub = HubClient(concurrency=self.hub_concurrency)
-            identity = check_hub_id(self.hub_id, "--hub-id") if self.hub_id else hub_id(create=False)
-        except ValueError as e:
-            print(f"dolab-reaper: {e}", file=sys.stderr)
-            self.exit(2)
-        mode = "removing orphans" if self.remove else "dry run: reporting orphans only"
-        self.log.info(
-            "Sweeping hub %s's containers on %s every %g s (%s; grace %g s)",
-            identity,
-            ", ".join(h["name"] for h in hosts),
-            self.interval_seconds,
-            mode,
-            self.grace_seconds,
-        )
-        self.exit(asyncio.run(self._run(hub, hosts, identity)))
-
-    async def _run(self, hub: HubClient, hosts: list[dict[str, Any]], identity: str) -> int:
-        reported: set[str] = set()
-        async with hub:
-            while True:
-                try:
-                    result = await sweep(
-                        hub,
-                        hosts,
-                        hub_id=identity,
-                        reported=reported,
-                        remove=self.remove,
-                        grace_seconds=self.grace_seconds,
-                        docker_timeout_seconds=self.docker_timeout_seconds,
-                        docker_pool_size=self.docker_pool_size,
-                        log=self.log,
-                    )
-                except Exception:  # a bug in one sweep must not end the service
-                    self.log.exception("The sweep failed; trying again in %g s", self.interval_seconds)
-                    result = SweepResult(hub_error="the sweep failed")
-                if self.once:
-                    return 1 if result.hub_error else 0
-                await asyncio.sleep(self.interval_seconds)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m dolab_services.reaper``."""
-    app = Reaper()
-    app.initialize(list(argv) if argv is not None else None)
-    app.start()
-
-
-if __name__ == "__main__":
-    main()
