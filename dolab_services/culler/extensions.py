@@ -1,9 +1,11 @@
 """Stop times users extended to: the limit on an extension, and the store that keeps them.
 
-JupyterHub 6.1 refuses ``PATCH /users/:u/servers/:s`` while a server is running ("is active. Please stop it before
-modifying it"), so an extended stop time cannot go into the running server's ``user_options``: the culler keeps it
-in its own file (which survives the hub's restarts of the service), bound to that run of the server (its
-``started`` time); a later start uses the user's options again."""
+The stop time the culler enforces is the one the spawner validated and keeps in the server's state
+(:class:`~dolab_core.serverstate.ServerState`), which only the hub writes; JupyterHub 6.1 also refuses
+``PATCH /users/:u/servers/:s`` while a server is running ("is active. Please stop it before modifying it"). So an
+extended stop time cannot go into the running server: the culler keeps it in its own file (which survives the
+hub's restarts of the service), bound to that run of the server (its ``started`` time); a later start uses the
+user's options again."""
 
 from __future__ import annotations
 
