@@ -265,7 +265,7 @@ class UsageLedger:
                 self._move_watermark(session, move)
             if step.usage:
                 self._add_usage(session, users, step.usage)
-        return step.bookings
+        return list(step.bookings)
 
     @staticmethod
     def _watermarks(session: Session, users: Sequence[str]) -> dict[tuple[str, str], tuple[str, float]]:
