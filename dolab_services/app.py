@@ -20,10 +20,13 @@ from traitlets.config import Application
 
 from .hubclient import HubAPIError
 
-__all__ = ["STOP_SIGNALS", "ServiceApp"]
+__all__ = ["CLEANUP_SECONDS", "STOP_SIGNALS", "ServiceApp"]
 
-#: What stops a service: the hub sends SIGINT, then SIGTERM (LocalProcessSpawner.stop); admins and systemd SIGTERM.
+#: What stops a service: the hub sends SIGINT, then SIGTERM 30 s later (LocalProcessSpawner.stop), one service after
+#: the other; admins and systemd send SIGTERM.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: How long a stopping service's clean-up (closing its page and clients, revoking tokens) may take (seconds).
+CLEANUP_SECONDS = 1.5
 
 
 def _exit_before_the_loop(signum: int, frame: FrameType | None) -> None:
@@ -77,44 +80,51 @@ class ServiceApp(Application):
         """Run ``main()`` on a new event loop and exit with its status, or with 0 at SIGINT or SIGTERM.
 
         A signal cancels the main task: its ``finally`` blocks close what it opened (page, clients, pools), then
-        the process ends at once. A call still running in a worker thread (a Docker or RunPod request, a database
-        query) is not waited for: the interpreter would join those threads at exit, for as long as their own
-        timeouts allow, and the hub waits for each service in turn before stopping the next.
+        the process ends at once, without asyncio's own shutdown: that would wait for every call still running in
+        a worker thread (a Docker or RunPod request, a database query, a GPU read) for as long as its own timeout
+        allows, and the hub waits for each service in turn before it stops the next. A clean-up that takes more
+        than :data:`CLEANUP_SECONDS` is not waited for either.
         """
-        stopped_by: list[int] = []
-        code = asyncio.run(self._until_signal(main, stopped_by))
-        if stopped_by:
-            self.log.info("Stopped (%s)", signal.Signals(stopped_by[0]).name)
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        code = asyncio.run(self._until_signal(main))
         self.exit(code)
-        raise SystemExit(code)
+        raise SystemExit(code)  # Application.exit exits; this tells type checkers so
 
-    async def _until_signal(self, main: Callable[[], Awaitable[int]], stopped_by: list[int]) -> int:
+    async def _until_signal(self, main: Callable[[], Awaitable[int]]) -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        stopped_by: list[int] = []
 
         def stop(signum: int) -> None:
             if not stopped_by:
                 stopped_by.append(signum)
                 task.cancel()
+                loop.call_later(CLEANUP_SECONDS, self._end_now, signum, "before its clean-up finished")
 
         before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
+        code = 0
         try:
-            return await main()
+            code = await main()
         except asyncio.CancelledError:
             if not stopped_by:
                 raise
-            return 0
         finally:
             for signum, handler in before.items():
                 loop.remove_signal_handler(signum)
                 signal.signal(signum, handler)
+        if stopped_by:
+            self._end_now(stopped_by[0])
+        return code
+
+    def _end_now(self, signum: int, how: str = "") -> NoReturn:
+        """End the process with status 0, its log written out, nothing else waited for."""
+        self.log.info("Stopped (%s)%s", signal.Signals(signum).name, f" {how}" if how else "")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def serve_page(
         self,

@@ -53,32 +53,13 @@ def load_quotas(path: str) -> QuotaConfig:
     return QuotaConfig.from_config(data)
 
 
-def monitor_service(
-    config: Config, env: Mapping[str, str], python: str = sys.executable, data_dir: str | os.PathLike[str] = ""
-) -> Registration | None:
-    """The hub-managed ``dolab-monitor`` service, its role, ``extra_user_scopes`` and the spawn-time quota check.
+def _command(env: Mapping[str, str], python: str, data_dir: str | os.PathLike[str]) -> tuple[list[str], dict[str, str]]:
+    """The service's command and environment from the ``DOLAB_MONITOR_*`` settings, each checked now."""
+    from dolab_core.hubconfig import ConfigEnvError, env_json
 
-    From ``DOLAB_MONITOR_PORT`` (default 10102), ``DOLAB_MONITOR_INTERVAL`` (15 s), ``DOLAB_MONITOR_TELEMETRY``,
-    ``DOLAB_MONITOR_DB_URL`` (default: SQLite in the data directory), ``DOLAB_MONITOR_QUOTAS`` (JSON) or
-    ``DOLAB_MONITOR_QUOTAS_FILE`` (checked now; the service reads the file again when it changes),
-    ``DOLAB_MONITOR_GPU_PRICES`` (JSON), ``DOLAB_MONITOR_WARN_PERCENT`` (90), ``DOLAB_MONITOR_PER_USER_METRICS``
-    and ``DOLAB_MONITOR_FAIL_CLOSED`` (``1``: refuse GPU spawns while the monitor cannot be asked). The service's
-    token is kept in ``<data dir>/monitor-token``: the hub's quota check sends it (``spawner_settings`` holds
-    ``quota_check`` when quotas are configured). None when the config already has a service of that name. Raises
-    ValueError with a sentence for bad settings.
-    """
-    from dolab_core.hubconfig import ConfigEnvError, ensure_secret, env_json
-
-    from .quotacheck import MonitorQuotaCheck
-
-    if registered(config, SERVICE_NAME):
-        return None
     interval = env_float(env, "DOLAB_MONITOR_INTERVAL", 15)
     if interval <= 0:
         raise ValueError(f"DOLAB_MONITOR_INTERVAL must be a positive number of seconds, not {interval:g}")
-    port = env_float(env, "DOLAB_MONITOR_PORT", DEFAULT_PORT)
-    if port != int(port) or not 0 < port < 65536:
-        raise ValueError(f"DOLAB_MONITOR_PORT must be a TCP port number, not {env.get('DOLAB_MONITOR_PORT')!r}")
     warn = env_float(env, "DOLAB_MONITOR_WARN_PERCENT", 90)
     if not 0 < warn <= 100:
         raise ValueError(f"DOLAB_MONITOR_WARN_PERCENT must be between 0 and 100, not {warn:g}")
@@ -112,6 +93,36 @@ def monitor_service(
         command += ["--db-url", f"sqlite:///{Path(data_dir) / 'monitor.sqlite'}"]
     if env.get("DOLAB_MONITOR_PER_USER_METRICS", "") in ("1", "true", "yes"):
         command.append("--per-user-metrics")
+    return command, environment
+
+
+def monitor_service(
+    config: Config, env: Mapping[str, str], python: str = sys.executable, data_dir: str | os.PathLike[str] = ""
+) -> Registration | None:
+    """The hub-managed ``dolab-monitor`` service, its role, ``extra_user_scopes`` and the spawn-time quota check.
+
+    From ``DOLAB_MONITOR_PORT`` (default 10102), ``DOLAB_MONITOR_INTERVAL`` (15 s), ``DOLAB_MONITOR_TELEMETRY``,
+    ``DOLAB_MONITOR_DB_URL`` (default: SQLite in the data directory), ``DOLAB_MONITOR_QUOTAS`` (JSON) or
+    ``DOLAB_MONITOR_QUOTAS_FILE`` (checked now; the service reads the file again when it changes),
+    ``DOLAB_MONITOR_GPU_PRICES`` (JSON), ``DOLAB_MONITOR_WARN_PERCENT`` (90), ``DOLAB_MONITOR_PER_USER_METRICS``
+    and ``DOLAB_MONITOR_FAIL_CLOSED`` (``1``: refuse GPU spawns while the monitor cannot be asked). The service's
+    token is kept in ``<data dir>/monitor-token``: the hub's quota check sends it (``spawner_settings`` holds
+    ``quota_check`` when quotas are configured). None when the config already has a service of that name. Raises
+    ValueError with a sentence for bad settings.
+    """
+    from dolab_core.hubconfig import ensure_secret
+
+    from .quotacheck import MonitorQuotaCheck
+
+    if registered(config, SERVICE_NAME):
+        return None
+    port = env_float(env, "DOLAB_MONITOR_PORT", DEFAULT_PORT)
+    if port != int(port) or not 0 < port < 65536:
+        raise ValueError(f"DOLAB_MONITOR_PORT must be a TCP port number, not {env.get('DOLAB_MONITOR_PORT')!r}")
+    command, environment = _command(env, python, data_dir)
+    quotas_configured = bool(
+        env.get("DOLAB_MONITOR_QUOTAS", "").strip() or env.get("DOLAB_MONITOR_QUOTAS_FILE", "").strip()
+    )
     plans = config_value(config, "DoLabSpawner", "plans", None)
     environment.update(service_environment(plans))
     plan_quotas = not QuotaConfig(plans=parse_plans(plans)).empty
@@ -137,7 +148,7 @@ def monitor_service(
     }
     scopes = set(config_value(config, "JupyterHub", "extra_user_scopes", set()) or ()) | {USER_SCOPE}
     spawner_settings: dict[str, Any] = {}
-    if (quotas_text or quotas_file or plan_quotas) and token:
+    if (quotas_configured or plan_quotas) and token:
         spawner_settings["quota_check"] = MonitorQuotaCheck(
             f"{url}/services/{SERVICE_NAME}/",
             token,

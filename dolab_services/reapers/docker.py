@@ -251,6 +251,70 @@ async def _confirm(
     return bool(find_orphans([container], servers_of([user]), now, grace, hub_id))
 
 
+async def _list_engines(
+    hosts: Sequence[Mapping[str, Any]],
+    label_filters: Sequence[str],
+    timeout_seconds: float,
+    pool_size: int,
+    result: SweepResult,
+    log: logging.Logger,
+) -> list[dict[str, Any]]:
+    """DO-LAB's containers on every engine that answers; the others are named in ``result.engines_down``."""
+    containers: list[dict[str, Any]] = []
+    listings = await asyncio.gather(
+        *(_list_engine(h, label_filters, timeout_seconds, pool_size) for h in hosts), return_exceptions=True
+    )
+    for host, listing in zip(hosts, listings, strict=True):
+        if isinstance(listing, BaseException):
+            result.engines_down.append(str(host["name"]))
+            log.warning(
+                "Docker engine %s is not answering (%s); skipping it this sweep", host["name"], _reason(listing)
+            )
+        else:
+            containers.extend(listing)
+    return containers
+
+
+def _report_unclaimed(result: SweepResult, reported: set[str], log: logging.Logger) -> None:
+    """Log each container from before hub ids once (``reported`` carries which were, from sweep to sweep)."""
+    for old in result.unclaimed:
+        if old["id"] not in reported:
+            reported.add(old["id"])
+            log.info(
+                "Leaving container %s (id %s) on engine %s alone: labelled dolab.managed but without a hub id (made"
+                " before hub ids, by another hub or by hand) and no server of this hub runs it; remove it yourself"
+                " if it is a leftover",
+                old["name"],
+                old["id"][:12],
+                old["engine"],
+            )
+    reported.intersection_update(old["id"] for old in result.unclaimed)  # bounded by what is still there
+
+
+async def _remove_orphans(
+    hosts: Sequence[Mapping[str, Any]],
+    result: SweepResult,
+    now: float,
+    timeout_seconds: float,
+    pool_size: int,
+    log: logging.Logger,
+) -> None:
+    """Force-remove ``result.orphans``, each on its engine; one that fails is logged and the others go on."""
+    hosts_by_name = {str(h["name"]): h for h in hosts}
+    for orphan in result.orphans:
+        try:
+            await _on_engine(hosts_by_name[orphan.engine], timeout_seconds, pool_size, _remover(orphan.id))
+        except Exception as e:
+            if getattr(e, "status_code", None) == 404:
+                log.info("Orphan %s; already gone", orphan.describe(now))
+                continue
+            result.failed.append(orphan)
+            log.error("Could not remove orphan %s: %s", orphan.describe(now), _reason(e))
+            continue
+        result.removed.append(orphan)
+        log.info("Removed orphan %s", orphan.describe(now))
+
+
 async def sweep(
     hub: HubClient,
     hosts: Sequence[Mapping[str, Any]],
@@ -272,20 +336,8 @@ async def sweep(
     """
     log = log or logging.getLogger("dolab.reaper")
     result = SweepResult()
-    containers: list[dict[str, Any]] = []
     # Containers first, then the hub: every container seen existed before the hub's answer was made.
-    listings = await asyncio.gather(
-        *(_list_engine(h, label_filters, docker_timeout_seconds, docker_pool_size) for h in hosts),
-        return_exceptions=True,
-    )
-    for host, listing in zip(hosts, listings, strict=True):
-        if isinstance(listing, BaseException):
-            result.engines_down.append(str(host["name"]))
-            log.warning(
-                "Docker engine %s is not answering (%s); skipping it this sweep", host["name"], _reason(listing)
-            )
-        else:
-            containers.extend(listing)
+    containers = await _list_engines(hosts, label_filters, docker_timeout_seconds, docker_pool_size, result, log)
     result.containers = len(containers)
     try:
         users = [user async for user in hub.users(state="active")]
@@ -305,41 +357,13 @@ async def sweep(
         return result
     result.others = sum(1 for c in containers if c["labels"].get(HUB_LABEL) != hub_id)
     result.unclaimed = unclaimed(containers, servers)
-    reported = reported if reported is not None else set()
-    for old in result.unclaimed:
-        if old["id"] not in reported:
-            reported.add(old["id"])
-            log.info(
-                "Leaving container %s (id %s) on engine %s alone: labelled dolab.managed but without a hub id (made"
-                " before hub ids, by another hub or by hand) and no server of this hub runs it; remove it yourself"
-                " if it is a leftover",
-                old["name"],
-                old["id"][:12],
-                old["engine"],
-            )
-    reported.intersection_update(old["id"] for old in result.unclaimed)  # bounded by what is still there
+    _report_unclaimed(result, reported if reported is not None else set(), log)
     result.orphans = [o for o, sure in zip(candidates, confirmed, strict=True) if sure]
-    hosts_by_name = {str(h["name"]): h for h in hosts}
-    for orphan in result.orphans:
-        if not remove:
+    if remove:
+        await _remove_orphans(hosts, result, now, docker_timeout_seconds, docker_pool_size, log)
+    else:
+        for orphan in result.orphans:
             log.info("Orphan %s. Dry run: not removed (--remove removes it)", orphan.describe(now))
-            continue
-        try:
-            await _on_engine(
-                hosts_by_name[orphan.engine],
-                docker_timeout_seconds,
-                docker_pool_size,
-                _remover(orphan.id),
-            )
-        except Exception as e:
-            if getattr(e, "status_code", None) == 404:
-                log.info("Orphan %s; already gone", orphan.describe(now))
-                continue
-            result.failed.append(orphan)
-            log.error("Could not remove orphan %s: %s", orphan.describe(now), _reason(e))
-            continue
-        result.removed.append(orphan)
-        log.info("Removed orphan %s", orphan.describe(now))
     # A quiet sweep is polling (debug); one that found something is worth an info line.
     log.log(
         logging.INFO if result.orphans or result.engines_down else logging.DEBUG,

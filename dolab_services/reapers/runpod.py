@@ -101,6 +101,46 @@ def find_pod_orphans(pods: Sequence[PodInfo], servers: Sequence[Mapping[str, Any
     return orphans
 
 
+def _due(
+    orphans: Sequence[PodOrphan],
+    first_seen: dict[str, float],
+    now: float,
+    grace_seconds: float,
+    result: PodSweepResult,
+    log: logging.Logger,
+) -> None:
+    """Sort the orphans: stopped pods are kept, those within their grace period wait, the rest are due
+    (``result.orphans``). ``first_seen`` forgets the pods that are no longer orphans."""
+    for gone in set(first_seen) - {o.id for o in orphans}:
+        del first_seen[gone]
+    for orphan in orphans:
+        if orphan.status == "EXITED":
+            # Stopped on purpose (stop_action "stop", or a failed workspace sync): its disk may hold the only copy
+            # of a user's work, and the server's next start resumes it. Billed for storage only; never terminated.
+            result.stopped.append(orphan)
+            log.debug("Stopped %s; kept (its disk may hold unsynced work)", orphan.describe())
+            continue
+        since = first_seen.setdefault(orphan.id, now)
+        if now - since < grace_seconds:
+            result.waiting.append(orphan)
+            continue
+        result.orphans.append(orphan)
+
+
+async def _terminate(api: RunPodApi, result: PodSweepResult, first_seen: dict[str, float], log: logging.Logger) -> None:
+    """Terminate the due orphans; one that fails is logged and the others go on."""
+    for orphan in result.orphans:
+        try:
+            await api.terminate_pod(orphan.id)
+        except RunPodError as e:
+            result.failed.append(orphan)
+            log.error("Could not terminate orphan %s: %s", orphan.describe(), e)
+            continue
+        first_seen.pop(orphan.id, None)
+        result.terminated.append(orphan)
+        log.info("Terminated orphan %s", orphan.describe())
+
+
 async def sweep_pods(
     hub: HubClient,
     api: RunPodApi,
@@ -135,34 +175,12 @@ async def sweep_pods(
         result.error = f"hub: {e}"
         log.error("Cannot read the hub's servers, so nothing is reaped this sweep: %s", e)
         return result
-    now = time.monotonic()
-    orphans = find_pod_orphans(pods, servers_of(users), prefix)
-    for gone in set(first_seen) - {o.id for o in orphans}:
-        del first_seen[gone]
-    for orphan in orphans:
-        if orphan.status == "EXITED":
-            # Stopped on purpose (stop_action "stop", or a failed workspace sync): its disk may hold the only copy
-            # of a user's work, and the server's next start resumes it. Billed for storage only; never terminated.
-            result.stopped.append(orphan)
-            log.debug("Stopped %s; kept (its disk may hold unsynced work)", orphan.describe())
-            continue
-        since = first_seen.setdefault(orphan.id, now)
-        if now - since < grace_seconds:
-            result.waiting.append(orphan)
-            continue
-        result.orphans.append(orphan)
-        if not terminate:
+    _due(find_pod_orphans(pods, servers_of(users), prefix), first_seen, time.monotonic(), grace_seconds, result, log)
+    if terminate:
+        await _terminate(api, result, first_seen, log)
+    else:
+        for orphan in result.orphans:
             log.info("Orphan %s. Dry run: not terminated (--terminate terminates it)", orphan.describe())
-            continue
-        try:
-            await api.terminate_pod(orphan.id)
-        except RunPodError as e:
-            result.failed.append(orphan)
-            log.error("Could not terminate orphan %s: %s", orphan.describe(), e)
-            continue
-        first_seen.pop(orphan.id, None)
-        result.terminated.append(orphan)
-        log.info("Terminated orphan %s", orphan.describe())
     log.log(
         logging.INFO if result.orphans else logging.DEBUG,
         "Sweep done: %d DO-LAB pod(s), %d orphan(s) (%d within the grace period), %d terminated",
