@@ -91,8 +91,10 @@ stack-down:
 	$(BIN)/python tests/stack.py down
 
 # pytest between stack-up and stack-down; the stack comes down even when pytest fails, and pytest's status is kept.
+# It ends with its 30 slowest steps: where to look when the suite gets slower. Its header says how far the waits
+# stretch on this machine (tests/patience.py; DOLAB_TEST_PATIENCE=<factor> sets it).
 pytest: $(VENV)/.installed-test proxy test-parts labextension
-	$(BIN)/python tests/stack.py up && { $(BIN)/pytest -ra; rc=$$?; $(BIN)/python tests/stack.py down; exit $$rc; }
+	$(BIN)/python tests/stack.py up && { $(BIN)/pytest -ra --durations=30; rc=$$?; $(BIN)/python tests/stack.py down; exit $$rc; }
 
 test: lint typecheck pytest
 

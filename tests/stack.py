@@ -1359,9 +1359,11 @@ def up() -> int:
         with timings.step("image on engine 1"):
             say(f"recipe {recipe.digest}: {recipe.suite} {' '.join(recipe.requirements)}")
             ensure_image(client1, recipe, timings, ENGINE1)
-            if not cache_path(recipe).exists():  # e.g. the image came from elsewhere: engine 2 needs the tarball
-                save_cache(client1, recipe)
         with timings.step("image on engine 2"):
+            # Engine 2 loads the image from the tarball a build leaves; one that came from elsewhere (a clean clone
+            # beside engines that kept their images) is saved only when engine 2 lacks it, not on every run.
+            if not has_image(client2, recipe.image) and not cache_path(recipe).exists():
+                save_cache(client1, recipe)
             ensure_image(client2, recipe, timings, ENGINE2)
         stack = {
             "docker_host": ENGINE1.host,
