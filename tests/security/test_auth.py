@@ -30,6 +30,7 @@ import requests
 
 from tests.auth.conftest import ACCESS_TOKEN_TTL, OidcProvider, TestUser, running_provider
 from tests.e2e.hub import GPU_INVENTORY, REPO, Hub
+from tests.patience import patience
 
 pytestmark = pytest.mark.e2e
 
@@ -267,7 +268,7 @@ def test_first_start_on_a_terminal_shows_the_passwords(tmp_path: Path) -> None:
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + patience(90)
         while not re.search(rb"admins .*password \S+\r?\n", seen):
             assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
             time.sleep(0.2)
