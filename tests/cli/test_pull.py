@@ -16,8 +16,8 @@ from dolab_spawner.cli import main
 from dolab_spawner.cli.common import CliError
 from dolab_spawner.cli.pull import PRESENT, configured_engines, configured_images, load_hub_config
 
-from .cli_support import isolate_env
-from .e2e.stack import docker_stack
+from ..cli_support import isolate_env
+from ..e2e.stack import docker_stack
 
 PRESENT_IMAGE = "dolab-singleuser-test:latest"
 MISSING_IMAGE = "dolab-test-missing:nope"
@@ -147,7 +147,7 @@ def test_load_hub_config_hides_the_configs_output(tmp_path: Path, capsys: pytest
 def test_the_shipped_config_names_the_images_of_docker_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
     profiles = [{"display_name": "CPU"}, docker_profile("lab:1", env={"torch": "torch:2", "plain": ""})]
     monkeypatch.setenv("DOLAB_PROFILES", json.dumps(profiles))
-    shipped = Path(__file__).resolve().parents[1] / "jupyterhub_config.py"
+    shipped = Path(__file__).resolve().parents[2] / "jupyterhub_config.py"
     assert configured_images(load_hub_config(shipped), DEFAULT) == ["lab:1", "torch:2"]
 
 

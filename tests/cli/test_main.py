@@ -14,7 +14,7 @@ from dolab_spawner import __version__, cli
 from dolab_spawner.cli import common, doctor, gpus, main
 from dolab_spawner.cli.common import format_table
 
-from .cli_support import isolate_env
+from ..cli_support import isolate_env
 
 
 @pytest.fixture(autouse=True)

@@ -31,8 +31,8 @@ from dolab_spawner.cli.doctor import (
     doctor_exit_code,
 )
 
-from .cli_support import INVENTORY_JSON, isolate_env, unused_url
-from .hub_double import HubDouble, serve_hub_double
+from ..cli_support import INVENTORY_JSON, isolate_env, unused_url
+from ..hub_double import HubDouble, serve_hub_double
 
 
 @pytest.fixture(autouse=True)
@@ -418,7 +418,7 @@ def test_doctor_finds_the_hub_at_the_bind_url(
     assert [r["path"] for r in hub.requests] == ["/hub/api"]
 
 
-CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(

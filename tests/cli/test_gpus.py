@@ -22,7 +22,7 @@ from dolab_spawner.cli.gpus import (
     state_problem,
 )
 
-from .cli_support import (
+from ..cli_support import (
     A100_0,
     A100_1,
     INVENTORY,
@@ -31,7 +31,7 @@ from .cli_support import (
     isolate_env,
     unused_url,
 )
-from .hub_double import HubDouble, serve_hub_double
+from ..hub_double import HubDouble, serve_hub_double
 
 
 def server(*slots: GpuSlot, profile: str = "a100", stop_at: str = "") -> dict[str, Any]:
