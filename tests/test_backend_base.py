@@ -1,18 +1,23 @@
-"""Unit tests for dolab_spawner.backends.base: GPU pinning, the backend's config, profile overrides."""
+"""Unit tests for dolab_spawner.backends (base and the registry): GPU pinning, the backend's config, profile overrides,
+lazy backends, hub timeouts without a backend."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from traitlets import Dict, HasTraits, Integer, List, Unicode
+from traitlets import Dict, HasTraits, Integer, List, TraitError, Unicode
 from traitlets.config import Config
 
 from dolab_core.gpus import GpuSlot
 from dolab_spawner import DoLabSpawner
-from dolab_spawner.backends.base import apply_overrides, child_config, gpu_environment
+from dolab_spawner.backends import backend_class
+from dolab_spawner.backends.base import HUB_PROVIDED_ATTRS, apply_overrides, child_config, gpu_environment
 from dolab_spawner.backends.local import LocalProcessBackend
+from dolab_spawner.options import resolve_options
 
 A100 = GpuSlot(index=0, uuid="GPU-1b2c3d4e-0000-1111-2222-333344445555", name="NVIDIA A100-SXM4-80GB", memory_gb=80)
 A100_2 = GpuSlot(index=1, uuid="GPU-9f8e7d6c-0000-1111-2222-333344445555", name="NVIDIA A100-SXM4-80GB", memory_gb=80)
@@ -233,3 +238,53 @@ def test_apply_overrides_on_a_backend() -> None:
     assert backend.environment == {"A": "1", "B": "2"}
     assert backend.python_env == "/opt/torch"
     assert old == {"environment": {"A": "1"}, "python_env": ""}
+
+
+# ----- the registry and the interface ----------------------------------------------------------------------
+
+
+def test_a_hub_with_only_local_profiles_imports_no_other_backend() -> None:
+    """The registry imports a backend on first use: local profiles never load docker-py, dockerspawner, paramiko
+    or the RunPod SDK, through the config check, the form, or the overrides' check."""
+    code = """
+import asyncio, sys
+from traitlets.config import Config
+from dolab_spawner import DoLabSpawner
+c = Config()
+c.DoLabSpawner.profile_list = [{"display_name": "CPU", "slug": "cpu", "spawner_override": {"python_env": "/x"}}]
+c.DoLabSpawner.gpu_inventory = []
+DoLabSpawner.check_config(c)
+asyncio.run(DoLabSpawner(config=c).render_options_form())
+print(sorted(m for m in ("docker", "dockerspawner", "paramiko", "runpod") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_an_unknown_backend_is_refused_with_the_ones_there_are() -> None:
+    config = Config()
+    config.DoLabSpawner.profile_list = [{"display_name": "TPU", "slug": "tpu", "backend": "tpu"}]
+    with pytest.raises(TraitError, match="backend 'tpu' is not available; this install has: local, docker, runpod"):
+        DoLabSpawner.check_config(config)
+
+
+def test_hub_timeouts_come_from_the_config_and_the_profile_without_a_backend() -> None:
+    config = Config()
+    config.RunPodBackend.pod_start_timeout_seconds = 600
+    pod = {"gpu_types": ["NVIDIA A100 80GB PCIe"], "image": "me/lab:1"}
+    profile = {"display_name": "Pod", "slug": "pod", "backend": "runpod", "gpus": 1, "runpod": pod}
+    quick = {**profile, "slug": "quick", "spawner_override": {"pod_http_timeout_seconds": 30}}
+    config.DoLabSpawner.profile_list = [profile, quick]
+    spawner = DoLabSpawner(config=config)
+    profiles = spawner._parse_profiles(config.DoLabSpawner.profile_list)
+    runpod = backend_class("runpod")
+    assert runpod.hub_timeouts(spawner, resolve_options(profiles, {"profile": "pod"})) == {
+        "start_timeout": 600,
+        "http_timeout": 900,
+    }
+    assert runpod.hub_timeouts(spawner, resolve_options(profiles, {"profile": "quick"}))["http_timeout"] == 30
+    assert backend_class("local").hub_timeouts(spawner, resolve_options(profiles, {"profile": "pod"})) == {}
+
+
+def test_backends_get_no_user_options() -> None:
+    assert "user_options" not in HUB_PROVIDED_ATTRS
