@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.runpod_emulator.client import EmulatorProcess
 
 from .hub import Hub, free_port
 from .stack import docker_stack
@@ -85,14 +88,16 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
             "runpod": {"gpu_types": ["NVIDIA A100 80GB PCIe"], "image": "dolab-singleuser-test:latest"},
         },
     ]
-    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens: the services log that and go on
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens: the sync service needs no store to idle
+    # RunPod as the record-only emulator (no engine): the hub's and the reaper's calls get their answers.
+    runpod = EmulatorProcess(free_port(), secrets.token_hex(16), tmp_path / "runpod.log", instance="dolab-shutdown")
     env = {
         "DOLAB_PROFILES": json.dumps(profiles),
         "DOLAB_DOCKER_HOSTS": json.dumps([{"name": "local", "url": stack.docker_host}]),
         "DOLAB_REAPER_INTERVAL": "1",
         "DOLAB_RUNPOD_REAPER_INTERVAL": "1",
-        "RUNPOD_API_KEY": "rp-test-key",
-        "RUNPOD_API_BASE_URL": nowhere,
+        "RUNPOD_API_KEY": runpod.api_key,
+        "RUNPOD_API_BASE_URL": runpod.url,
         "DOLAB_SYNC_S3_BUCKET": "dolab-shutdown-test",
         "DOLAB_SYNC_S3_ENDPOINT": nowhere,
         "DOLAB_SYNC_S3_ACCESS_KEY_ID": "key",
@@ -101,9 +106,12 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
         "DOLAB_CULLER_INTERVAL": "1",
         "DOLAB_MONITOR_INTERVAL": "1",
     }
-    hub = Hub(tmp_path, env=env).start(timeout=180)
-    yield hub
-    hub.shutdown()
+    try:
+        hub = Hub(tmp_path, env=env).start(timeout=180)
+        yield hub
+        hub.shutdown()
+    finally:
+        runpod.stop()
 
 
 def wait_for_services(hub: Hub, timeout: float = 180) -> dict[int, str]:
