@@ -1,6 +1,6 @@
 """Unit tests for dolab_services.culler.telemetry: the sources the culler reads GPU use from.
 
-NVML is exercised through the stand-in pynvml of tests/test_nvml.py (no GPU on these machines), extended with
+NVML is exercised through the stand-in pynvml of tests/core/test_gpus.py (no GPU on these machines), extended with
 the two calls telemetry makes.
 """
 
@@ -28,7 +28,7 @@ from dolab_services.culler.telemetry import (
     TelemetrySource,
     load_telemetry,
 )
-from tests.test_nvml import NVMLError, fake_pynvml
+from tests.core.test_gpus import NVMLError, fake_pynvml
 
 
 def slot(uuid: str, host: str = LOCAL_HOST, index: int = 0) -> dict[str, Any]:
@@ -222,7 +222,7 @@ def test_load_bad(spec: str, phrase: str) -> None:
 
 
 def nvml_with_use(devices: list[dict[str, Any]]) -> types.ModuleType:
-    """tests/test_nvml.py's stand-in pynvml, plus lookup by UUID and utilisation (the ``gpu`` key of a device)."""
+    """tests/core/test_gpus.py's stand-in pynvml, plus lookup by UUID and utilisation (the ``gpu`` key of a device)."""
     module = fake_pynvml(devices)
 
     def handle_by_uuid(uuid: str) -> dict[str, Any]:

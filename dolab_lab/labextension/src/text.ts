@@ -1,6 +1,6 @@
 /**
  * The notice's pure parts: where the culler is, and what the notification says. No JupyterLab imports, so
- * tests/test_culler_labnotice.py runs them in Node.
+ * tests/lab/test_notice.py runs them in Node.
  */
 
 /** The culler service's name in the hub. */

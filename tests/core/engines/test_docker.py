@@ -1,4 +1,5 @@
-"""The docker backend's pure parts: docker_hosts validation, GPU attach config, pools and pull progress."""
+"""Unit tests for dolab_core.engines.docker: docker_hosts validation (ssh and tls settings included), the engines'
+thread pools, and reaching ssh:// engines with an entry's own key and known hosts (on the test stack's engine 2)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ import asyncio
 import os
 import shutil
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,19 +15,9 @@ import docker.errors
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from jupyterhub.spawner import SpawnException
-from traitlets import TraitError
-from traitlets.config import Config
 
 from dolab_core.engines import docker as docker_engines
 from dolab_core.engines.docker import DockerEngines, check_docker_hosts
-from dolab_core.gpus import GpuSlot
-from dolab_spawner import DoLabSpawner
-from dolab_spawner.backends import docker as docker_backend
-from dolab_spawner.backends.docker import DockerBackend
-from dolab_spawner.backends.docker_hosts import remote_slots
-from dolab_spawner.backends.docker_user import run_as_uid
-from dolab_spawner.slots import NoFreeSlot, SlotAllocator
 
 GPU = {"index": 0, "uuid": "GPU-r-0", "name": "NVIDIA A100 80GB", "memory_gb": 80}
 
@@ -80,103 +68,6 @@ def test_bad_docker_hosts(hosts: Any, phrase: str) -> None:
     with pytest.raises(ValueError) as info:
         check_docker_hosts(hosts)
     assert phrase in str(info.value)
-
-
-def test_bad_docker_hosts_is_a_config_error() -> None:
-    config = Config()
-    config.DoLabSpawner.docker_hosts = [{"name": "x", "url": "ftp://nope"}]
-    with pytest.raises(TraitError, match=r"DoLabSpawner\.docker_hosts: docker_hosts\[0\]: url must start"):
-        DoLabSpawner.check_config(config)
-
-
-def test_remote_slots_belong_to_their_engine() -> None:
-    hosts = [{"name": "local", "gpu_inventory": [GPU]}, {"name": "gpu-2", "gpu_inventory": [GPU]}]
-    assert remote_slots(hosts) == [GpuSlot(0, "GPU-r-0", "NVIDIA A100 80GB", 80, host="gpu-2")]
-
-
-def test_one_servers_gpus_are_on_one_engine() -> None:
-    inventory = [
-        GpuSlot(0, "GPU-a0", "A100", 80, host="a"),
-        GpuSlot(0, "GPU-b0", "A100", 80, host="b"),
-        GpuSlot(1, "GPU-b1", "A100", 80, host="b"),
-    ]
-    allocator = SlotAllocator(inventory)
-    got = allocator.allocate("u/", 2, "A100")
-    assert {s.host for s in got} == {"b"}
-    with pytest.raises(NoFreeSlot) as info:
-        allocator.allocate("v/", 2, "A100")
-    assert (info.value.free, info.value.total) == (1, 3)
-    assert [s.uuid for s in allocator.allocate("v/", 1, "A100", hosts=["a"])] == ["GPU-a0"]
-    with pytest.raises(NoFreeSlot):
-        allocator.allocate("w/", 1, "A100", hosts=["local"])
-
-
-def backend(**traits: Any) -> DockerBackend:
-    return DockerBackend(config=Config(), **traits)
-
-
-def test_device_requests_attach_exactly_the_slots() -> None:
-    b = backend(gpu_slots=[{**GPU, "uuid": "GPU-x"}, {**GPU, "index": 3, "uuid": "GPU-y"}])
-    assert b._gpu_host_config() == {"device_requests": [{"device_ids": ["GPU-x", "GPU-y"], "capabilities": [["gpu"]]}]}
-
-
-def test_devices_mode_maps_nodes_and_control_devices() -> None:
-    b = backend(
-        gpu_slots=[{**GPU, "index": 2, "device": "/tmp/fake2"}],
-        gpu_attach="devices",
-        gpu_control_devices=["/dev/null", "/dev/no-such-control-device"],
-    )
-    # Control devices missing on this (local) host are skipped.
-    assert b._gpu_host_config() == {"devices": ["/tmp/fake2:/dev/nvidia2:rwm", "/dev/null:/dev/null:rwm"]}
-
-
-def test_cpu_containers_get_no_device() -> None:
-    assert backend()._gpu_host_config() == {}
-
-
-class StubEngine:
-    """Answers the two calls pull_image makes, the way docker-py's APIClient does."""
-
-    def __init__(self, lines: list[dict[str, Any]]):
-        self.lines = lines
-
-    def inspect_image(self, image: str) -> dict[str, Any]:
-        raise docker.errors.ImageNotFound(f"No such image: {image}")
-
-    def pull(self, repository: str, stream: bool, decode: bool) -> Iterator[dict[str, Any]]:
-        assert (repository, stream, decode) == ("registry.example/lab:2.1", True, True)
-        for line in self.lines:
-            time.sleep(0.01)
-            yield line
-
-
-@pytest.fixture
-def stub_engines(monkeypatch: pytest.MonkeyPatch):
-    def use(lines: list[dict[str, Any]]) -> None:
-        stub = StubEngine(lines)
-        fresh = DockerEngines()
-        monkeypatch.setattr(fresh, "client", lambda host, timeout, purpose="api": stub)
-        monkeypatch.setattr(docker_backend, "engines", fresh)
-
-    return use
-
-
-async def test_pull_streams_progress_events(stub_engines) -> None:
-    stub_engines([{"status": "Pulling fs layer"}, {"status": "Downloading", "progress": "[=>  ] 1MB/9MB"}])
-    events: list[tuple[int, str]] = []
-    b = backend(progress_callback=lambda p, m: events.append((p, m)), pull_progress_interval_seconds=0)
-    await b.pull_image("registry.example/lab:2.1")
-    await asyncio.sleep(0)  # the last event is handed to the loop from the pull thread
-    messages = [m for _, m in events]
-    assert messages[0] == "Pulling image registry.example/lab:2.1"
-    assert "Pulling registry.example/lab:2.1: Downloading [=>  ] 1MB/9MB" in messages
-
-
-async def test_a_failed_pull_is_a_sentence(stub_engines) -> None:
-    stub_engines([{"status": "Pulling fs layer"}, {"error": "manifest unknown"}])
-    with pytest.raises(SpawnException) as info:
-        await backend().pull_image("registry.example/lab:2.1")
-    assert "is not on this server and could not be pulled" in str(info.value.log_message)
 
 
 @pytest.mark.docker
@@ -417,95 +308,3 @@ def test_a_tls_config_always_verifies(tmp_path: Path) -> None:
         docker_engines._verified_tls(None, None)
     with pytest.raises(docker.errors.TLSParameterError):
         docker_engines._verified_tls(str(tmp_path / "missing.pem"), None)
-
-
-# ----- the container's user: never root, however it is spelled -------------------------------------------------
-
-PASSWD = (
-    "root:x:0:0:root:/root:/bin/sh\n"
-    "jovyan:x:1000:100::/home/jovyan:/bin/sh\n"
-    "toor:x:0:0::/root:/bin/sh\n"
-    "odd:x:abc:0::/:/bin/sh\n"
-)
-
-
-@pytest.mark.parametrize(
-    ("spec", "passwd", "uid"),
-    [
-        pytest.param("0", None, 0, id="0"),
-        pytest.param("0000", None, 0, id="0000"),
-        pytest.param("0:0", None, 0, id="0:0"),
-        pytest.param("0:1000", None, 0, id="uid-0-with-a-group"),
-        pytest.param("root", None, 0, id="root"),
-        pytest.param("root:root", None, 0, id="root:root"),
-        pytest.param("1000", None, 1000, id="1000"),
-        pytest.param("1000:0", None, 1000, id="root-group-only"),
-        pytest.param("01000:100", None, 1000, id="leading-zeros"),
-        pytest.param("jovyan", None, None, id="a-name-needs-the-image"),
-        pytest.param("jovyan:users", PASSWD, 1000, id="jovyan"),
-        pytest.param("toor", PASSWD, 0, id="a-name-for-uid-0"),
-        pytest.param("odd", PASSWD, 0, id="a-uid-field-runc-reads-as-0"),
-    ],
-)
-def test_run_as_uid(spec: str, passwd: str | None, uid: int | None) -> None:
-    assert run_as_uid(spec, passwd) == uid
-
-
-@pytest.mark.parametrize(
-    ("spec", "phrase"),
-    [
-        pytest.param("+0", "is not of the form", id="plus"),
-        pytest.param("-0", "is not of the form", id="minus"),
-        pytest.param(" 0", "is not of the form", id="space"),
-        pytest.param("", "is not of the form", id="empty"),
-        pytest.param(":1000", "is not of the form", id="group-only"),
-        pytest.param("1000:", "is not of the form", id="empty-group"),
-        pytest.param("1000:100:1", "is not of the form", id="three-parts"),
-        pytest.param("\u0660", "is not of the form", id="arabic-zero"),
-        pytest.param("0_0", "is not of the form", id="underscore-number"),
-        pytest.param("nobody", "has no user 'nobody'", id="unknown-name"),
-    ],
-)
-def test_run_as_uid_refuses(spec: str, phrase: str) -> None:
-    with pytest.raises(ValueError, match=phrase):
-        run_as_uid(spec, PASSWD)
-
-
-@pytest.mark.parametrize("user", ["0", "0000", "root", "0:0", "root:root", "0:1000", "+0", ""])
-def test_a_root_container_user_is_refused_before_any_pull(user: str) -> None:
-    b = backend(container_user=user, hub_id="test1234")
-    if not user:
-        b._check_container_user()  # the image's user, checked at create time
-        return
-    with pytest.raises(SpawnException) as info:
-        b._check_container_user()
-    assert "as root" in str(info.value.log_message) or "cannot be checked" in str(info.value.log_message)
-
-
-@pytest.mark.parametrize(
-    ("admin", "expected"),
-    [
-        pytest.param({}, ["no-new-privileges"], id="none"),
-        pytest.param({"security_opt": ["apparmor=lab"]}, ["apparmor=lab", "no-new-privileges"], id="kept"),
-        pytest.param({"security_opt": "seccomp=/p.json"}, ["seccomp=/p.json", "no-new-privileges"], id="a-string"),
-        pytest.param({"security_opt": ["no-new-privileges=false"]}, ["no-new-privileges"], id="cannot-turn-off"),
-        pytest.param(
-            {"security_opt": ["no-new-privileges:false", "label=level:s0"]},
-            ["label=level:s0", "no-new-privileges"],
-            id="old-syntax",
-        ),
-    ],
-)
-async def test_admin_security_options_are_merged(admin: dict[str, Any], expected: list[str]) -> None:
-    b = backend(hub_id="test1234")
-    b._admin_host_config = {**admin, "cap_drop": ["NET_RAW"]}
-    config = await b._extra_host_config()
-    assert config["security_opt"] == expected
-    assert config["cap_drop"] == ["ALL"]
-
-
-def test_names_and_labels_carry_the_hub_id() -> None:
-    b = backend(hub_id="test1234", docker_host={"name": "local"}, user=SimpleNamespace(name="ann"))
-    assert b.prefix == "dolab-test1234"
-    labels = b._labels()
-    assert labels["dolab.hub"] == "test1234" and labels["dolab.managed"] == "true"

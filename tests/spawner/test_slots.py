@@ -1,17 +1,16 @@
-"""Unit tests for dolab_spawner.slots: the GPU inventory and the slot allocator."""
+"""Unit tests for dolab_spawner.slots: the slot allocator (GpuSlot and the inventory: tests/core/test_gpus.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dolab_core.gpus import LOCAL_HOST, GpuSlot, inventory_from_config, load_inventory, read_nvml_inventory
+from dolab_core.gpus import LOCAL_HOST, GpuSlot
 from dolab_spawner.slots import NoFreeSlot, SlotAllocator
 
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -21,140 +20,6 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 def _slot(index: int, name: str = A100, memory_gb: float = 80, host: str = LOCAL_HOST) -> GpuSlot:
     return GpuSlot(index=index, uuid=f"GPU-{host}-{index:04d}", name=name, memory_gb=memory_gb, host=host)
-
-
-# ----- GpuSlot ----------------------------------------------------------------------------------------------
-
-GOOD_SLOT_DICTS = [
-    pytest.param(
-        {"index": 0, "uuid": "GPU-1", "name": A100, "memory_gb": 80},
-        GpuSlot(index=0, uuid="GPU-1", name=A100, memory_gb=80.0),
-        id="full entry",
-    ),
-    pytest.param(
-        {"index": 3, "uuid": "GPU-3", "name": "Fake"},
-        GpuSlot(index=3, uuid="GPU-3", name="Fake", memory_gb=0.0),
-        id="memory_gb defaults to 0",
-    ),
-    pytest.param(
-        {"index": 1, "uuid": "GPU-2", "name": "Fake", "memory_gb": 23.5, "host": "node-2"},
-        GpuSlot(index=1, uuid="GPU-2", name="Fake", memory_gb=23.5, host="node-2"),
-        id="float memory and a host",
-    ),
-]
-
-
-@pytest.mark.parametrize(("data", "expected"), GOOD_SLOT_DICTS)
-def test_from_dict_good(data: dict[str, Any], expected: GpuSlot) -> None:
-    slot = GpuSlot.from_dict(data)
-    assert slot == expected
-    assert isinstance(slot.memory_gb, float)
-    assert GpuSlot.from_dict(slot.to_dict()) == slot
-    assert slot.key == f"{expected.host}/{expected.uuid}"
-
-
-BAD_SLOT_DICTS = [
-    pytest.param("GPU-1", "a GPU entry must be a dict with index, uuid, name and memory_gb", id="not a dict"),
-    pytest.param({"index": 0}, "is missing uuid, name", id="missing uuid and name"),
-    pytest.param({"uuid": "GPU-1", "name": "x"}, "is missing index", id="missing index"),
-    pytest.param({"index": -1, "uuid": "GPU-1", "name": "x"}, "index must be a non-negative integer", id="negative"),
-    pytest.param({"index": "0", "uuid": "GPU-1", "name": "x"}, "index must be a non-negative integer", id="index str"),
-    pytest.param(
-        {"index": True, "uuid": "GPU-1", "name": "x"}, "index must be a non-negative integer", id="index bool"
-    ),
-    pytest.param({"index": 0, "uuid": "", "name": "x"}, "uuid must be a non-empty string", id="empty uuid"),
-    pytest.param({"index": 0, "uuid": 7, "name": "x"}, "uuid must be a non-empty string", id="uuid not a string"),
-    pytest.param({"index": 0, "uuid": "GPU-1", "name": None}, "name must be a non-empty string", id="name None"),
-    pytest.param(
-        {"index": 0, "uuid": "GPU-1", "name": "x", "memory_gb": -1},
-        "memory_gb must be a non-negative number",
-        id="negative memory",
-    ),
-    pytest.param(
-        {"index": 0, "uuid": "GPU-1", "name": "x", "memory_gb": "80"},
-        "memory_gb must be a non-negative number",
-        id="memory str",
-    ),
-    pytest.param(
-        {"index": 0, "uuid": "GPU-1", "name": "x", "memory_gb": True},
-        "memory_gb must be a non-negative number",
-        id="memory bool",
-    ),
-    pytest.param(
-        {"index": 0, "uuid": "GPU-1", "name": "x", "host": ""}, "host must be a non-empty string", id="empty host"
-    ),
-]
-
-
-@pytest.mark.parametrize(("data", "phrase"), BAD_SLOT_DICTS)
-def test_from_dict_bad(data: Any, phrase: str) -> None:
-    with pytest.raises(ValueError) as info:
-        GpuSlot.from_dict(data)
-    assert phrase in str(info.value)
-
-
-MATCHES = [
-    pytest.param("", A100, True, id="empty type matches all"),
-    pytest.param("A100", A100, True, id="A100 matches NVIDIA A100-SXM4-80GB"),
-    pytest.param("a100", A100, True, id="case-insensitive"),
-    pytest.param("A100", "NVIDIA A100 80GB PCIe", True, id="A100 matches NVIDIA A100 80GB PCIe"),
-    pytest.param("A10", "NVIDIA A100 80GB", False, id="A10 does not match an A100"),
-    pytest.param("A10", A100, False, id="A10 does not match A100-SXM4"),
-    pytest.param("NVIDIA A10", "NVIDIA A10", True, id="full name matches itself"),
-    pytest.param("A10", "NVIDIA A10", True, id="A10 matches NVIDIA A10"),
-    pytest.param("A100", "NVIDIA A10", False, id="A100 does not match an A10"),
-    pytest.param("80GB", A100, True, id="a later word"),
-    pytest.param("H100", A100, False, id="other model"),
-    pytest.param("RTX 4090", "NVIDIA GeForce RTX 4090", True, id="two words"),
-    pytest.param("A100-SXM4", A100, True, id="with punctuation"),
-    pytest.param("A100.", A100, False, id="regex characters are literal"),
-]
-
-
-@pytest.mark.parametrize(("gpu_type", "name", "expected"), MATCHES)
-def test_matches(gpu_type: str, name: str, expected: bool) -> None:
-    assert GpuSlot(index=0, uuid="GPU-0", name=name, memory_gb=0).matches(gpu_type) is expected
-
-
-# ----- inventory_from_config --------------------------------------------------------------------------------
-
-CONFIGURED = [
-    {"index": 0, "uuid": "GPU-aaa", "name": A100, "memory_gb": 80},
-    {"index": 1, "uuid": "GPU-bbb", "name": A100, "memory_gb": 80},
-    {"index": 2, "uuid": "GPU-ccc", "name": H100, "memory_gb": 80},
-]
-
-
-@pytest.mark.parametrize(
-    ("gpu_ids", "indices"),
-    [
-        ((), [0, 1, 2]),
-        ([0, 2], [0, 2]),
-        (["1"], [1]),
-        (["GPU-ccc"], [2]),
-        ([0, "GPU-bbb"], [0, 1]),
-        ([7], []),
-    ],
-    ids=["all", "by index", "index as string", "by uuid", "mixed", "no such GPU"],
-)
-def test_inventory_from_config_gpu_ids(gpu_ids: list[int | str], indices: list[int]) -> None:
-    assert [s.index for s in inventory_from_config(CONFIGURED, gpu_ids)] == indices
-
-
-def test_inventory_from_config_refuses_duplicates() -> None:
-    entries = [*CONFIGURED, {"index": 5, "uuid": "GPU-aaa", "name": A100}]
-    with pytest.raises(ValueError, match="gpu_inventory lists the same GPU twice: local/GPU-aaa"):
-        inventory_from_config(entries)
-
-
-def test_inventory_from_config_same_uuid_on_two_hosts() -> None:
-    entries = [{"index": 0, "uuid": "GPU-1", "name": A100}, {"index": 0, "uuid": "GPU-1", "name": A100, "host": "b"}]
-    assert [s.key for s in inventory_from_config(entries)] == ["local/GPU-1", "b/GPU-1"]
-
-
-def test_inventory_from_config_bad_entry() -> None:
-    with pytest.raises(ValueError, match="is missing uuid"):
-        inventory_from_config([{"index": 0, "name": A100}])
 
 
 # ----- SlotAllocator ----------------------------------------------------------------------------------------
@@ -435,37 +300,18 @@ async def test_interleaved_multi_gpu_starts() -> None:
     assert allocator.availability() == (1, 5)
 
 
-# ----- load_inventory ---------------------------------------------------------------------------------------
-
-
-async def test_load_inventory_configured() -> None:
-    slots = await load_inventory(CONFIGURED, gpu_ids=["GPU-ccc", 0])
-    assert [(s.index, s.name) for s in slots] == [(0, A100), (2, H100)]
-
-
-async def test_load_inventory_configured_empty_list() -> None:
-    assert await load_inventory([]) == []
-
-
-async def test_load_inventory_configured_bad() -> None:
-    with pytest.raises(ValueError, match="is missing"):
-        await load_inventory([{"index": 0}])
-
-
-def _nvml_gpu_count() -> int:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return 0
-    try:
-        return int(pynvml.nvmlDeviceGetCount())
-    finally:
-        pynvml.nvmlShutdown()
-
-
-async def test_load_inventory_nvml_does_not_raise() -> None:
-    slots = await load_inventory(None, timeout_seconds=20)
-    assert len(slots) == _nvml_gpu_count()
-    assert read_nvml_inventory() == slots
+def test_one_servers_gpus_are_on_one_engine() -> None:
+    inventory = [
+        GpuSlot(0, "GPU-a0", "A100", 80, host="a"),
+        GpuSlot(0, "GPU-b0", "A100", 80, host="b"),
+        GpuSlot(1, "GPU-b1", "A100", 80, host="b"),
+    ]
+    allocator = SlotAllocator(inventory)
+    got = allocator.allocate("u/", 2, "A100")
+    assert {s.host for s in got} == {"b"}
+    with pytest.raises(NoFreeSlot) as info:
+        allocator.allocate("v/", 2, "A100")
+    assert (info.value.free, info.value.total) == (1, 3)
+    assert [s.uuid for s in allocator.allocate("v/", 1, "A100", hosts=["a"])] == ["GPU-a0"]
+    with pytest.raises(NoFreeSlot):
+        allocator.allocate("w/", 1, "A100", hosts=["local"])

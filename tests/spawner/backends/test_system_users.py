@@ -1,5 +1,5 @@
-"""System accounts for local servers (dolab_spawner.backends.system_users), the data directory they must not read
-(dolab_core.paths.protect_data_dir) and the start-up check of the shipped config (check_local_accounts).
+"""System accounts for local servers (dolab_spawner.backends.system_users); the data directory they must not read
+is tests/core/test_paths.py, the start-up check of the shipped config tests/spawner/backends/test_local.py.
 
 Account creation runs the real useradd (the tests run as root); every account made here has a prefix no real
 account has and is removed at the end.
@@ -20,10 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from traitlets.config import Config
 
-from dolab_core.paths import protect_data_dir
-from dolab_spawner.backends.local import check_local_accounts
 from dolab_spawner.backends.system_users import (
     NAME_MAX,
     Account,
@@ -238,94 +235,3 @@ def test_unreachable_folder_names_the_folder_in_the_way(tmp_path: Path) -> None:
     assert unreachable_folder(str(program), ACCOUNT, os.R_OK | os.X_OK) is None
     program.chmod(0o700)
     assert unreachable_folder(str(program), ACCOUNT, os.R_OK | os.X_OK) == str(program)
-
-
-# ----- the data directory and the start-up check -----------------------------------------------------------------
-
-
-@pytest.fixture
-def keep_umask() -> Iterator[None]:
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
-
-
-def make_data_dir(root: Path) -> Path:
-    data = root / "data"
-    (data / "logs").mkdir(parents=True)
-    (data / "logs").chmod(0o755)
-    for name in ("jupyterhub.sqlite", "admin-password", "monitor.sqlite"):
-        (data / name).write_text("x")
-        (data / name).chmod(0o644)
-    return data
-
-
-@as_root
-def test_protect_data_dir_leaves_only_a_passage_to_the_workspaces(tmp_path: Path, keep_umask: None) -> None:
-    data = make_data_dir(tmp_path)
-    protect_data_dir(data, data / "workspaces")
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (data, *data.iterdir())}
-    assert modes == {
-        "data": 0o711,
-        "workspaces": 0o711,
-        "logs": 0o700,
-        "jupyterhub.sqlite": 0o600,
-        "admin-password": 0o600,
-        "monitor.sqlite": 0o600,
-    }
-    assert os.umask(0o077) == 0o077, "what the hub creates later is private"
-
-
-@as_root
-def test_protect_data_dir_with_workspaces_elsewhere_keeps_it_closed(tmp_path: Path, keep_umask: None) -> None:
-    data = make_data_dir(tmp_path)
-    data.chmod(0o755)
-    protect_data_dir(data, tmp_path / "homes" / "ws")
-    assert stat.S_IMODE(data.stat().st_mode) == 0o700
-    assert stat.S_IMODE((tmp_path / "homes" / "ws").stat().st_mode) == 0o711
-
-
-def hub_config(**local: object) -> Config:
-    c = Config()
-    for key, value in local.items():
-        setattr(c.LocalProcessBackend, key, value)
-    return c
-
-
-@as_root
-def test_root_servers_without_the_opt_in_stop_the_hub(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="would run as root"):
-        check_local_accounts(hub_config(system_users=False), tmp_path / "data", tmp_path / "data" / "ws")
-
-
-@as_root
-def test_root_servers_with_the_opt_in_warn(tmp_path: Path) -> None:
-    warning = check_local_accounts(hub_config(allow_root_servers=True), tmp_path / "data", tmp_path / "data" / "ws")
-    assert warning is not None and warning.startswith("WARNING") and "root" in warning
-
-
-@as_root
-def test_accounts_by_default_protect_the_data_dir(tmp_path: Path, keep_umask: None) -> None:
-    data = make_data_dir(tmp_path)
-    # A server program every account reaches: no warning.
-    assert check_local_accounts(hub_config(cmd=["/usr/bin/env"]), data, data / "workspaces") is None
-    assert stat.S_IMODE((data / "admin-password").stat().st_mode) == 0o600
-
-
-@as_root
-def test_a_server_program_accounts_cannot_reach_is_said_at_start(tmp_path: Path, keep_umask: None) -> None:
-    data = make_data_dir(tmp_path)
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    program = private / "jupyterhub-singleuser"
-    program.write_text("#!/bin/sh\n")
-    program.chmod(0o755)
-    warning = check_local_accounts(hub_config(cmd=[str(program)]), data, data / "workspaces")
-    assert warning is not None and warning.startswith("WARNING: users' accounts cannot reach")
-    assert str(program) in warning and "chmod o+x" in warning and "will not start" in warning
-
-
-def test_a_bad_prefix_stops_the_hub(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="prefix"):
-        check_local_accounts(hub_config(system_user_prefix="Root"), tmp_path, tmp_path / "ws")
