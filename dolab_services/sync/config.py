@@ -132,51 +132,15 @@ class SyncSettings:
         """Read the ``DOLAB_SYNC_*`` variables; ValueError with a sentence for a bad value."""
 
         def number(name: str, default: float) -> float:
-            raw = env.get(name, "").strip()
-            try:
-                value = float(raw) if raw else default
-            except ValueError:
-                raise ValueError(f"{name} must be a number, not {raw!r}") from None
-            if value < 0:
-                raise ValueError(f"{name} must not be negative")
-            return value
+            return _env_number(env, name, default)
 
         deletions = env.get("DOLAB_SYNC_DELETIONS", "mirror").strip() or "mirror"
         if deletions not in ("mirror", "keep"):
             raise ValueError(f"DOLAB_SYNC_DELETIONS must be mirror or keep, not {deletions!r}")
         bucket = env.get("DOLAB_SYNC_S3_BUCKET", "").strip()
         drive_key = env.get("DOLAB_SYNC_DRIVE_KEY_FILE", "").strip()
-        drive_auth = env.get("DOLAB_SYNC_DRIVE_AUTH", "").strip().lower() or "service-account"
-        if drive_auth not in ("service-account", "user"):
-            raise ValueError(f"DOLAB_SYNC_DRIVE_AUTH must be service-account or user, not {drive_auth!r}")
-        if drive_auth == "user" and drive_key:
-            raise ValueError(
-                "DOLAB_SYNC_DRIVE_AUTH=user uses each user's own Google token: unset DOLAB_SYNC_DRIVE_KEY_FILE, or set "
-                "DOLAB_SYNC_DRIVE_AUTH=service-account to use the service account"
-            )
-        drive_ready = bool(drive_key) or drive_auth == "user"
-        target = env.get("DOLAB_SYNC_TARGET", "").strip() or ("drive" if drive_ready and not bucket else "s3")
-        if target not in TARGETS:
-            raise ValueError(f"DOLAB_SYNC_TARGET must be s3 or drive, not {target!r}")
-        if target == "drive" and not drive_ready:
-            raise ValueError(
-                "DOLAB_SYNC_TARGET=drive needs DOLAB_SYNC_DRIVE_KEY_FILE (a service account's JSON key) or "
-                "DOLAB_SYNC_DRIVE_AUTH=user (each user's own Google token)"
-            )
-        listed = (t.strip().lower() for t in env.get("DOLAB_SYNC_TARGETS", "").split(","))
-        targets = tuple(dict.fromkeys(t for t in listed if t))
-        for allowed in targets:
-            if allowed not in TARGETS:
-                raise ValueError(f"DOLAB_SYNC_TARGETS may list s3 and drive, not {allowed!r}")
-            if allowed == "s3" and not bucket:
-                raise ValueError("DOLAB_SYNC_TARGETS lists s3, which needs DOLAB_SYNC_S3_BUCKET")
-            if allowed == "drive" and not drive_ready:
-                raise ValueError(
-                    "DOLAB_SYNC_TARGETS lists drive, which needs DOLAB_SYNC_DRIVE_KEY_FILE or "
-                    "DOLAB_SYNC_DRIVE_AUTH=user"
-                )
-        if targets and target not in targets:
-            raise ValueError(f"DOLAB_SYNC_TARGETS must include the default target DOLAB_SYNC_TARGET={target}")
+        drive_auth = _env_drive_auth(env, drive_key)
+        target, targets = _env_targets(env, bucket, drive_ready=bool(drive_key) or drive_auth == "user")
         keep = int(number("DOLAB_SYNC_KEEP", 10))
         if keep < 1:
             raise ValueError("DOLAB_SYNC_KEEP must be at least 1")
@@ -256,3 +220,54 @@ class SyncSettings:
             secret_access_key=self.secret_access_key or None,
             max_connections=max(10, 2 * self.workers),
         )
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A non-negative number variable; ValueError with a sentence otherwise."""
+    raw = env.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    return value
+
+
+def _env_drive_auth(env: Mapping[str, str], drive_key: str) -> str:
+    """``DOLAB_SYNC_DRIVE_AUTH``: ``service-account`` (the default) or ``user``, which takes no key file."""
+    drive_auth = env.get("DOLAB_SYNC_DRIVE_AUTH", "").strip().lower() or "service-account"
+    if drive_auth not in ("service-account", "user"):
+        raise ValueError(f"DOLAB_SYNC_DRIVE_AUTH must be service-account or user, not {drive_auth!r}")
+    if drive_auth == "user" and drive_key:
+        raise ValueError(
+            "DOLAB_SYNC_DRIVE_AUTH=user uses each user's own Google token: unset DOLAB_SYNC_DRIVE_KEY_FILE, or set "
+            "DOLAB_SYNC_DRIVE_AUTH=service-account to use the service account"
+        )
+    return drive_auth
+
+
+def _env_targets(env: Mapping[str, str], bucket: str, drive_ready: bool) -> tuple[str, tuple[str, ...]]:
+    """The default target (``DOLAB_SYNC_TARGET``) and the ones users may choose (``DOLAB_SYNC_TARGETS``)."""
+    target = env.get("DOLAB_SYNC_TARGET", "").strip() or ("drive" if drive_ready and not bucket else "s3")
+    if target not in TARGETS:
+        raise ValueError(f"DOLAB_SYNC_TARGET must be s3 or drive, not {target!r}")
+    if target == "drive" and not drive_ready:
+        raise ValueError(
+            "DOLAB_SYNC_TARGET=drive needs DOLAB_SYNC_DRIVE_KEY_FILE (a service account's JSON key) or "
+            "DOLAB_SYNC_DRIVE_AUTH=user (each user's own Google token)"
+        )
+    listed = (t.strip().lower() for t in env.get("DOLAB_SYNC_TARGETS", "").split(","))
+    targets = tuple(dict.fromkeys(t for t in listed if t))
+    for allowed in targets:
+        if allowed not in TARGETS:
+            raise ValueError(f"DOLAB_SYNC_TARGETS may list s3 and drive, not {allowed!r}")
+        if allowed == "s3" and not bucket:
+            raise ValueError("DOLAB_SYNC_TARGETS lists s3, which needs DOLAB_SYNC_S3_BUCKET")
+        if allowed == "drive" and not drive_ready:
+            raise ValueError(
+                "DOLAB_SYNC_TARGETS lists drive, which needs DOLAB_SYNC_DRIVE_KEY_FILE or DOLAB_SYNC_DRIVE_AUTH=user"
+            )
+    if targets and target not in targets:
+        raise ValueError(f"DOLAB_SYNC_TARGETS must include the default target DOLAB_SYNC_TARGET={target}")
+    return target, targets
