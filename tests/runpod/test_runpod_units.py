@@ -1,132 +1,17 @@
-"""Pure parts of the RunPod backend: profile settings, user_options, pod names, the reaper's policy, the form."""
+"""Pure parts of the RunPod reaper: its policy and its registration. (The RunPod profile settings and user options
+are tested in tests/spawner/test_profiles.py and test_options.py, pod names in tests/core/engines/test_runpod.py.)"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from bs4 import BeautifulSoup, Tag
 from traitlets.config import Config
 
-from dolab_core.engines.runpod import GpuType, PodInfo, pod_name
+from dolab_core.engines.runpod import PodInfo
 from dolab_services.reapers.registration import runpod_reaper_service
 from dolab_services.reapers.runpod import find_pod_orphans
-from dolab_spawner import DoLabSpawner
-from dolab_spawner.backends.runpod_offers import pod_request
-from dolab_spawner.options import OptionsError, resolve_options
-from dolab_spawner.profiles import ProfileConfigError, parse_profile_list
-from tests.runpod_emulator.client import EmulatorProcess
-
-A100 = "NVIDIA A100 80GB PCIe"
-H100 = "NVIDIA H100 80GB HBM3"
-BACKENDS = ("local", "docker", "runpod")
-
-
-def profile(**runpod: Any) -> dict[str, Any]:
-    settings = {"gpu_types": [A100, H100], "image": "me/lab:1", "max_price_per_hour": 4, **runpod}
-    return {"display_name": "Pod", "slug": "pod", "backend": "runpod", "gpus": 2, "runpod": settings}
-
-
-def test_a_runpod_profile_is_parsed_with_its_defaults() -> None:
-    (p,) = parse_profile_list([profile()], backends=BACKENDS)
-    assert p.runpod is not None
-    assert p.runpod.gpu_types == (A100, H100) and p.runpod.cloud_type == "secure"
-    assert (p.runpod.container_disk_gb, p.runpod.volume_gb, p.runpod.volume_mount_path) == (20, 0, "/workspace")
-    assert p.allowed_keys[-2:] == ["gpu_type", "max_price_per_hour"]
-
-
-@pytest.mark.parametrize(
-    ("entry", "message"),
-    [
-        (profile(gpu_types=[]), "gpu_types must be a list"),
-        (profile(gpu_types=[A100, A100]), "each once"),
-        (profile(cloud_type="cheap"), "cloud_type must be one of secure, community, all"),
-        (profile(image=""), "image must be a non-empty string"),
-        (profile(max_price_per_hour=-1), "max_price_per_hour must be a number of at least 0"),
-        (profile(container_disk_gb=2.5), "whole numbers"),
-        (profile(volume_mount_path="data"), "absolute path"),
-        (profile(region="eu"), "unknown key(s) 'region'"),
-        ({**profile(), "gpus": 0}, "needs gpus"),
-        ({**profile(), "gpu_type": "A100"}, "not in gpu_type"),
-        ({"display_name": "CPU", "runpod": {"gpu_types": [A100]}}, "only for backend: runpod"),
-        ({"display_name": "Pod", "backend": "runpod", "gpus": 1}, "must be a dict with gpu_types and image"),
-    ],
-    ids=lambda v: v if isinstance(v, str) else "",
-)
-def test_bad_runpod_settings_are_refused_with_a_sentence(entry: dict[str, Any], message: str) -> None:
-    with pytest.raises(ProfileConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        parse_profile_list([entry], backends=BACKENDS)
-
-
-def test_user_options_pick_the_first_gpu_type_and_a_lower_price() -> None:
-    profiles = parse_profile_list([profile()], backends=BACKENDS)
-    plain = resolve_options(profiles, {"profile": "pod"})
-    assert plain.gpu_types == (A100, H100) and plain.price_cap_per_hour == 4
-    picked = resolve_options(profiles, {"profile": "pod", "gpu_type": H100, "max_price_per_hour": "3.5", "gpus": 1})
-    assert picked.gpu_types == (H100, A100) and picked.price_cap_per_hour == 3.5
-    stored = picked.user_options()
-    assert stored == {"profile": "pod", "gpus": 1, "gpu_type": H100, "max_price_per_hour": 3.5}
-    assert resolve_options(profiles, stored).user_options() == stored
-    request = pod_request(picked)
-    assert request["gpu_types"] == [H100, A100] and request["gpu_count"] == 1 and request["max_price_per_hour"] == 3.5
-    assert request["image"] == "me/lab:1" and request["cloud_type"] == "secure"
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"gpu_type": "NVIDIA Tesla V100"}, "is not a GPU type of profile 'pod'"),
-        ({"gpu_type": 3}, "is not a GPU type"),
-        ({"max_price_per_hour": 4.01}, "at most $4 per hour"),
-        ({"max_price_per_hour": 0}, "above 0"),
-        ({"max_price_per_hour": "nan"}, "above 0"),
-        ({"max_price_per_hour": True}, "above 0"),
-        ({"gpus": 3}, "at most 2 GPU"),
-    ],
-)
-def test_bad_user_options_are_refused(options: dict[str, Any], message: str) -> None:
-    profiles = parse_profile_list([profile()], backends=BACKENDS)
-    with pytest.raises(OptionsError, match=message.replace("$", r"\$")):
-        resolve_options(profiles, {"profile": "pod", **options})
-
-
-def test_other_profiles_take_no_runpod_options() -> None:
-    profiles = parse_profile_list([{"display_name": "CPU", "slug": "cpu"}], backends=BACKENDS)
-    with pytest.raises(OptionsError, match="Unknown option"):
-        resolve_options(profiles, {"profile": "cpu", "gpu_type": A100})
-
-
-@pytest.mark.parametrize(
-    ("user", "server", "name"),
-    [
-        ("ann", "", "dolab-ann"),
-        ("ann", "big", "dolab-ann--big"),
-        ("Ann.Lee@x.org", "", "dolab--41nn-2E-4Cee-40x-2Eorg"),
-        ("a-b", "", "dolab-a-2Db"),
-    ],
-)
-def test_pod_names_are_deterministic_and_unambiguous(user: str, server: str, name: str) -> None:
-    assert pod_name("dolab-", user, server) == name
-
-
-def test_gpu_type_prices_per_cloud() -> None:
-    gpu = GpuType("x", "X", 80, secure_price=2.0, community_price=1.5)
-    assert (gpu.price("SECURE"), gpu.price("COMMUNITY"), gpu.price("ALL")) == (2.0, 1.5, 1.5)
-    assert GpuType("y", "Y", 80, None, None).price("ALL") is None
-
-
-def test_runtime_ports_count_only_while_running() -> None:
-    raw = {
-        "id": "p1",
-        "desiredStatus": "EXITED",
-        "runtime": {"ports": [{"ip": "1.2.3.4", "privatePort": 8888, "publicPort": 8888, "type": "http"}]},
-    }
-    assert PodInfo.from_api(raw).port(8888) is None  # stale runtime of a stopped pod
-    running = PodInfo.from_api({**raw, "desiredStatus": "RUNNING"})
-    assert running.port(8888) is not None and running.port(22) is None
-    assert PodInfo.from_api({**raw, "desiredStatus": "RUNNING", "runtime": None}).port(8888) is None
+from tests.spawner.test_profiles import profile
 
 
 def pod(pod_id: str, name: str) -> PodInfo:
@@ -175,37 +60,3 @@ def test_reaper_service_only_with_a_runpod_profile() -> None:
     assert service["environment"] == {"RUNPOD_API_KEY": "rk", "DOLAB_HUB_ID": "test1234"}
     assert "admin:server_state" in role["scopes"] and not any(s.startswith("admin:users") for s in role["scopes"])
     assert runpod_reaper_service(config, {**env, "DOLAB_RUNPOD_REAPER": "0"}) is None
-
-
-@pytest.fixture
-def prices_from(record_emulator: EmulatorProcess) -> Iterator[EmulatorProcess]:
-    old = os.environ.get("RUNPOD_API_BASE_URL")
-    os.environ["RUNPOD_API_BASE_URL"] = record_emulator.url
-    record_emulator.reset()
-    yield record_emulator
-    if old is None:
-        os.environ.pop("RUNPOD_API_BASE_URL", None)
-    else:
-        os.environ["RUNPOD_API_BASE_URL"] = old
-
-
-async def test_the_form_shows_live_prices_and_never_the_key(prices_from: EmulatorProcess) -> None:
-    config = Config()
-    config.DoLabSpawner.profile_list = [{"display_name": "CPU", "slug": "cpu"}, profile(cloud_type="community")]
-    config.DoLabSpawner.gpu_inventory = []
-    config.RunPodBackend.api_key = prices_from.api_key
-    prices_from.prices({H100: {"communityPrice": 2.5}})
-    html = await DoLabSpawner(config=config).render_options_form()
-    assert prices_from.api_key not in html
-    card = BeautifulSoup(html, "html.parser").find("div", attrs={"data-profile": "pod"})
-    assert isinstance(card, Tag)
-    select = card.find("select", attrs={"name": "gpu_type-pod"})
-    assert isinstance(select, Tag)
-    options = {str(o["value"]): (str(o["data-price-per-hour"]), o.get_text(" ", strip=True)) for o in select("option")}
-    # Prices per pod-hour: two GPUs at the community price.
-    assert options[A100][0] == "2.38" and "$2.38 per hour for 2 GPUs" in options[A100][1]
-    assert options[H100][0] == "5.0"
-    assert "community cloud" in card.get_text() and "at most $4.00 per hour" in card.get_text()
-    form = {"profile": ["pod"], "gpu_type-pod": [H100], "gpus-pod": ["1"], "stop_mode": ["none"]}
-    options_posted = await DoLabSpawner(config=config).options_from_form(form)
-    assert options_posted == {"profile": "pod", "gpus": 1, "gpu_type": H100}

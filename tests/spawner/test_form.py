@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -14,6 +15,8 @@ from traitlets.config import Config
 import dolab_spawner.reservations
 from dolab_core.times import format_time
 from dolab_spawner import DoLabSpawner
+from tests.runpod_emulator.client import EmulatorProcess
+from tests.spawner.test_profiles import A100, H100, profile
 
 UTC = timezone.utc
 
@@ -366,3 +369,37 @@ def test_slug_with_double_dash_is_refused() -> None:
                 {"display_name": "A X", "slug": "a--x", "profile_options": {"img": option}},
             ]
         )
+
+
+@pytest.fixture
+def prices_from(record_emulator: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    old = os.environ.get("RUNPOD_API_BASE_URL")
+    os.environ["RUNPOD_API_BASE_URL"] = record_emulator.url
+    record_emulator.reset()
+    yield record_emulator
+    if old is None:
+        os.environ.pop("RUNPOD_API_BASE_URL", None)
+    else:
+        os.environ["RUNPOD_API_BASE_URL"] = old
+
+
+async def test_the_form_shows_live_prices_and_never_the_key(prices_from: EmulatorProcess) -> None:
+    config = Config()
+    config.DoLabSpawner.profile_list = [{"display_name": "CPU", "slug": "cpu"}, profile(cloud_type="community")]
+    config.DoLabSpawner.gpu_inventory = []
+    config.RunPodBackend.api_key = prices_from.api_key
+    prices_from.prices({H100: {"communityPrice": 2.5}})
+    html = await DoLabSpawner(config=config).render_options_form()
+    assert prices_from.api_key not in html
+    card = BeautifulSoup(html, "html.parser").find("div", attrs={"data-profile": "pod"})
+    assert isinstance(card, Tag)
+    select = card.find("select", attrs={"name": "gpu_type-pod"})
+    assert isinstance(select, Tag)
+    options = {str(o["value"]): (str(o["data-price-per-hour"]), o.get_text(" ", strip=True)) for o in select("option")}
+    # Prices per pod-hour: two GPUs at the community price.
+    assert options[A100][0] == "2.38" and "$2.38 per hour for 2 GPUs" in options[A100][1]
+    assert options[H100][0] == "5.0"
+    assert "community cloud" in card.get_text() and "at most $4.00 per hour" in card.get_text()
+    form = {"profile": ["pod"], "gpu_type-pod": [H100], "gpus-pod": ["1"], "stop_mode": ["none"]}
+    options_posted = await DoLabSpawner(config=config).options_from_form(form)
+    assert options_posted == {"profile": "pod", "gpus": 1, "gpu_type": H100}

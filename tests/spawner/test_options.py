@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dolab_core.times import format_time
+from dolab_spawner.backends.runpod_offers import pod_request
 from dolab_spawner.options import OptionsError, Selection, parse_stop_at, resolve_options
 from dolab_spawner.profiles import parse_profile_list
-from tests.spawner.test_profiles import MAX_RUN_HOURS, NOW, PROFILE_LIST, PROFILES, UTC
+from tests.spawner.test_profiles import A100, BACKENDS, H100, MAX_RUN_HOURS, NOW, PROFILE_LIST, PROFILES, UTC, profile
 
 # ----- resolve_options: good options ------------------------------------------------------------------------
 
@@ -427,3 +428,41 @@ def test_parse_stop_at_bad(value: Any, phrase: str) -> None:
 def test_format_time(when: datetime, text: str) -> None:
     assert format_time(when) == text
     assert parse_stop_at(text) == when.astimezone(UTC).replace(microsecond=0)
+
+
+def test_user_options_pick_the_first_gpu_type_and_a_lower_price() -> None:
+    profiles = parse_profile_list([profile()], backends=BACKENDS)
+    plain = resolve_options(profiles, {"profile": "pod"})
+    assert plain.gpu_types == (A100, H100) and plain.price_cap_per_hour == 4
+    picked = resolve_options(profiles, {"profile": "pod", "gpu_type": H100, "max_price_per_hour": "3.5", "gpus": 1})
+    assert picked.gpu_types == (H100, A100) and picked.price_cap_per_hour == 3.5
+    stored = picked.user_options()
+    assert stored == {"profile": "pod", "gpus": 1, "gpu_type": H100, "max_price_per_hour": 3.5}
+    assert resolve_options(profiles, stored).user_options() == stored
+    request = pod_request(picked)
+    assert request["gpu_types"] == [H100, A100] and request["gpu_count"] == 1 and request["max_price_per_hour"] == 3.5
+    assert request["image"] == "me/lab:1" and request["cloud_type"] == "secure"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"gpu_type": "NVIDIA Tesla V100"}, "is not a GPU type of profile 'pod'"),
+        ({"gpu_type": 3}, "is not a GPU type"),
+        ({"max_price_per_hour": 4.01}, "at most $4 per hour"),
+        ({"max_price_per_hour": 0}, "above 0"),
+        ({"max_price_per_hour": "nan"}, "above 0"),
+        ({"max_price_per_hour": True}, "above 0"),
+        ({"gpus": 3}, "at most 2 GPU"),
+    ],
+)
+def test_bad_user_options_are_refused(options: dict[str, Any], message: str) -> None:
+    profiles = parse_profile_list([profile()], backends=BACKENDS)
+    with pytest.raises(OptionsError, match=message.replace("$", r"\$")):
+        resolve_options(profiles, {"profile": "pod", **options})
+
+
+def test_other_profiles_take_no_runpod_options() -> None:
+    profiles = parse_profile_list([{"display_name": "CPU", "slug": "cpu"}], backends=BACKENDS)
+    with pytest.raises(OptionsError, match="Unknown option"):
+        resolve_options(profiles, {"profile": "cpu", "gpu_type": A100})

@@ -392,3 +392,48 @@ def test_default_profile_matches_only_its_model() -> None:
     allocator = SlotAllocator(inventory)
     assert allocator.availability(profile.gpu_type, profile.gpu_exact) == (1, 1)
     assert [s.index for s in allocator.allocate("u/", 1, profile.gpu_type, profile.gpu_exact)] == [0]
+
+
+A100 = "NVIDIA A100 80GB PCIe"
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+BACKENDS = ("local", "docker", "runpod")
+
+
+def profile(**runpod: Any) -> dict[str, Any]:
+    settings = {"gpu_types": [A100, H100], "image": "me/lab:1", "max_price_per_hour": 4, **runpod}
+    return {"display_name": "Pod", "slug": "pod", "backend": "runpod", "gpus": 2, "runpod": settings}
+
+
+def test_a_runpod_profile_is_parsed_with_its_defaults() -> None:
+    (p,) = parse_profile_list([profile()], backends=BACKENDS)
+    assert p.runpod is not None
+    assert p.runpod.gpu_types == (A100, H100) and p.runpod.cloud_type == "secure"
+    assert (p.runpod.container_disk_gb, p.runpod.volume_gb, p.runpod.volume_mount_path) == (20, 0, "/workspace")
+    assert p.allowed_keys[-2:] == ["gpu_type", "max_price_per_hour"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (profile(gpu_types=[]), "gpu_types must be a list"),
+        (profile(gpu_types=[A100, A100]), "each once"),
+        (profile(cloud_type="cheap"), "cloud_type must be one of secure, community, all"),
+        (profile(image=""), "image must be a non-empty string"),
+        (profile(max_price_per_hour=-1), "max_price_per_hour must be a number of at least 0"),
+        (profile(container_disk_gb=2.5), "whole numbers"),
+        (profile(volume_mount_path="data"), "absolute path"),
+        (profile(region="eu"), "unknown key(s) 'region'"),
+        ({**profile(), "gpus": 0}, "needs gpus"),
+        ({**profile(), "gpu_type": "A100"}, "not in gpu_type"),
+        ({"display_name": "CPU", "runpod": {"gpu_types": [A100]}}, "only for backend: runpod"),
+        ({"display_name": "Pod", "backend": "runpod", "gpus": 1}, "must be a dict with gpu_types and image"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_runpod_settings_are_refused_with_a_sentence(entry: dict[str, Any], message: str) -> None:
+    with pytest.raises(ProfileConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_profile_list([entry], backends=BACKENDS)

@@ -1,5 +1,5 @@
-"""The RunPod adapter against the emulator (records only, no engine needed): escaping, errors, retries, prices; and
-the backend's poll, stop and suspend as a restarted hub uses them."""
+"""The RunPod adapter (dolab_core.engines.runpod) against the emulator (records only, no engine needed): escaping,
+errors, retries, prices; and its pure parts (pod names, GPU prices per cloud, a pod's ports)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import requests
@@ -17,15 +15,17 @@ import runpod.error
 from dolab_core.engines.runpod import (
     ApiError,
     BadApiKey,
+    GpuType,
     NoCapacity,
+    PodInfo,
     PodSpec,
     RunPodApi,
     TransientError,
     UnknownGpuType,
     classify,
     escape,
+    pod_name,
 )
-from dolab_spawner.backends.runpod import RunPodBackend
 from tests.runpod_emulator.client import EmulatorProcess
 from tests.runpod_emulator.schema import GENERIC, NO_CAPACITY, NO_GPUS_ON_HOST
 
@@ -205,41 +205,32 @@ async def test_stop_resume_and_terminate_twice(em: EmulatorProcess) -> None:
     assert await api.get_pod(pod_id) is None
 
 
-def backend_for(em: EmulatorProcess, user: str, **traits: Any) -> RunPodBackend:
-    """A RunPodBackend outside a hub (what a restarted hub rebuilds), on the emulator."""
-    traits.setdefault("hub_id", "test1234")  # the hub's id (dolab_core.hubidentity) in every pod name
-    return RunPodBackend(user=SimpleNamespace(name=user), api_key=em.api_key, api_backoff_seconds=0.05, **traits)
+@pytest.mark.parametrize(
+    ("user", "server", "name"),
+    [
+        ("ann", "", "dolab-ann"),
+        ("ann", "big", "dolab-ann--big"),
+        ("Ann.Lee@x.org", "", "dolab--41nn-2E-4Cee-40x-2Eorg"),
+        ("a-b", "", "dolab-a-2Db"),
+    ],
+)
+def test_pod_names_are_deterministic_and_unambiguous(user: str, server: str, name: str) -> None:
+    assert pod_name("dolab-", user, server) == name
 
 
-async def test_a_server_without_a_pod_id_finds_its_pod_by_name_and_polls_and_stops_it(em: EmulatorProcess) -> None:
-    api = adapter(em)
-    pod_id = await api.create_pod(PodSpec(name="dolab-test1234-nora", image="img", gpu_type_id=A100))
-    await api.create_pod(PodSpec(name="dolab-test1234-nora--other", image="img", gpu_type_id=A100))
-    await api.create_pod(PodSpec(name="dolab-nora", image="img", gpu_type_id=A100))  # another hub's, or from before
-    # hub ids: never adopted by name
-    backend = backend_for(em, "nora")
-    assert await backend.poll() is None
-    assert backend.pod_id == pod_id and backend.get_state()["pod_id"] == pod_id
-    await backend.stop()
-    assert await api.get_pod(pod_id) is None
-    assert await backend.poll() == 0
-    await backend.stop()  # again: nothing left to do
-    assert sorted(p["name"] for p in em.pods()) == ["dolab-nora", "dolab-test1234-nora--other"]
+def test_gpu_type_prices_per_cloud() -> None:
+    gpu = GpuType("x", "X", 80, secure_price=2.0, community_price=1.5)
+    assert (gpu.price("SECURE"), gpu.price("COMMUNITY"), gpu.price("ALL")) == (2.0, 1.5, 1.5)
+    assert GpuType("y", "Y", 80, None, None).price("ALL") is None
 
 
-async def test_poll_maps_exited_and_missing_pods_to_stopped(em: EmulatorProcess) -> None:
-    api = adapter(em)
-    pod_id = await api.create_pod(PodSpec(name="dolab-olga", image="img", gpu_type_id=A100))
-    backend = backend_for(em, "olga")
-    backend.load_state({"pod_id": pod_id, "gpu_type_id": A100, "gpu_count": 1, "price_per_hour_usd": 1.64})
-    assert await backend.poll() is None
-    em.faults(replies=[{"field": "pod", "times": 10, "status": 502, "body": "gateway", "content_type": "text/plain"}])
-    assert await backend.poll() is None  # RunPod cannot say: the pod is not forgotten
-    em.reset()
-    await backend.suspend()
-    assert (await api.get_pod(pod_id)).desired_status == "EXITED"  # type: ignore[union-attr]
-    assert await backend.poll() == 0
-    await backend.suspend()  # already stopped: fine
-    em.vanish(pod_id)
-    assert await backend.poll() == 0
-    assert backend.monitor_state() == {"price_per_hour_usd": 1.64, "gpu_type": A100, "gpu_count": 1}
+def test_runtime_ports_count_only_while_running() -> None:
+    raw = {
+        "id": "p1",
+        "desiredStatus": "EXITED",
+        "runtime": {"ports": [{"ip": "1.2.3.4", "privatePort": 8888, "publicPort": 8888, "type": "http"}]},
+    }
+    assert PodInfo.from_api(raw).port(8888) is None  # stale runtime of a stopped pod
+    running = PodInfo.from_api({**raw, "desiredStatus": "RUNNING"})
+    assert running.port(8888) is not None and running.port(22) is None
+    assert PodInfo.from_api({**raw, "desiredStatus": "RUNNING", "runtime": None}).port(8888) is None
