@@ -1,4 +1,5 @@
-"""Plans: the combination rule as tables, config errors as sentences, and the env-file path services use."""
+"""Plans (dolab_core.plans): the combination rule as tables, config errors as sentences, and the env-file path services
+use."""
 
 from __future__ import annotations
 
