@@ -334,38 +334,9 @@ def test_a_hung_server_does_not_stop_the_sweep(scenario: Scenario) -> None:
     assert f"Stopped server {HUNG}/" not in scenario.culler_log()
 
 
-# ----- (c) the deadline, after a warning ---------------------------------------------------------------------
-
-
-def test_a_busy_server_is_warned_then_stopped_at_its_deadline(scenario: Scenario) -> None:
-    key = (DEADLINE, "")
-    deadline = scenario.stop_at[DEADLINE]
-    scenario.wait_for(
-        "the server stops at its deadline", lambda: key in scenario.timeline.gone, DEADLINE_RUN_SECONDS + 30
-    )
-    late = scenario.timeline.gone[key] - deadline.timestamp()
-    assert -1 <= late <= LATE_SECONDS, f"stopped {late:+.1f} s from its deadline"
-    warnings = [(t, w) for t, w in scenario.timeline.warnings.get(DEADLINE, []) if w["server"] == ""]
-    assert warnings, "the user was never warned"
-    first_seen, warning = warnings[0]
-    assert first_seen < scenario.timeline.gone[key]
-    assert warning["reason"] == "deadline" and parse(warning["stop_at"]) == deadline
-    assert "the stop time you chose" in warning["message"]
-    scenario.wait_for_log(f"Stopped server {DEADLINE}/, reason deadline")
-    assert f"Stopped server {DEADLINE}/, reason idle" not in scenario.culler_log(), "it was busy, never idle"
-
-
-# ----- (e) exemptions ----------------------------------------------------------------------------------------
-
-
-def test_an_exempt_idle_user_is_kept(scenario: Scenario) -> None:
-    when = scenario.ready_at[EXEMPT] + IDLE_SECONDS + LATE_SECONDS
-    scenario.wait_until("the exempt user's server is idle past its timeout", when)
-    assert scenario.running(EXEMPT)
-    assert (EXEMPT, "") not in scenario.timeline.gone
-
-
 # ----- (d) extending the deadline ----------------------------------------------------------------------------
+# Right after the idle test, before the deadline and exemption tests: it must come before the server's first stop
+# time, however slow the start was, and its wait past that time covers theirs.
 
 
 def login(hub: Hub, user: str) -> requests.Session:
@@ -426,6 +397,37 @@ def test_extending_moves_the_deadline_within_the_limit(scenario: Scenario) -> No
     scenario.wait_until("the old deadline passes", old.timestamp() + LATE_SECONDS)
     assert scenario.running(EXTEND), "the extended server was stopped at its old deadline"
     assert scenario.culler("GET", "api/warnings", EXTEND).json() == {"warnings": []}
+
+
+# ----- (c) the deadline, after a warning ---------------------------------------------------------------------
+
+
+def test_a_busy_server_is_warned_then_stopped_at_its_deadline(scenario: Scenario) -> None:
+    key = (DEADLINE, "")
+    deadline = scenario.stop_at[DEADLINE]
+    scenario.wait_for(
+        "the server stops at its deadline", lambda: key in scenario.timeline.gone, DEADLINE_RUN_SECONDS + 30
+    )
+    late = scenario.timeline.gone[key] - deadline.timestamp()
+    assert -1 <= late <= LATE_SECONDS, f"stopped {late:+.1f} s from its deadline"
+    warnings = [(t, w) for t, w in scenario.timeline.warnings.get(DEADLINE, []) if w["server"] == ""]
+    assert warnings, "the user was never warned"
+    first_seen, warning = warnings[0]
+    assert first_seen < scenario.timeline.gone[key]
+    assert warning["reason"] == "deadline" and parse(warning["stop_at"]) == deadline
+    assert "the stop time you chose" in warning["message"]
+    scenario.wait_for_log(f"Stopped server {DEADLINE}/, reason deadline")
+    assert f"Stopped server {DEADLINE}/, reason idle" not in scenario.culler_log(), "it was busy, never idle"
+
+
+# ----- (e) exemptions ----------------------------------------------------------------------------------------
+
+
+def test_an_exempt_idle_user_is_kept(scenario: Scenario) -> None:
+    when = scenario.ready_at[EXEMPT] + IDLE_SECONDS + LATE_SECONDS
+    scenario.wait_until("the exempt user's server is idle past its timeout", when)
+    assert scenario.running(EXEMPT)
+    assert (EXEMPT, "") not in scenario.timeline.gone
 
 
 # ----- (a) a silent busy kernel ------------------------------------------------------------------------------
