@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dolab_services.culler.extensions import ExtensionStore, extended_stop_at
+from dolab_services.culler.extensions import ExtensionStore, extend_offer, extended_stop_at, headroom_hours
 
 from .support import NOW, T0
 
@@ -61,3 +62,36 @@ def test_extension_store_without_a_file_and_with_a_bad_one(tmp_path: Path) -> No
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert ExtensionStore(bad).get("alice", "", T0) is None
+
+
+# ----- what one click extends by ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "max_run_hours", "expected"),
+    [
+        pytest.param(None, 24, None, id="no stop time"),
+        pytest.param(NOW + timedelta(hours=1), 24, 23.0, id="within the limit"),
+        pytest.param(NOW - timedelta(hours=1), 24, 24.0, id="past stop time counts from now"),
+        pytest.param(NOW + timedelta(hours=30), 24, 0.0, id="beyond the limit"),
+        pytest.param(NOW + timedelta(hours=1), 0, math.inf, id="no limit"),
+    ],
+)
+def test_headroom_hours(stop_at: datetime | None, max_run_hours: float, expected: float | None) -> None:
+    assert headroom_hours(stop_at, NOW, max_run_hours) == expected
+
+
+@pytest.mark.parametrize(
+    ("headroom", "expected"),
+    [
+        pytest.param(None, 0.0, id="no stop time"),
+        pytest.param(0.0, 0.0, id="at the limit"),
+        pytest.param(-1.0, 0.0, id="past the limit"),
+        pytest.param(10.0, 2.0, id="the full click"),
+        pytest.param(math.inf, 2.0, id="no limit"),
+        pytest.param(1.6, 1.5, id="rounded down to a quarter"),
+        pytest.param(0.2, 0.0, id="less than a quarter"),
+    ],
+)
+def test_extend_offer(headroom: float | None, expected: float) -> None:
+    assert extend_offer(headroom, 2) == expected

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,14 +20,11 @@ from traitlets.config import Config
 
 from dolab_lab import notice as labnotice
 from dolab_lab.notice import CONTAINER_DIR, NOTICE_NAME, SHARE_DIR, built_notice, with_jupyter_path
-from dolab_services.culler.extensions import extend_offer, headroom_hours
 from dolab_spawner.backends.base import child_config
 from dolab_spawner.backends.docker import DockerBackend
 from dolab_spawner.backends.local import LocalProcessBackend
 from dolab_spawner.spawner import DoLabSpawner
 
-NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
-H = timedelta(hours=1)
 SEP = os.pathsep
 
 
@@ -140,39 +135,6 @@ def test_no_notice_mount(share: Path, traits: dict[str, Any]) -> None:
 
 def test_no_mount_without_a_build(unbuilt: Path) -> None:
     assert DockerBackend(config=Config(), docker_host={"name": "local"})._notice_volume() == {}
-
-
-# ----- what one click extends by ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("stop_at", "max_run_hours", "expected"),
-    [
-        pytest.param(None, 24, None, id="no stop time"),
-        pytest.param(NOW + H, 24, 23.0, id="within the limit"),
-        pytest.param(NOW - H, 24, 24.0, id="past stop time counts from now"),
-        pytest.param(NOW + 30 * H, 24, 0.0, id="beyond the limit"),
-        pytest.param(NOW + H, 0, math.inf, id="no limit"),
-    ],
-)
-def test_headroom_hours(stop_at: datetime | None, max_run_hours: float, expected: float | None) -> None:
-    assert headroom_hours(stop_at, NOW, max_run_hours) == expected
-
-
-@pytest.mark.parametrize(
-    ("headroom", "expected"),
-    [
-        pytest.param(None, 0.0, id="no stop time"),
-        pytest.param(0.0, 0.0, id="at the limit"),
-        pytest.param(-1.0, 0.0, id="past the limit"),
-        pytest.param(10.0, 2.0, id="the full click"),
-        pytest.param(math.inf, 2.0, id="no limit"),
-        pytest.param(1.6, 1.5, id="rounded down to a quarter"),
-        pytest.param(0.2, 0.0, id="less than a quarter"),
-    ],
-)
-def test_extend_offer(headroom: float | None, expected: float) -> None:
-    assert extend_offer(headroom, 2) == expected
 
 
 # ----- the notice's own pure parts (src/text.ts), run in Node -------------------------------------------------

@@ -9,8 +9,7 @@ import pytest
 
 from dolab_services.hubclient import HubAPIError, HubClient
 from dolab_services.servertokens import ServerTokens, revoke_quietly, server_scope
-
-from .hub_double import HubDouble, serve_hub_double
+from tests.hub_double import HubDouble, serve_hub_double
 
 
 class TokenHub:

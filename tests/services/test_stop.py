@@ -12,8 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from dolab_services.hubclient import HubClient
 from dolab_services.stop import STOP_REASONS, StopPath, load_hooks
-
-from .hub_double import HubDouble, serve_hub_double
+from tests.hub_double import HubDouble, serve_hub_double
 
 
 @pytest.fixture
@@ -127,11 +126,11 @@ async def sample_hook(user: str, server: str, reason: str) -> None:
     [
         pytest.param("no-colon", "module.path:callable", id="no-colon"),
         pytest.param("no_such_module_x:hook", "cannot import no_such_module_x", id="no-module"),
-        pytest.param("tests.test_stop:missing", "has no callable missing", id="no-attr"),
+        pytest.param("tests.services.test_stop:missing", "has no callable missing", id="no-attr"),
         pytest.param("tests.culler.support:REPO", "has no callable REPO", id="not-callable"),
     ],
 )
 def test_load_hooks_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_hooks([spec])
-    assert load_hooks(["tests.test_stop:sample_hook"]) == [sample_hook]
+    assert load_hooks(["tests.services.test_stop:sample_hook"]) == [sample_hook]

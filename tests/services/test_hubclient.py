@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from dolab_services.hubclient import PAGINATION_MEDIA_TYPE, HubAPIError, HubClient
-
-from .cli_support import unused_url
-from .hub_double import HubDouble, serve_hub_double, users_api
+from tests.cli_support import unused_url
+from tests.hub_double import HubDouble, serve_hub_double, users_api
 
 TOKEN = "s3cret-token-value"
 USERS = [{"kind": "user", "name": name, "servers": {}} for name in ("alice", "bob", "carol")]

@@ -38,12 +38,11 @@ from dolab_services.reapers.docker import (
 )
 from dolab_services.reapers.registration import REAPER_SCOPES, reaper_service
 from dolab_services.reapers.servers import servers_of, state_problem
+from tests.cli_support import isolate_env
+from tests.e2e.stack import docker_stack
+from tests.hub_double import HubDouble, serve_hub_double, users_api
 
-from .cli_support import isolate_env
-from .e2e.stack import docker_stack
-from .hub_double import HubDouble, serve_hub_double, users_api
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOW = 1_750_000_000.0
 ID_A, ID_B = "a" * 64, "b" * 64
 HUB = "hub0test"  # this hub's id in the policy tables
