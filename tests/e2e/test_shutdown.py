@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.patience import patience
 from tests.runpod_emulator.client import EmulatorProcess
 
 from .hub import Hub, free_port
@@ -117,7 +118,7 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
 def wait_for_services(hub: Hub, timeout: float = 180) -> dict[int, str]:
     """Every service process, once each has said it runs (and its page listens)."""
     assert hub.proc is not None
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while time.monotonic() < deadline:
         log = hub.log_path.read_text(errors="replace")
         running = children(hub.proc.pid)
