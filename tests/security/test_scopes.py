@@ -20,7 +20,7 @@ import pytest
 from bs4 import BeautifulSoup
 
 from ..e2e.hub import Hub
-from ..monitor.test_e2e import login
+from ..e2e.monitor.test_monitor import login
 from ..sync import conftest as sync_conftest
 from ..sync.conftest import S3Server
 from .servicehub import (

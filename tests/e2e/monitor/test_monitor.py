@@ -21,8 +21,8 @@ import requests
 from bs4 import BeautifulSoup
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..e2e.hub import GPU_INVENTORY, Hub, free_port
-from ..patience import patience
+from tests.e2e.hub import GPU_INVENTORY, Hub, free_port
+from tests.patience import patience
 
 pytestmark = pytest.mark.e2e
 
