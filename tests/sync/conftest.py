@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from dolab_services.sync.s3 import S3Store
+from tests.drive_emulator.conftest import drive, drive_emulator_process  # noqa: F401 - fixtures of the Drive tests
 from tests.patience import patience
 
 CREDENTIALS = {"access_key_id": "dolab-test", "secret_access_key": "dolab-test-secret", "region_name": "us-east-1"}

@@ -1,6 +1,6 @@
 """The ObjectStore contract (dolab_services/sync/store.py), checked against any store: ``run_store_contract(store)``.
 
-The store must be empty (a fresh user root). Every target's tests call it (S3 here; Google Drive in tests/drive).
+The store must be empty (a fresh user root). Every target's tests call it (S3 here; Drive in test_drive_store.py).
 """
 
 from __future__ import annotations

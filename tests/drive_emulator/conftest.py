@@ -1,4 +1,5 @@
-"""The Google Drive emulator (tests/drive_emulator) as a process for the whole session, reset before each test."""
+"""The Google Drive emulator as a process for the whole session, reset before each test: for the emulator's own
+tests here, and imported by tests/sync/conftest.py for the Drive store's tests."""
 
 from __future__ import annotations
 
