@@ -23,13 +23,12 @@ import requests
 from dolab_services.sync.config import user_prefix
 from dolab_services.sync.engine import SyncEngine
 from dolab_spawner.cli import main as dolab
-
-from ..e2e.hub import REPO, Hub, free_port
-from ..e2e.jupyter import run_in_kernel
-from ..e2e.stack import DockerStack, docker_stack
-from ..patience import patience
-from .conftest import CREDENTIALS, S3Server
-from .treeutil import write
+from tests.e2e.hub import REPO, Hub, free_port
+from tests.e2e.jupyter import run_in_kernel
+from tests.e2e.stack import DockerStack, docker_stack
+from tests.patience import patience
+from tests.sync.conftest import CREDENTIALS, S3Server
+from tests.sync.treeutil import write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 

@@ -24,11 +24,10 @@ from dolab_services.sync.registration import sync_service
 from dolab_spawner.cli import main as dolab
 from tests.drive_emulator import DriveEmulator, DriveEmulatorClient
 from tests.drive_emulator.client import UserGrant
-
-from ..e2e.hub import REPO, Hub, free_port
-from ..patience import patience
-from .conftest import CREDENTIALS, S3Server
-from .treeutil import write
+from tests.e2e.hub import REPO, Hub, free_port
+from tests.patience import patience
+from tests.sync.conftest import CREDENTIALS, S3Server
+from tests.sync.treeutil import write
 
 pytestmark = [pytest.mark.e2e]
 
