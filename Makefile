@@ -66,7 +66,7 @@ test-parts:
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "Installing Debian's chromium for the browser tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-	@# The OpenID Connect provider of tests/auth (npm oidc-provider, pinned by tests/oidc/package-lock.json).
+	@# The OpenID Connect provider of tests/e2e/auth (npm oidc-provider, pinned by tests/oidc/package-lock.json).
 	@cmp -s tests/oidc/package-lock.json $(OIDC_DIR)/package-lock.json && [ -d $(OIDC_DIR)/node_modules/oidc-provider ] || { \
 		echo "Installing oidc-provider (npm) into $(OIDC_DIR)"; mkdir -p $(OIDC_DIR) && \
 		cp tests/oidc/package.json tests/oidc/package-lock.json $(OIDC_DIR)/ && \

@@ -1,6 +1,6 @@
 // A real OpenID Connect provider for DO-LAB's login tests: the npm package oidc-provider (certified), on loopback.
 //
-// Started by tests/auth/conftest.py:
+// Started by tests/e2e/auth/conftest.py:
 //   node tests/oidc/server.mjs   with   DOLAB_OIDC_MODULES=<dir holding node_modules/oidc-provider>
 //                                      DOLAB_OIDC_PORT=<port>  DOLAB_OIDC_USERS=<JSON>  [DOLAB_OIDC_ACCESS_TOKEN_TTL=<s>]
 //

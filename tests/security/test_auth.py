@@ -28,7 +28,7 @@ from urllib.parse import urljoin
 import pytest
 import requests
 
-from tests.auth.conftest import ACCESS_TOKEN_TTL, OidcProvider, TestUser, running_provider
+from tests.e2e.auth.conftest import ACCESS_TOKEN_TTL, OidcProvider, TestUser, running_provider
 from tests.e2e.hub import GPU_INVENTORY, REPO, Hub
 from tests.patience import patience
 

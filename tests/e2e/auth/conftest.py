@@ -1,4 +1,5 @@
-"""A real OpenID Connect provider for the login tests: npm's oidc-provider (tests/oidc/server.mjs) on loopback.
+"""A real OpenID Connect provider for the login tests here, the authenticator's (tests/spawner/auth) and the security
+tests: npm's oidc-provider (tests/oidc/server.mjs) on loopback.
 
 `make test` installs it into .dolab/oidc from tests/oidc/package-lock.json. Without Node or the package the tests
 are skipped, or fail with CI=true, where `make test` must have installed them.
@@ -25,7 +26,7 @@ import requests
 from tests.e2e.hub import free_port
 from tests.patience import patience
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 OIDC_MODULES = REPO / ".dolab" / "oidc"
 SERVER_SCRIPT = REPO / "tests" / "oidc" / "server.mjs"
 #: Access tokens live this long at the provider; the hub renews them this long before they expire.

@@ -20,9 +20,8 @@ from dolab_spawner.auth import (
 from dolab_spawner.auth.envconfig import PROVIDERS as PROVIDER_CLASSES
 from dolab_spawner.auth.envconfig import configure_login
 from dolab_spawner.auth.providers import github_team_groups
+from tests.e2e.auth.conftest import OidcProvider
 from tests.e2e.hub import free_port
-
-from .conftest import OidcProvider
 
 CRYPT_KEY = "ab" * 32
 
