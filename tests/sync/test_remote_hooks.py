@@ -1,6 +1,6 @@
 """The sync hooks for remote servers, in the hub's process: a real jupyter-server stands for the pod's server, a
 real S3 server (moto_server) for the target. The spawner is a stand-in holding what DoLabSpawner gives the hooks
-(the pod on the RunPod emulator is the e2e test's part: tests/runpod/test_runpod_sync.py)."""
+(the pod on the RunPod emulator is the e2e test's part: tests/e2e/runpod/test_sync.py)."""
 
 from __future__ import annotations
 

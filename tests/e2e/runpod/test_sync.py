@@ -24,7 +24,7 @@ from tests.e2e.stack import DockerStack, docker_stack
 from tests.runpod_emulator.client import PROXY_URL_TEMPLATE, EmulatorProcess
 from tests.sync.conftest import CREDENTIALS, S3Server, s3_server  # noqa: F401 (the session fixture)
 
-from .test_runpod_backend import runpod_profile
+from .test_backend import runpod_profile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 

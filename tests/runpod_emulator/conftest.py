@@ -1,4 +1,6 @@
-"""The RunPod emulator for the tests in this folder, started once per session on a free loopback port.
+"""The RunPod emulator as session fixtures, each started once on a free loopback port: for the emulator's own tests
+here, and imported by the conftest.py of the other folders whose tests need it (tests/e2e/runpod, tests/spawner,
+tests/core/engines).
 
 ``emulator`` runs pods as real containers on the test stack's engine 1 (`.venv/bin/python tests/stack.py up`);
 ``record_emulator`` keeps pods as records only, for the adapter's unit tests that need no engine.
