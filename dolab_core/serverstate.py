@@ -44,6 +44,10 @@ def _text(raw: Mapping[str, Any], key: str, default: str = "") -> str:
     return value if isinstance(value, str) else default
 
 
+def _is_mapping(value: Any) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)  # the hub's JSON gives dicts: skip the ABC check
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -84,42 +88,46 @@ class ServerState:
 
     @classmethod
     def read(cls, raw: Any) -> ServerState:
-        """The state a spawner wrote, of this or any earlier version; an unreadable one reads as empty."""
-        if not isinstance(raw, Mapping):
+        """The state a spawner wrote, of this or any earlier version; an unreadable one reads as empty.
+
+        The culler and the monitor read every running server's state at each sweep or tick, so this stays a
+        straight run of lookups (no closures, the usual dicts checked first)."""
+        if not _is_mapping(raw):
             return cls(version=0)
         inner = raw.get("backend_state")
-        inner = inner if isinstance(inner, Mapping) else {}
-
-        def pick(*keys: str) -> Any:
-            """A rented machine's figures: on the state since version 0, but older RunPod states had them only
-            in ``backend_state`` (``gpu_type_id``)."""
-            for where in (raw, inner):
-                for key in keys:
-                    if where.get(key) is not None:
-                        return where[key]
-            return None
-
+        if not _is_mapping(inner):
+            inner = {}
+        # A rented machine's figures: on the state since version 0, but older RunPod states had them only in
+        # ``backend_state`` (``gpu_type_id``).
+        price = raw.get("price_per_hour_usd")
+        if price is None:
+            price = inner.get("price_per_hour_usd")
+        gpu_type = raw.get("gpu_type") or raw.get("gpu_type_id") or inner.get("gpu_type") or inner.get("gpu_type_id")
+        count = raw.get("gpu_count")
+        count = _number(inner.get("gpu_count") if count is None else count)
+        use = raw.get("gpu_utilization_percent")
+        if use is None:
+            use = inner.get("gpu_utilization_percent")
         kept = raw.get("kept")
-        kept = kept if isinstance(kept, Mapping) else {}
+        kept = kept if _is_mapping(kept) else {}
         slots = raw.get("slots")
-        count = _number(pick("gpu_count"))
         version = raw.get("version")
         return cls(
             profile=_text(raw, "profile"),
             backend=_text(raw, "backend"),
             host=_text(raw, "host") or LOCAL_HOST,
-            slots=tuple(s for s in slots if isinstance(s, Mapping)) if isinstance(slots, (list, tuple)) else (),
+            slots=tuple(s for s in slots if _is_mapping(s)) if isinstance(slots, (list, tuple)) and slots else (),
             stop_at=_text(raw, "stop_at"),
-            backend_state=dict(inner),
+            backend_state=inner,
             workspace=_text(raw, "workspace"),
             server_url=_text(raw, "server_url"),
-            price_per_hour_usd=_number(pick("price_per_hour_usd")),
-            gpu_type=str(pick("gpu_type", "gpu_type_id") or ""),
+            price_per_hour_usd=_number(price),
+            gpu_type=str(gpu_type or ""),
             gpu_count=int(count) if count is not None and count >= 0 else 0,
-            gpu_utilization_percent=_number(pick("gpu_utilization_percent")),
+            gpu_utilization_percent=_number(use),
             kept_reason=str(kept.get("reason") or ""),
             kept_at=str(kept.get("at") or ""),
-            version=version if isinstance(version, int) and not isinstance(version, bool) else 0,
+            version=version if type(version) is int else 0,
         )
 
     @classmethod
