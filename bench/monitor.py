@@ -64,6 +64,7 @@ if str(REPO) not in sys.path:
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from dolab_services.monitor.registration import MONITOR_SCOPES  # noqa: E402
+from dolab_services.scopes import ADMIN_ROLE, CUSTOM_SCOPES  # noqa: E402
 
 MONITOR = "dolab-monitor"
 GPUS = 8
@@ -170,6 +171,8 @@ class MonitorBench(Bench):
             # the bench's service: an admin, so that it can give the admin user of the API timings a token
             {"name": "admin", "services": [ADMIN]},
             {"name": MONITOR, "scopes": list(MONITOR_SCOPES), "services": [MONITOR]},
+            # the admin whose token times the API: the overview needs DO-LAB's read-usage scope, not the admin flag
+            {"name": ADMIN_ROLE, "scopes": list(CUSTOM_SCOPES), "users": [ADMIN_USER]},
         ]
         config = self.root / "jupyterhub_config.py"
         config.write_text(
@@ -189,6 +192,7 @@ class MonitorBench(Bench):
             )
             .replace("benchspawner.BenchSpawner", "benchspawner.BenchMonitorSpawner")
             .replace("c.BenchSpawner.", "c.BenchMonitorSpawner.")
+            + f"c.JupyterHub.custom_scopes = {CUSTOM_SCOPES!r}\n"
         )
         self._launch(config, timeout)
 
@@ -423,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{args.users} servers ready in {setup_s:.1f} s; waiting for the monitor's ticks")
             wait_for_ticks(bench, args.users)
             ticks = measure_ticks(bench, args.ticks, args.interval)
-            bench.api("POST", f"/users/{ADMIN_USER}", json={"admin": True})
+            # the dolab-admin role made the user at the hub's start; an admin as the shipped config makes them
+            bench.api("PATCH", f"/users/{ADMIN_USER}", json={"admin": True}).raise_for_status()
             reply = bench.api("POST", f"/users/{ADMIN_USER}/tokens", json={"note": "bench", "expires_in": 3600})
             reply.raise_for_status()
             session = requests.Session()
