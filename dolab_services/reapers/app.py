@@ -33,20 +33,39 @@ from .runpod import PodSweepResult, sweep_pods
 __all__ = ["Reaper", "RunPodReaper", "main_docker", "main_runpod"]
 
 
-class Reaper(ServiceApp):
+class _ReaperApp(ServiceApp):
+    """What both reapers share: a sweep every ``interval_seconds`` (or one, ``once``), the hub's id, a hub client."""
+
+    interval_seconds = Float(600, config=True, help="Seconds between two sweeps.")
+    once = Bool(False, config=True, help="Sweep once and exit (1 when what it sweeps could not be read).")
+    hub_concurrency = Integer(4, config=True, help="At most this many hub API requests at once.")
+    hub_id = Unicode(
+        "",
+        config=True,
+        help="""The hub's id: only what carries it (a container's ``dolab.hub`` label, a pod's name) is reaped.
+        Default: ``$DOLAB_HUB_ID``, which the hub sets for its service, else the one kept in the data directory.""",
+    )
+
+    def hub_and_identity(self) -> tuple[HubClient, str]:
+        """The hub client and the hub's id, after the shared checks; ValueError with a sentence."""
+        if self.interval_seconds <= 0:
+            raise ValueError(f"--interval must be a positive number of seconds, not {self.interval_seconds:g}")
+        hub = HubClient(concurrency=self.hub_concurrency)
+        return hub, check_hub_id(self.hub_id, "--hub-id") if self.hub_id else hub_id(create=False)
+
+
+class Reaper(_ReaperApp):
     """The ``dolab-reaper`` service: :func:`.docker.sweep` every ``interval_seconds``, or once."""
 
     name = REAPER_NAME
     description = "Report (or remove, with --remove) DO-LAB's Docker containers that no server in the hub owns."
 
-    interval_seconds = Float(600, config=True, help="Seconds between two sweeps.")
     grace_seconds = Float(
         300,
         config=True,
         help="Containers younger than this (seconds) are never reaped: their server may be starting right now.",
     )
     remove = Bool(False, config=True, help="Force-remove orphans; without it, only log them (a dry run).")
-    once = Bool(False, config=True, help="Sweep once and exit (1 when the hub could not be read).")
     docker_hosts = Unicode(
         config=True,
         help="""The hub's ``DoLabSpawner.docker_hosts`` as JSON, e.g. ``[{"name": "local"}]``.
@@ -54,13 +73,6 @@ class Reaper(ServiceApp):
     )
     docker_timeout_seconds = Float(30, config=True, help="SDK timeout of one Docker call (seconds).")
     docker_pool_size = Integer(4, config=True, help="Threads per engine for Docker calls.")
-    hub_concurrency = Integer(4, config=True, help="At most this many hub API requests at once.")
-    hub_id = Unicode(
-        "",
-        config=True,
-        help="""The hub's id (only containers labelled ``dolab.hub=<id>`` are reaped). Default: ``$DOLAB_HUB_ID``,
-        which the hub sets for its service, else the one kept in the data directory.""",
-    )
 
     aliases = {
         "hub-id": "Reaper.hub_id",
@@ -83,11 +95,8 @@ class Reaper(ServiceApp):
     def start(self) -> None:
         """Check the settings, then sweep until stopped (or once)."""
         try:
-            if self.interval_seconds <= 0:
-                raise ValueError(f"--interval must be a positive number of seconds, not {self.interval_seconds:g}")
             hosts = parse_docker_hosts(self.docker_hosts)
-            hub = HubClient(concurrency=self.hub_concurrency)
-            identity = check_hub_id(self.hub_id, "--hub-id") if self.hub_id else hub_id(create=False)
+            hub, identity = self.hub_and_identity()
         except ValueError as e:
             self.fail(str(e))
         mode = "removing orphans" if self.remove else "dry run: reporting orphans only"
@@ -124,13 +133,12 @@ class Reaper(ServiceApp):
         return 1 if last[0].hub_error else 0
 
 
-class RunPodReaper(ServiceApp):
+class RunPodReaper(_ReaperApp):
     """The ``dolab-runpod-reaper`` service: :func:`.runpod.sweep_pods` every ``interval_seconds``, or once."""
 
     name = RUNPOD_REAPER_NAME
     description = "Report (or terminate, with --terminate) DO-LAB's RunPod pods that no server in the hub owns."
 
-    interval_seconds = Float(600, config=True, help="Seconds between two sweeps.")
     grace_seconds = Float(
         600,
         config=True,
@@ -138,15 +146,7 @@ class RunPodReaper(ServiceApp):
         starting. With --once, use 0 to act at once.""",
     )
     terminate = Bool(False, config=True, help="Terminate orphans; without it, only log them (a dry run).")
-    once = Bool(False, config=True, help="Sweep once and exit (1 when the hub or RunPod could not be read).")
     prefix = Unicode("dolab-", config=True, help="The hub's pod name prefix (RunPodBackend.pod_name_prefix).")
-    hub_id = Unicode(
-        "",
-        config=True,
-        help="""The hub's id: only pods named ``<prefix><hub id>-...`` are candidates. Default: ``$DOLAB_HUB_ID``,
-        which the hub sets for its service, else the one kept in the data directory.""",
-    )
-    hub_concurrency = Integer(4, config=True, help="At most this many hub API requests at once.")
 
     aliases = {
         "hub-id": "RunPodReaper.hub_id",
@@ -165,14 +165,11 @@ class RunPodReaper(ServiceApp):
         """Check the settings, then sweep until stopped (or once)."""
         key = os.environ.get("RUNPOD_API_KEY", "")
         try:
-            if self.interval_seconds <= 0:
-                raise ValueError(f"--interval must be a positive number of seconds, not {self.interval_seconds:g}")
             if not key:
                 raise ValueError("RUNPOD_API_KEY is not set")
             if not self.prefix:
                 raise ValueError("--prefix must not be empty: every pod of the account would be a candidate")
-            hub = HubClient(concurrency=self.hub_concurrency)
-            identity = check_hub_id(self.hub_id, "--hub-id") if self.hub_id else hub_id(create=False)
+            hub, identity = self.hub_and_identity()
         except ValueError as e:
             self.fail(str(e))
         prefix = hub_pod_prefix(self.prefix, identity)
