@@ -541,11 +541,14 @@ class ControlHandler(web.RequestHandler):
 
 
 def make_app(emulator: Emulator) -> web.Application:
-    """The tornado application serving the GraphQL endpoint and the control API."""
+    """The tornado application serving the GraphQL endpoint, REST v2 (:mod:`.rest`) and the control API."""
+    from .rest import rest_routes  # here: rest.py builds on this module's Emulator
+
     return web.Application(
         [
             (r"/graphql", GraphQLHandler, {"emulator": emulator}),
             (r"/_emulator/([a-z-]+)", ControlHandler, {"emulator": emulator}),
+            *rest_routes(emulator),
         ]
     )
 
