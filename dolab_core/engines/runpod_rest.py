@@ -48,32 +48,16 @@ from dolab_core.engines.runpod import (
 )
 
 __all__ = [
-    "Conflict",
-    "CreateOutcomeUnknown",
-    "CreatePodRequest",
-    "GpuOffer",
-    "InsufficientBalance",
-    "InvalidRequest",
-    "PodNotFound",
-    "RateBudget",
-    "RunPodRestClient",
-    "error_for",
-    "gpu_offer",
-    "parse_rate_limit",
-    "pod_info",
+    "Conflict", "CreateOutcomeUnknown", "CreatePodRequest", "GpuOffer", "InsufficientBalance", "InvalidRequest",
+    "PodNotFound", "RateBudget", "RunPodRestClient", "error_for", "gpu_offer", "parse_rate_limit", "pod_info",
     "retry_after_seconds",
-]
+]  # fmt: skip
 
 #: Phrases of a 400 on create that mean "this GPU / data centre cannot be placed now" (v2 gives no code for it).
 _NO_CAPACITY_MARKERS = (
-    "no capacity",
-    "no longer any instances available",
-    "no instances available",
-    "not enough free gpus",
-    "could not be placed",
-    "could not find any pods with required specifications",
-    "not available",
-)
+    "no capacity", "no longer any instances available", "no instances available", "not enough free gpus",
+    "could not be placed", "could not find any pods with required specifications", "not available",
+)  # fmt: skip
 
 
 class InsufficientBalance(ApiError):
@@ -346,9 +330,6 @@ class RunPodRestClient:
         # The simple client (not the configured class, which may be curl) so max_body_size bounds every reply.
         self._http = SimpleAsyncHTTPClient(force_instance=True, max_body_size=max_reply_bytes)
 
-    def __repr__(self) -> str:
-        return f"RunPodRestClient({self.base_url!r})"
-
     def close(self) -> None:
         """Close the HTTP connections."""
         self._http.close()
@@ -356,8 +337,11 @@ class RunPodRestClient:
     async def _send(self, method: str, path: str, body: Any = None, timeout: float = 0.0) -> HTTPResponse:
         """One request after the rate budget allows it; transport failures raise, HTTP errors return."""
         while (delay := self.budget.delay_seconds()) > 0:
+            if delay > self.max_wait_seconds:
+                # Nothing was sent, so even a create may go again later; the caller decides when.
+                raise _NotSent(f"RunPod's rate limit holds this key's requests for {delay:.0f} s more.")
             self.log.warning("RunPod rate limit reached; waiting %.1f s", delay)
-            await asyncio.sleep(min(delay, self.max_wait_seconds))
+            await asyncio.sleep(delay)
         request = HTTPRequest(
             self.base_url + path,
             method=method,
@@ -380,7 +364,8 @@ class RunPodRestClient:
     def _failure(self, error: BaseException) -> TransientError:
         """A transport failure (no HTTP reply) as a sentence without the key."""
         if isinstance(error, HTTPClientError) and error.code == 599:
-            return TransientError(_scrub(f"No reply from RunPod: {error.message}.", self._api_key))
+            # A reply over max_reply_bytes ends the same way: tornado closes the connection.
+            return TransientError(_scrub(f"No full reply from RunPod: {error.message}.", self._api_key))
         return TransientError(_scrub(f"Could not reach RunPod ({type(error).__name__}: {error}).", self._api_key))
 
     def _reply(self, response: HTTPResponse) -> Any:
@@ -403,6 +388,8 @@ class RunPodRestClient:
             try:
                 try:
                     response = await self._send(method, path, body)
+                except TransientError:
+                    raise
                 except Exception as e:
                     raise self._failure(e) from None
                 return self._reply(response)
@@ -438,6 +425,8 @@ class RunPodRestClient:
         unknown = f"Creating pod {request.name} got no clear answer"
         try:
             response = await self._send("POST", "/v2/pods", request.body(), timeout=self.create_timeout_seconds)
+        except _NotSent:
+            raise
         except (ConnectionRefusedError, HTTPClientError) as e:
             if isinstance(e, ConnectionRefusedError) or "while connecting" in str(e):
                 raise _NotSent(str(self._failure(e))) from None
@@ -511,6 +500,8 @@ class RunPodRestClient:
         path = f"/v2/pods/{quote(pod_id, safe='')}/logs?{urlencode({'tail': str(tail)})}"
         try:
             response = await self._send("GET", path)
+        except TransientError:
+            raise
         except Exception as e:
             raise self._failure(e) from None
         if response.code >= 300:

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from dolab_core.engines.runpod import ApiError, BadApiKey, NoCapacity, PodSpec, TransientError
+from dolab_core.engines.runpod import ApiError, BadApiKey, NoCapacity, PodSpec, TransientError, UnknownGpuType
 from dolab_core.engines.runpod_rest import (
     Conflict,
+    CreateOutcomeUnknown,
     CreatePodRequest,
     InsufficientBalance,
     InvalidRequest,
     PodNotFound,
     RateBudget,
+    RunPodRestClient,
     error_for,
     gpu_offer,
     parse_rate_limit,
     pod_info,
     retry_after_seconds,
 )
+from tests.runpod_emulator.client import EmulatorProcess
 
 NO_CAPACITY = (
     "There are no longer any instances available with the requested specifications. Please refresh and try again."
@@ -171,3 +179,200 @@ def test_gpu_offer_reads_a_catalog_entry() -> None:
     )
     assert offer.gpu.price("SECURE") == 2.99 and offer.gpu.price("COMMUNITY") is None
     assert (offer.availability, offer.max_count, offer.data_centers) == ("LOW", 8, (("EU-RO-1", "LOW"),))
+
+
+# The client over real HTTP against the emulator's REST v2 routes (records only, no engine).
+
+A100 = "NVIDIA A100 80GB PCIe"
+
+
+@pytest.fixture
+def em(record_emulator: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    """The record emulator with no faults, a fresh REST state and no pods, before and after."""
+    for what in ("reset", "rest/reset"):
+        record_emulator._post(what)
+    yield record_emulator
+    record_emulator.remove_all()
+    for what in ("reset", "rest/reset"):
+        record_emulator._post(what)
+
+
+def client(em: EmulatorProcess, **settings: Any) -> RunPodRestClient:
+    """A client of the emulator with short waits (built inside the test, on its event loop)."""
+    options = {"backoff_seconds": 0.05, "request_timeout_seconds": 5.0, "create_timeout_seconds": 5.0, **settings}
+    return RunPodRestClient(em.api_key, base_url=em.url, **options)
+
+
+def asked(em: EmulatorProcess, route: str) -> int:
+    """How many requests reached ``route`` (``rest:create``, ``rest:get``...) since the last reset."""
+    return sum(1 for r in em.requests() if route in r["fields"])
+
+
+def new_pod(name: str = "", **fields: Any) -> CreatePodRequest:
+    return CreatePodRequest(name=name or f"dolab-rest-{secrets.token_hex(3)}", image="img:1", gpu_id=A100, **fields)
+
+
+async def test_a_pod_lives_and_ends(em: EmulatorProcess) -> None:
+    api = client(em)
+    pod = await api.create_pod(new_pod(env={"A": "b"}))
+    assert pod.gpu_name == A100 and pod.env == {"A": "b"}
+    assert (await api.get_pod(pod.id)) is not None
+    assert [p.id for p in await api.list_pods(pod.name)] == [pod.id]
+    assert await api.list_pods("nobody-") == []
+    stopped = await api.stop_pod(pod.id)
+    assert stopped is not None and stopped.desired_status == "EXITED"
+    with pytest.raises(Conflict):
+        await api.stop_pod(pod.id)
+    assert asked(em, "rest:action") == 2  # a 409 is not retried
+    await api.start_pod(pod.id)
+    await api.terminate_pod(pod.id)
+    assert await api.get_pod(pod.id) is None
+    await api.terminate_pod(pod.id)  # already gone: done
+    with pytest.raises(PodNotFound):
+        await api.start_pod(pod.id)
+    api.close()
+
+
+async def test_no_capacity_in_the_data_centres_asked(em: EmulatorProcess) -> None:
+    em._post("rest/settings", {"no_capacity_dc": [[A100, "EU-RO-1"]]})
+    api = client(em)
+    with pytest.raises(NoCapacity):
+        await api.create_pod(new_pod(data_center_ids=("EU-RO-1",)))
+    assert asked(em, "rest:create") == 1
+    pod = await api.create_pod(new_pod(data_center_ids=("EU-RO-1", "US-TX-3")))
+    assert pod.id
+    offers = {o.gpu.id: o for o in await api.gpu_catalog()}
+    assert dict(offers[A100].data_centers)["EU-RO-1"] == "NONE"
+    assert offers[A100].availability == "HIGH" and offers[A100].gpu.price("SECURE")
+    api.close()
+
+
+async def test_catalog_of_one_gpu_type(em: EmulatorProcess) -> None:
+    api = client(em)
+    [offer] = await api.gpu_catalog(gpu_id=A100, cloud="SECURE")
+    assert offer.gpu.id == A100 and offer.max_count
+    with pytest.raises(UnknownGpuType):
+        await api.gpu_catalog(gpu_id="NVIDIA Nonexistent/1")
+    api.close()
+
+
+async def test_a_bad_key_is_refused_and_never_shown(em: EmulatorProcess) -> None:
+    key = "rp_" + secrets.token_hex(12)
+    api = RunPodRestClient(key, base_url=em.url, backoff_seconds=0.05)
+    with pytest.raises(BadApiKey) as caught:
+        await api.get_pod("p1")
+    assert key not in str(caught.value) and key not in repr(api)
+    assert asked(em, "rest:get") == 1
+    api.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(402, InsufficientBalance), (422, InvalidRequest), (403, BadApiKey)],
+    ids=["402", "422", "403"],
+)
+async def test_create_errors_are_not_retried(em: EmulatorProcess, status: int, expected: type[Exception]) -> None:
+    em.faults(replies=[{"field": "rest:create", "status": status}])
+    api = client(em)
+    with pytest.raises(expected):
+        await api.create_pod(new_pod())
+    assert asked(em, "rest:create") == 1
+    api.close()
+
+
+async def test_a_429_waits_retry_after_then_goes_on(em: EmulatorProcess) -> None:
+    em.faults(replies=[{"field": "rest:get", "status": 429}])
+    api = client(em)
+    start = time.monotonic()
+    assert await api.get_pod("unknown") is None
+    assert time.monotonic() - start >= 0.9  # the fault's Retry-After: 1
+    assert asked(em, "rest:get") == 2
+    api.close()
+
+
+async def test_the_rate_budget_follows_the_server(em: EmulatorProcess) -> None:
+    em._post("rest/settings", {"quota_per_minute": 50})
+    api = client(em)
+    await api.list_pods()
+    assert api.budget.remaining == 49
+    assert client(em).budget is api.budget  # one budget per key for the process
+    api.close()
+
+
+async def test_gateway_pages_are_retried(em: EmulatorProcess) -> None:
+    page = {"field": "rest:list", "status": 502, "body": "<html>Bad gateway</html>", "content_type": "text/html"}
+    em.faults(replies=[{**page, "times": 2}])
+    api = client(em)
+    assert await api.list_pods() == []
+    assert asked(em, "rest:list") == 3
+    em.faults(replies=[{**page, "times": 5}])
+    with pytest.raises(TransientError):
+        await client(em, retries=1).list_pods()
+    api.close()
+
+
+async def test_a_create_answered_5xx_is_an_unknown_outcome(em: EmulatorProcess) -> None:
+    em._post("rest/late-create", {"land_after_seconds": 0.2, "status": 504})
+    api = client(em)
+    request = new_pod()
+    with pytest.raises(CreateOutcomeUnknown):
+        await api.create_pod(request)
+    assert asked(em, "rest:create") == 1  # never sent twice
+    await asyncio.sleep(0.5)
+    assert [p.name for p in await api.list_pods(request.name)] == [request.name]
+    api.close()
+
+
+async def test_a_create_without_a_reply_in_time_is_an_unknown_outcome(em: EmulatorProcess) -> None:
+    em._post("rest/late-create", {"land_after_seconds": 0, "status": 201, "delay_seconds": 2})
+    api = client(em, create_timeout_seconds=0.5)
+    with pytest.raises(CreateOutcomeUnknown):
+        await api.create_pod(new_pod())
+    assert asked(em, "rest:create") == 1
+    api.close()
+
+
+async def test_a_read_without_a_reply_in_time_is_retried_then_transient(em: EmulatorProcess) -> None:
+    em.faults(replies=[{"field": "rest:get", "delay_seconds": 1.5, "times": 5}])
+    api = client(em, request_timeout_seconds=0.3, retries=1)
+    with pytest.raises(TransientError):
+        await api.get_pod("p1")
+    assert asked(em, "rest:get") == 2
+    api.close()
+
+
+async def test_a_reply_too_large_is_not_read(em: EmulatorProcess) -> None:
+    api = client(em, max_reply_bytes=200, retries=0)
+    with pytest.raises(TransientError):
+        await api.gpu_catalog()
+    api.close()
+
+
+async def test_pod_logs_as_lines(em: EmulatorProcess) -> None:
+    api = client(em)
+    pod = await api.create_pod(new_pod())
+    em._post("rest/logs", {"pod_id": pod.id, "lines": ["one", "two", "three"]})
+    assert await api.pod_logs(pod.id, tail=2) == ["two", "three"]
+    with pytest.raises(PodNotFound):
+        await api.pod_logs("unknown")
+    api.close()
+
+
+async def test_nothing_is_sent_while_the_budget_holds_too_long() -> None:
+    api = RunPodRestClient(
+        secrets.token_hex(8), base_url="http://127.0.0.1:1", max_wait_seconds=0.1, backoff_seconds=0.01
+    )
+    api.budget.hold(30)
+    with pytest.raises(TransientError, match="rate limit"):
+        await api.get_pod("p1")
+    with pytest.raises(TransientError, match="rate limit"):
+        await api.create_pod(new_pod())
+    api.close()
+
+
+async def test_a_create_that_could_not_connect_is_retried_as_not_sent() -> None:
+    api = RunPodRestClient(secrets.token_hex(8), base_url="http://127.0.0.1:1", retries=1, backoff_seconds=0.01)
+    with pytest.raises(TransientError) as caught:
+        await api.create_pod(new_pod())
+    assert not isinstance(caught.value, CreateOutcomeUnknown)
+    api.close()
