@@ -89,7 +89,7 @@ def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-def error_for(status: int, body: bytes, content_type: str = "") -> RunPodError:
+def error_for(status: int, body: bytes) -> RunPodError:
     """The :class:`RunPodError` for an error reply; pure, so the mapping is tested without a server."""
     problem: Mapping[str, Any] = {}
     if body:
@@ -368,11 +368,15 @@ class RunPodRestClient:
             return TransientError(_scrub(f"No full reply from RunPod: {error.message}.", self._api_key))
         return TransientError(_scrub(f"Could not reach RunPod ({type(error).__name__}: {error}).", self._api_key))
 
+    def _error(self, response: HTTPResponse) -> RunPodError:
+        """The mapped error of a reply, its text scrubbed of the key should a server echo it."""
+        error = error_for(response.code, response.body or b"")
+        return type(error)(_scrub(str(error), self._api_key))
+
     def _reply(self, response: HTTPResponse) -> Any:
         """The JSON of a 2xx reply (None for 204), or the mapped error."""
-        content_type = response.headers.get("Content-Type", "")
         if response.code >= 300:
-            raise error_for(response.code, response.body or b"", content_type)
+            raise self._error(response)
         if response.code == 204 or not response.body:
             return None
         try:
@@ -505,6 +509,6 @@ class RunPodRestClient:
         except Exception as e:
             raise self._failure(e) from None
         if response.code >= 300:
-            raise error_for(response.code, response.body or b"", response.headers.get("Content-Type", ""))
+            raise self._error(response)
         text = (response.body or b"").decode("utf-8", "replace")
         return [line[5:].removeprefix(" ") for line in text.splitlines() if line.startswith("data:")]

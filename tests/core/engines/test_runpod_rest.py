@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -75,7 +76,7 @@ def problem(status: int, detail: str, errors: list[str] | None = None) -> bytes:
     ],
 )
 def test_error_for_maps_each_status(status: int, body: bytes, expected: type[Exception]) -> None:
-    error = error_for(status, body, "application/problem+json")
+    error = error_for(status, body)
     assert type(error) is expected
     assert str(error).strip()
 
@@ -375,4 +376,20 @@ async def test_a_create_that_could_not_connect_is_retried_as_not_sent() -> None:
     with pytest.raises(TransientError) as caught:
         await api.create_pod(new_pod())
     assert not isinstance(caught.value, CreateOutcomeUnknown)
+    api.close()
+
+
+async def test_an_echoed_key_is_scrubbed_from_errors_and_logs(
+    em: EmulatorProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    echo = json.dumps({"title": "Bad Request", "status": 400, "detail": f"key {em.api_key} is odd"})
+    em.faults(replies=[{"field": "rest:get", "status": 400, "body": echo, "content_type": "application/problem+json"}])
+    em.faults(replies=[{"field": "rest:list", "status": 503}])
+    api = client(em)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ApiError) as caught:
+        await api.get_pod("p1")
+    assert em.api_key not in str(caught.value) and "***" in str(caught.value)
+    with caplog.at_level(logging.DEBUG):
+        await api.list_pods()
+    assert "retry" in caplog.text and em.api_key not in caplog.text
     api.close()
