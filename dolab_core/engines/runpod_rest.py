@@ -334,7 +334,9 @@ class RunPodRestClient:
         """Close the HTTP connections."""
         self._http.close()
 
-    async def _send(self, method: str, path: str, body: Any = None, timeout: float = 0.0) -> HTTPResponse:
+    async def _send(
+        self, method: str, path: str, body: Any = None, timeout: float = 0.0, accept: str = "application/json"
+    ) -> HTTPResponse:
         """One request after the rate budget allows it; transport failures raise, HTTP errors return."""
         while (delay := self.budget.delay_seconds()) > 0:
             if delay > self.max_wait_seconds:
@@ -347,7 +349,7 @@ class RunPodRestClient:
             method=method,
             headers={
                 "Authorization": f"Bearer {self._api_key}",
-                "Accept": "application/json",
+                "Accept": accept,
                 **({"Content-Type": "application/json"} if body is not None else {}),
             },
             body=json.dumps(body) if body is not None else None,
@@ -503,7 +505,7 @@ class RunPodRestClient:
         """The last ``tail`` log lines of the pod (the ``data`` of each server-sent event), bounded in size."""
         path = f"/v2/pods/{quote(pod_id, safe='')}/logs?{urlencode({'tail': str(tail)})}"
         try:
-            response = await self._send("GET", path)
+            response = await self._send("GET", path, accept="text/event-stream")
         except TransientError:
             raise
         except Exception as e:
