@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
@@ -48,16 +49,16 @@ FAULT_DETAILS = {
     400: NO_CAPACITY,
     401: "The API key is missing or not valid.",
     402: "Your balance is too low to create this pod. Add funds and try again.",
-    403: "This API key has no access to this resource.",
     404: "No pod with this id exists in your account.",
     409: "This action is not allowed in the pod's current status.",
     422: "The request body does not match the schema.",
     429: "Too many requests: wait and try again.",
-    500: "Something went wrong. Please try again later or contact support.",
-    502: "Bad gateway.",
-    503: "The service is unavailable right now.",
-    504: "The upstream request timed out.",
 }
+
+
+def fault_detail(status: int) -> str:
+    """The problem detail of an injected status: RunPod's words where known, else the status's phrase."""
+    return FAULT_DETAILS.get(status) or f"{HTTPStatus(status).phrase}."
 
 
 @dataclass
@@ -259,7 +260,7 @@ class RestHandler(web.RequestHandler):
             return
         if fault.status == 429:
             self.set_header("Retry-After", str(self.state.retry_after_seconds))
-        self.problem(fault.status, FAULT_DETAILS.get(fault.status, "Injected fault."))
+        self.problem(fault.status, fault_detail(fault.status))
 
     def on_finish(self) -> None:
         self.entry["status"] = self.get_status()
@@ -335,7 +336,7 @@ class PodsHandler(RestHandler):
         if late is not None and late.status != 201:
             asyncio.get_running_loop().call_later(late.land_after_seconds, self._land, body, free[0])
             await asyncio.sleep(late.delay_seconds)
-            self.problem(late.status, FAULT_DETAILS.get(late.status, "Injected fault."))
+            self.problem(late.status, fault_detail(late.status))
             return
         pod = self._land(body, free[0], late.land_after_seconds if late else 0.0)
         if pod is None:
